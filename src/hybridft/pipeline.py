@@ -1,0 +1,261 @@
+"""The hybrid fine-tuning pipeline, stage by stage:
+
+    teacher          fine-tune the pretrained model on the labeled split (or use a fine-tuned one as is)
+    teacher outputs  run the teacher once over labeled + unlabeled training text; store the logits on disk
+    distill          train the student on alpha * KD + beta * CE from the stored logits (joint or sequential)
+    evaluate         teacher and student on the test split: quality, size and speed, into summary.json
+
+`run` chains them; the CLI exposes each one for users who already have a teacher or stored logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from hybridft.config import RunConfig, save_config, to_dict
+from hybridft.data import Examples, Splits, concat, load_splits
+from hybridft.errors import HybridFTError
+from hybridft.runlog import MetricsWriter
+from hybridft.tasks import classification as task
+from hybridft.teacher_outputs import Store, compute_logits, default_cache_dir, fingerprint, read_store, write_store
+from hybridft.train import LossWeights, fit, pick_device, seed_everything
+
+RUN_MARKERS = ("config.yaml", "summary.json", "teacher", "student", "metrics.jsonl")
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    splits: Splits
+    writer: MetricsWriter
+
+    def log(self, message: str) -> None:
+        if self.cfg.progress:
+            print(f"[hybridft] {message}", flush=True)
+
+
+def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: bool = True) -> Context:
+    """Check the output folder and read the data before any work starts, so bad input fails in seconds and
+    an existing run is never overwritten by accident."""
+    run_dir = Path(cfg.output_dir)
+    if fresh and run_dir.exists() and any((run_dir / m).exists() for m in RUN_MARKERS) and not overwrite:
+        raise HybridFTError(f"output_dir {run_dir} already holds a run; choose another output_dir or pass "
+                            f"--overwrite to replace it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HybridFTError(f"output_dir {run_dir} is a file; choose a folder path")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise HybridFTError(f"output_dir {run_dir} is not writable ({e.strerror}); choose a writable folder") from None
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    splits = load_splits(cfg.data, cfg.seed)
+    if fresh or not (run_dir / "config.yaml").exists():
+        save_config(cfg, run_dir / ("config.yaml" if stage == "run" else f"config.{stage}.yaml"))
+    return Context(cfg=cfg, run_dir=run_dir, device=pick_device(cfg.device), splits=splits,
+                   writer=MetricsWriter(run_dir / "metrics.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 1: the teacher
+
+
+def load_teacher(ctx: Context) -> tuple[nn.Module, Any, bool]:
+    """The teacher classifier, its tokenizer, and whether it still needs fine-tuning."""
+    cfg, labels = ctx.cfg, ctx.splits.label_names
+    path = task.resolve_model_path(cfg.teacher.model)
+    task.check_model_folder(path, "teacher.model")
+    existing = task.classifier_labels(path) if Path(path).exists() else None
+    if cfg.teacher.finetune == "never" and existing is not None and existing != labels:
+        raise HybridFTError(f"teacher.model {path} was fine-tuned for labels {existing}, but the data has labels "
+                            f"{labels}; fine-tune it (teacher.finetune=always) or fix data.labels")
+    needs_finetune = cfg.teacher.finetune == "always" or (cfg.teacher.finetune == "auto" and existing != labels)
+    tokenizer = task.load_tokenizer(path, "teacher.model")
+    model = task.load_classifier(path, labels, "teacher.model")
+    return model, tokenizer, needs_finetune
+
+
+def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
+    cfg, s = ctx.cfg, ctx.splits
+    teacher, tokenizer, needs_finetune = load_teacher(ctx)
+    if needs_finetune:
+        ctx.log(f"fine-tuning the teacher on {len(s.train)} labeled examples")
+        train_items = task.encode(s.train, tokenizer, cfg.data.max_length)
+        val_items = task.encode(s.validation, tokenizer, cfg.data.max_length)
+        result = fit(teacher, train_items, val_items, collate=task.make_collate(tokenizer), tc=cfg.teacher.train,
+                     weights=LossWeights(alpha=0.0, beta=1.0), label_names=s.label_names, device=ctx.device,
+                     precision=cfg.precision, seed=cfg.seed, writer=ctx.writer, stage="teacher",
+                     progress=cfg.progress)
+        ctx.log(f"teacher: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
+    else:
+        ctx.log("the teacher already is a classifier for these labels; using it as is")
+    teacher.eval().requires_grad_(False)
+    task.save_model(teacher, tokenizer, ctx.run_dir / "teacher")
+    return teacher, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 2: teacher outputs
+
+
+def transfer_set(splits: Splits) -> Examples:
+    """Everything the student learns from: labeled training rows, then unlabeled rows (label -100)."""
+    return splits.train if splits.unlabeled is None else concat(splits.train, splits.unlabeled)
+
+
+def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Store:
+    """Stored teacher logits for the transfer set: reused when teacher, data and tokenisation are unchanged."""
+    cfg = ctx.cfg
+    examples = transfer_set(ctx.splits)
+    keys = examples.keys()
+    fp = fingerprint(teacher, tokenizer, cfg.data.max_length, keys, cfg.precision)
+    cache = Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else default_cache_dir()
+    cached = cache / f"{fp}.safetensors"
+    if cached.is_file():
+        ctx.log(f"reusing stored teacher outputs {cached}")
+        store = read_store(cached)
+    else:
+        start = time.perf_counter()
+        items = task.encode(examples, tokenizer, cfg.data.max_length)
+        logits = compute_logits(teacher, items, task.make_collate(tokenizer), ctx.device, cfg.precision,
+                                progress=cfg.progress)
+        write_store(cached, keys, logits, ctx.splits.label_names, fingerprint=fp)
+        store = read_store(cached)
+        ctx.log(f"teacher outputs for {len(keys)} examples in {time.perf_counter() - start:.1f} s -> {cached}")
+    shutil.copyfile(cached, ctx.run_dir / "teacher_outputs.safetensors")
+    return store
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 3: the student
+
+
+def check_store_labels(store: Store, label_names: list[str]) -> None:
+    if store.label_names != label_names:
+        raise HybridFTError(f"the teacher outputs are for labels {store.label_names}, but the data has labels "
+                            f"{label_names}; set data.labels to the teacher's order or recompute the outputs")
+
+
+def pseudo_label(examples: Examples, logits: torch.Tensor, threshold: Optional[float]) -> tuple[Examples, int]:
+    """Unlabeled rows whose teacher confidence reaches the threshold take the teacher's argmax as label."""
+    if threshold is None:
+        return examples, 0
+    probs = logits.softmax(-1)
+    conf, pred = probs.max(-1)
+    labels = list(examples.labels)
+    n = 0
+    for i, y in enumerate(labels):
+        if y == -100 and conf[i] >= threshold:
+            labels[i] = int(pred[i])
+            n += 1
+    out = examples.subset(list(range(len(examples))))
+    out.labels = labels
+    return out, n
+
+
+def distill(ctx: Context, store: Optional[Store], teacher: Optional[nn.Module], teacher_tokenizer: Any) -> tuple[nn.Module, Any]:
+    """Train the student from stored logits (or, online, from the live teacher)."""
+    cfg, s = ctx.cfg, ctx.splits
+    student, tokenizer = task.build_student(cfg, teacher, teacher_tokenizer, s.label_names)
+    examples = transfer_set(s)
+    logits = None
+    if store is not None:
+        check_store_labels(store, s.label_names)
+        logits = store.lookup(examples.keys(), examples.source)
+        examples, n_pseudo = pseudo_label(examples, logits, cfg.loss.pseudo_label_threshold)
+        if n_pseudo:
+            ctx.log(f"{n_pseudo} unlabeled rows got a hard pseudo-label (confidence >= "
+                    f"{cfg.loss.pseudo_label_threshold})")
+    online = teacher if cfg.distill.online else None
+    train_items = task.encode(examples, tokenizer, cfg.data.max_length, teacher_logits=None if online else logits)
+    val_items = task.encode(s.validation, tokenizer, cfg.data.max_length)
+    collate = task.make_collate(tokenizer)
+    loss = cfg.loss
+    common = dict(collate=collate, label_names=s.label_names, device=ctx.device, precision=cfg.precision,
+                  seed=cfg.seed, writer=ctx.writer, progress=cfg.progress, teacher=online)
+    ctx.log(f"distilling a {task.count_params(student)['params'] / 1e6:.1f}M-parameter student on "
+            f"{len(train_items)} examples ({loss.strategy}, alpha={loss.alpha}, beta={loss.beta}, T={loss.temperature})")
+    if loss.strategy == "joint":
+        result = fit(student, train_items, val_items, tc=cfg.student.train,
+                     weights=LossWeights(loss.alpha, loss.beta, loss.temperature), stage="student", **common)
+    else:
+        # Phase 1 learns from the teacher alone (all rows); phase 2 fine-tunes on the true labels only.
+        fit(student, train_items, val_items, tc=cfg.student.train,
+            weights=LossWeights(max(loss.alpha, 1e-12), 0.0, loss.temperature), stage="student-kd", **common)
+        labeled = [it for it in train_items if it["labels"] != -100]
+        from dataclasses import replace
+
+        tc = replace(cfg.student.train, epochs=loss.sequential_ce_epochs)
+        result = fit(student, labeled, val_items, tc=tc, weights=LossWeights(0.0, max(loss.beta, 1e-12)),
+                     stage="student-ce", **{**common, "teacher": None})
+    ctx.log(f"student: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
+    task.save_model(student, tokenizer, ctx.run_dir / "student")
+    return student, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 4: evaluation
+
+
+def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]]) -> dict[str, Any]:
+    """Measure each model on the test split (validation if there is none) and write summary.json."""
+    from hybridft.evaluate import evaluate_model
+
+    cfg, s = ctx.cfg, ctx.splits
+    split_name, examples = ("test", s.test) if s.test is not None else ("validation", s.validation)
+    summary: dict[str, Any] = {"split": split_name, "examples": len(examples), "labels": s.label_names,
+                               "device": str(ctx.device)}
+    for name, (model, tokenizer) in models.items():
+        items = task.encode(examples, tokenizer, cfg.data.max_length)
+        summary[name] = evaluate_model(model, items, task.make_collate(tokenizer), s.label_names, ctx.device,
+                                       folder=ctx.run_dir / name, batch_size=cfg.eval.batch_size,
+                                       speed_batches=cfg.eval.speed_batches, latency_samples=cfg.eval.latency_samples)
+    if "teacher" in summary and "student" in summary:
+        t, st = summary["teacher"], summary["student"]
+        summary["comparison"] = {
+            "accuracy_retained": round(st["accuracy"] / t["accuracy"], 4) if t["accuracy"] else None,
+            "speedup": round(st["throughput_samples_per_s"] / t["throughput_samples_per_s"], 2),
+            "latency_speedup": round(t["latency_ms_batch1"] / st["latency_ms_batch1"], 2),
+            "non_embedding_param_ratio": round(st["params_non_embedding"] / t["params_non_embedding"], 4),
+        }
+    tmp = ctx.run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    os.replace(tmp, ctx.run_dir / "summary.json")
+    return summary
+
+
+def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
+    """The whole pipeline: teacher -> teacher outputs -> student -> evaluation."""
+    start = time.perf_counter()
+    ctx = prepare(cfg, overwrite)
+    models: dict[str, tuple[nn.Module, Any]] = {}
+    if cfg.distill.teacher_logits:
+        store: Optional[Store] = read_store(cfg.distill.teacher_logits)
+        check_store_labels(store, ctx.splits.label_names)
+        shutil.copyfile(cfg.distill.teacher_logits, ctx.run_dir / "teacher_outputs.safetensors")
+        teacher, teacher_tok = (None, None) if cfg.student.model else load_teacher(ctx)[:2]
+    else:
+        teacher, teacher_tok = train_teacher(ctx)
+        models["teacher"] = (teacher, teacher_tok)
+        store = None if cfg.distill.online else teacher_outputs(ctx, teacher, teacher_tok)
+    models["student"] = distill(ctx, store, teacher, teacher_tok)
+    summary = evaluate(ctx, models)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["config"] = to_dict(cfg)
+    (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
