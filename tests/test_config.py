@@ -1,0 +1,57 @@
+"""Configs: every shipped YAML loads, overrides apply, typos and bad values are refused by name."""
+
+from pathlib import Path
+
+import pytest
+
+from hybridft.config import RunConfig, load_config
+from hybridft.errors import HybridFTError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_example_configs():
+    names = {p.stem for p in CONFIGS}
+    assert {"sst2", "ag_news", "emotion"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert path.read_text().startswith("# hybridft run --config"), "each config says how to run it"
+
+
+def test_defaults_match_the_documentation():
+    cfg = load_config()
+    assert (cfg.loss.temperature, cfg.loss.alpha, cfg.loss.beta, cfg.loss.strategy) == (2.0, 0.5, 0.5, "joint")
+    assert cfg.student.num_layers == 2
+
+
+def test_overrides_reach_nested_keys_and_keep_sibling_defaults(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  train: a.csv\n  text_column: sentence\nstudent:\n  train:\n    epochs: 1\n")
+    cfg = load_config(f, ["student.layers=[0,5]", "loss.temperature=4", "output_dir=out", "teacher.train.lr=3e-5"])
+    assert cfg.data.train == "a.csv" and cfg.data.text_column == "sentence"
+    assert cfg.student.layers == [0, 5] and cfg.loss.temperature == 4.0 and cfg.output_dir == "out"
+    assert cfg.student.train.epochs == 1.0
+    assert cfg.student.train.lr == RunConfig().student.train.lr, "a nested override must keep the stage's defaults"
+    assert cfg.teacher.train.lr == pytest.approx(3e-5)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["loss.temprature=3"], "loss.temprature"),
+    (["outptu_dir=x"], "outptu_dir"),
+    (["student.train.epochs=abc"], "student.train.epochs"),
+    (["loss.temperature=0"], "loss.temperature"),
+    (["loss.alpha=0", "loss.beta=0"], "loss.alpha"),
+    (["loss.strategy=both"], "loss.strategy"),
+    (["data.label_fraction=0"], "data.label_fraction"),
+    (["student.layers=[0,0]"], "student.layers"),
+    (["teacher.train.grad_accum=0"], "teacher.train.grad_accum"),
+    (["precision=fp8"], "precision"),
+    (["progress=maybe"], "progress"),
+])
+def test_bad_values_are_refused_by_name(overrides, key):
+    with pytest.raises(HybridFTError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)

