@@ -53,7 +53,7 @@ def kd_loss_sum(
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)  # [N, C]
     p_teacher = log_p_teacher.exp()
     # Classes the teacher gives zero mass (e.g. -inf logits) contribute exactly 0, not 0 * (-inf - -inf) = NaN.
-    per_class = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)  # [N, C]
+    per_class = torch.where(p_teacher == 0, 0.0, p_teacher * (log_p_teacher - log_p_student))  # [N, C]
     per_row = per_class.sum(dim=-1)  # [N]: summed over classes, never averaged over them
     if mask is not None:
         per_row = per_row * mask.to(per_row.dtype)

@@ -80,6 +80,9 @@ def read_store(path: str | Path) -> Store:
     if meta.get("format") != FORMAT:
         raise HybridFTError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; "
                             f"see docs/teacher_outputs.md")
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(-1).sum())
+        raise HybridFTError(f"{path}: {bad} rows of teacher logits are NaN or infinite; recompute them")
     keys = [bytes(row).hex() for row in key_bytes.tolist()]
     return Store(logits=logits.float(), keys=keys, label_names=json.loads(meta["label_names"]),
                  fingerprint=meta.get("fingerprint", ""))

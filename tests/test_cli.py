@@ -1,0 +1,86 @@
+"""The CLI end to end on tiny models: stage by stage (teacher -> distill -> evaluate), and the public API."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import hybridft
+from conftest import make_tokenizer, tiny_overrides
+from hybridft.cli import main
+
+
+def test_help_lists_the_stages(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("run", "teacher", "distill", "evaluate"):
+        assert cmd in out
+
+
+def test_stages_one_by_one(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys):
+    base = tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "t")
+    assert main(["teacher", *base]) == 0
+    teacher = tmp_path / "t" / "teacher"
+    assert (teacher / "model.safetensors").exists()
+    # distil from the fine-tuned teacher folder: it is used as is (no second fine-tuning)
+    distill_args = [a for a in tiny_overrides(teacher, tiny_data, tmp_path / "d")]
+    assert main(["distill", *distill_args]) == 0
+    assert (tmp_path / "d" / "student" / "model.safetensors").exists()
+    assert (tmp_path / "d" / "teacher_outputs.safetensors").exists()
+    stages = {json.loads(x)["stage"] for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"student"}
+    # evaluate needs a run folder holding teacher/ and student/: assemble one from the two stages
+    run = tmp_path / "d"
+    (run / "config.yaml").write_text((run / "config.distill.yaml").read_text())
+    (run / "teacher").symlink_to(teacher)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) >= {"teacher", "student", "comparison"}
+    assert "student" in capsys.readouterr().out
+
+
+def test_nan_teacher_logits_are_refused(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys):
+    from hybridft.config import load_config
+    from hybridft.data import load_splits
+    from hybridft.teacher_outputs import write_store
+
+    cfg = load_config(None, tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "x"))
+    s = load_splits(cfg.data, 0)
+    logits = torch.zeros(len(s.train), 2)
+    logits[3, 1] = float("nan")
+    store = write_store(tmp_path / "nan.safetensors", s.train.keys(), logits, s.label_names)
+    code = main(["run", *tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "out"),
+                 f"distill.teacher_logits={store}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN" in err[0]
+
+
+def test_nan_loss_stops_training_with_one_clear_error(tmp_path: Path):
+    from conftest import make_bert, sentiment_rows
+    from hybridft.config import TrainConfig
+    from hybridft.data import Examples
+    from hybridft.errors import HybridFTError
+    from hybridft.tasks import classification as task
+    from hybridft.train import LossWeights, fit
+
+    tok = make_tokenizer(tmp_path / "tok")
+    rows = sentiment_rows(8)
+    ex = Examples([t for t, _ in rows], [i % 2 for i in range(8)], source="x")
+    bad = torch.zeros(8, 2)
+    bad[0, 0] = float("nan")
+    items = task.encode(ex, tok, 16, teacher_logits=bad)
+    with pytest.raises(HybridFTError, match="loss became nan"):
+        fit(make_bert(layers=1), items, items, collate=task.make_collate(tok), tc=TrainConfig(epochs=1, batch_size=8),
+            weights=LossWeights(0.5, 0.5, 2.0), label_names=["neg", "pos"], device=torch.device("cpu"))
+
+
+def test_public_api_is_declared():
+    public = {n for n in dir(hybridft) if not n.startswith("_")} - {"config", "errors", "losses", "teacher_outputs",
+                                                                    "data", "tasks", "train", "pipeline", "runlog",
+                                                                    "cli", "evaluate"}
+    assert public == set(hybridft.__all__)
