@@ -181,3 +181,27 @@ def test_sequential_strategy_and_pseudo_labels_run(tmp_path: Path, tiny_teacher_
     stages = {json.loads(x)["stage"] for x in (tmp_path / "seq" / "metrics.jsonl").read_text().splitlines()}
     assert {"student-kd", "student-ce"} <= stages
     assert summary["student"]["accuracy"] >= 0.8
+
+
+def test_student_with_a_different_tokenizer_learns_from_the_teachers_outputs(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                             tiny_data):
+    """Stored logits are keyed by text, so a student with another vocabulary needs no shared token ids."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from conftest import WORDS
+
+    other = tmp_path / "other-student"
+    other.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "extra", "tokens", *reversed(WORDS)]
+    (other / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast.from_pretrained(str(other))
+    teacher_tok = BertTokenizerFast.from_pretrained(str(tiny_teacher_dir))
+    assert tok("good film")["input_ids"] != teacher_tok("good film")["input_ids"]
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     max_position_embeddings=64))
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    summary = _run(tmp_path, tiny_teacher_dir, tiny_data, "other", f"student.model={other}")
+    assert summary["student"]["accuracy"] >= 0.8

@@ -7,6 +7,7 @@ key. This module imports only the standard library and PyYAML, so configs can be
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -297,7 +298,7 @@ def _from_dict(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
-            close = [k for k in known if k.startswith(str(key)[:3])]
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise HybridFTError(f"unknown config key '{prefix}{key}'{hint} (known: {', '.join(sorted(known))})")
     kwargs = {}
