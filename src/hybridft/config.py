@@ -73,6 +73,9 @@ class TrainConfig:
     """Evaluate on validation every N optimizer steps; default: once per epoch."""
     log_every: int = 10
     """Write a line to metrics.jsonl every N optimizer steps."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (within shuffled groups of ~50 batches), so dynamic padding
+    wastes little work: on SST-2, 34% of padded tokens are real with plain shuffling."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hybridft.tasks.classification import compute_metrics, count_params, logits_for_loss
-from hybridft.train import predict_logits, to_device
+from hybridft.train import length_sorted_loader, predict_logits, to_device
 
 
 def size_on_disk_mb(folder: Optional[Path]) -> Optional[float]:
@@ -57,8 +57,7 @@ def measure_speed(model: nn.Module, items: list[dict[str, Any]], collate: Any, d
 def evaluate_model(model: nn.Module, items: list[dict[str, Any]], collate: Any, label_names: list[str],
                    device: torch.device, folder: Optional[Path] = None, batch_size: int = 32,
                    speed_batches: int = 8, latency_samples: int = 32) -> dict[str, Any]:
-    loader = DataLoader(items, batch_size=batch_size, collate_fn=collate)
-    logits, labels = predict_logits(model, loader, device)
+    logits, labels = predict_logits(model, length_sorted_loader(items, batch_size, collate), device)
     result: dict[str, Any] = compute_metrics(logits, labels, label_names, full=True)
     result.update(count_params(model))
     result["size_mb"] = size_on_disk_mb(folder)

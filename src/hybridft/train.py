@@ -84,6 +84,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def length_sorted_loader(items: list[dict[str, Any]], batch_size: int, collate: Any) -> DataLoader:
+    """For inference: batches of similar length pad little; `predict_logits` restores the original order."""
+    ordered = sorted(items, key=lambda it: len(it["input_ids"]))
+    return DataLoader(ordered, batch_size=batch_size, collate_fn=collate)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device,
                    precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +137,17 @@ def fit(
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)  # frozen: never trained, never in the optimizer
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_items, batch_size=tc.batch_size, shuffle=True, collate_fn=collate,
-                        generator=generator)
-    val_loader = DataLoader(val_items, batch_size=max(tc.batch_size, 32), collate_fn=collate)
+    sampler = None
+    if tc.group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        # Grouped by the size of a whole optimizer step, so that batch 8 x accumulation 1 and batch 4 x
+        # accumulation 2 see the same examples in the same order.
+        sampler = LengthGroupedSampler(tc.batch_size * tc.grad_accum, lengths=[len(it["input_ids"]) for it in
+                                                                             train_items], generator=generator)
+    loader = DataLoader(train_items, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
+                        collate_fn=collate, generator=None if sampler else generator)
+    val_loader = length_sorted_loader(val_items, max(tc.batch_size, 32), collate)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
     total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
