@@ -135,6 +135,10 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
             table.add_row(name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['params'] / 1e6:.1f}M",
                           f"{r['params_non_embedding'] / 1e6:.2f}M", f"{r['throughput_samples_per_s']:.0f}",
                           f"{r['latency_ms_batch1']:.1f} ms")
+    if "hybrid" in summary:
+        h = summary["hybrid"]
+        table.add_row(f"hybrid ({h['teacher_fraction']:.0%} to teacher)", f"{h['accuracy']:.4f}", f"{h['macro_f1']:.4f}",
+                      "both", "", f"{h['throughput_samples_per_s']:.0f}*", "")
     console = Console()
     console.print(table)
     if "comparison" in summary:
@@ -142,4 +146,9 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
         console.print(f"student keeps {c['accuracy_retained']:.1%} of the teacher's accuracy, is {c['speedup']:.1f}x "
                       f"faster at batch 32 and {c['latency_speedup']:.1f}x at batch 1, with "
                       f"{c['non_embedding_param_ratio']:.0%} of its non-embedding parameters")
-    console.print(f"outputs: {run_dir}/ (summary.json, teacher/, student/, metrics.jsonl)")
+    if "hybrid" in summary:
+        h = summary["hybrid"]
+        closed = f", closing {h['gap_closed']:.0%} of the student-teacher gap" if h.get("gap_closed") is not None else ""
+        console.print(f"hybrid: threshold {h['threshold']:.4f} chosen on validation for {h['goal']}{closed}; "
+                      f"* hybrid speed includes tokenisation and the teacher calls")
+    console.print(f"outputs: {run_dir}/ (summary.json, teacher/, student/, hybrid/, metrics.jsonl)")

@@ -127,6 +127,22 @@ class DistillConfig:
 
 
 @dataclass
+class HybridConfig:
+    """The hybrid (cascade) model built after distillation; see `hybridft.hybrid`."""
+
+    enabled: bool = True
+    confidence: Literal["max_prob", "margin", "entropy"] = "max_prob"
+    """Student confidence after temperature scaling: top probability, top-1 minus top-2, or minus the entropy."""
+    teacher_budget: float = 0.3
+    """Goal (default): the most accurate threshold that sends at most this fraction of inputs to the teacher."""
+    target_gap: Optional[float] = None
+    """Goal instead of the budget: the fewest teacher calls that keep accuracy within this gap of the
+    teacher's (0.005 = half a point), measured on validation."""
+    report_gap: float = 0.005
+    """Always also report the teacher fraction needed to come within this gap of the teacher."""
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 32
     speed_batches: int = 8
@@ -151,6 +167,7 @@ class RunConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -226,6 +243,13 @@ def validate(cfg: RunConfig) -> None:
     for name in ("batch_size", "speed_batches", "latency_samples"):
         if getattr(cfg.eval, name) < 1:
             _fail(f"eval.{name}", "must be >= 1")
+    h = cfg.hybrid
+    if not 0 <= h.teacher_budget <= 1:
+        _fail("hybrid.teacher_budget", f"must be a fraction in [0, 1], got {h.teacher_budget}")
+    if h.target_gap is not None and not 0 <= h.target_gap < 1:
+        _fail("hybrid.target_gap", f"must be in [0, 1), got {h.target_gap}")
+    if not 0 <= h.report_gap < 1:
+        _fail("hybrid.report_gap", f"must be in [0, 1), got {h.report_gap}")
     if cfg.distill.online and cfg.distill.teacher_logits:
         _fail("distill.online", "online distillation runs the teacher; it cannot use distill.teacher_logits")
 

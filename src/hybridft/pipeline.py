@@ -262,6 +262,90 @@ def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]]) -> dict[str
     return summary
 
 
+# ---------------------------------------------------------------------------------------------------
+# stage 5: the hybrid model
+
+
+def split_logits(ctx: Context, model: nn.Module, tokenizer: Any, examples: Examples) -> tuple[torch.Tensor, torch.Tensor]:
+    from hybridft.train import length_sorted_loader, predict_logits
+
+    items = task.encode(examples, tokenizer, ctx.cfg.data.max_length)
+    loader = length_sorted_loader(items, ctx.cfg.eval.batch_size, task.make_collate(tokenizer))
+    return predict_logits(model, loader, ctx.device)
+
+
+def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn.Module, Any]) -> dict[str, Any]:
+    """Calibrate both models and choose the threshold on validation; report on test; save OUTPUT_DIR/hybrid."""
+    from hybridft import hybrid as hy
+
+    cfg, s, h = ctx.cfg, ctx.splits, ctx.cfg.hybrid
+    test = s.test if s.test is not None else s.validation
+    sv, yv = split_logits(ctx, *student, s.validation)  # [N_val, C], [N_val]
+    tv, _ = split_logits(ctx, *teacher, s.validation)
+    st, yt = split_logits(ctx, *student, test)
+    tt, _ = split_logits(ctx, *teacher, test)
+    t_s, t_t = hy.fit_temperature(sv, yv), hy.fit_temperature(tv, yv)
+
+    def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+        return float((logits.argmax(-1) == labels).float().mean())
+
+    def curve(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor) -> list[dict[str, float]]:
+        conf = hy.confidence(s_logits, t_s, h.confidence)
+        return hy.cascade_curve(conf, s_logits.argmax(-1), t_logits.argmax(-1), labels)
+
+    curve_val, curve_test = curve(sv, tv, yv), curve(st, tt, yt)
+    teacher_val_acc = accuracy(tv, yv)
+    if h.target_gap is not None:
+        goal = {"target_accuracy_within": h.target_gap}
+        chosen = hy.choose_threshold(curve_val, target_accuracy=teacher_val_acc - h.target_gap)
+    else:
+        goal = {"teacher_budget": h.teacher_budget}
+        chosen = hy.choose_threshold(curve_val, teacher_budget=h.teacher_budget)
+    on_test = hy.apply_threshold(st, tt, yt, chosen["threshold"], t_s, h.confidence)
+    gap_point = hy.choose_threshold(curve_val, target_accuracy=teacher_val_acc - h.report_gap)
+    gap_on_test = hy.apply_threshold(st, tt, yt, gap_point["threshold"], t_s, h.confidence)
+
+    model = hy.HybridModel(student[0], student[1], teacher[0], teacher[1], s.label_names, threshold=chosen["threshold"],
+                           student_temperature=t_s, teacher_temperature=t_t, confidence_kind=h.confidence,
+                           max_length=cfg.data.max_length, device=ctx.device)
+    start = time.perf_counter()
+    pred = model.predict(test.texts, test.pairs, batch_size=cfg.eval.batch_size)
+    throughput = len(test) / (time.perf_counter() - start)
+    metrics = task.compute_metrics(pred.probs, torch.tensor(test.labels), s.label_names, full=True)
+    model.save(ctx.run_dir / "hybrid")
+
+    student_acc, teacher_acc = accuracy(st, yt), accuracy(tt, yt)
+    gap = teacher_acc - student_acc
+    result = {
+        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+        "teacher_fraction": pred.answered_by.count("teacher") / max(len(test), 1),
+        "threshold": chosen["threshold"], "confidence": h.confidence, "goal": goal,
+        "throughput_samples_per_s": round(throughput, 1),
+        "student_temperature": round(t_s, 4), "teacher_temperature": round(t_t, 4),
+        "gap_closed": round((metrics["accuracy"] - student_acc) / gap, 4) if gap > 0 else None,
+        "validation": {"accuracy": chosen["accuracy"], "teacher_fraction": chosen["teacher_fraction"],
+                       "student_accuracy": accuracy(sv, yv), "teacher_accuracy": teacher_val_acc,
+                       "student_nll": hy.nll(sv, yv), "student_nll_calibrated": hy.nll(sv, yv, t_s)},
+        f"within_{h.report_gap}_of_teacher": {
+            "threshold": gap_point["threshold"], "validation_teacher_fraction": gap_point["teacher_fraction"],
+            "test_teacher_fraction": gap_on_test["teacher_fraction"], "test_accuracy": gap_on_test["accuracy"]},
+        "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"],
+    }
+    (ctx.run_dir / "hybrid_curve.json").write_text(json.dumps({"validation": curve_val, "test": curve_test}),
+                                                   encoding="utf-8")
+    marks = {"student alone (test)": {"teacher_fraction": 0.0, "accuracy": student_acc},
+             "teacher alone (test)": {"teacher_fraction": 1.0, "accuracy": teacher_acc},
+             "hybrid at chosen threshold (test)": {"teacher_fraction": result["teacher_fraction"],
+                                                   "accuracy": result["accuracy"]}}
+    try:
+        hy.plot_curves({"validation": curve_val, "test": curve_test}, marks, chosen, ctx.run_dir / "hybrid_curve.png")
+    except ImportError:
+        ctx.log("matplotlib is not installed: no hybrid_curve.png (pip install 'hybridft[plot]')")
+    ctx.log(f"hybrid: test accuracy {result['accuracy']:.4f} with {result['teacher_fraction']:.1%} of inputs sent "
+            f"to the teacher (student {student_acc:.4f}, teacher {teacher_acc:.4f})")
+    return result
+
+
 def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     """The whole pipeline: teacher -> teacher outputs -> student -> evaluation."""
     start = time.perf_counter()
@@ -278,6 +362,8 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         store = None if cfg.distill.online else teacher_outputs(ctx, teacher, teacher_tok)
     models["student"] = distill(ctx, store, teacher, teacher_tok)
     summary = evaluate(ctx, models)
+    if cfg.hybrid.enabled and "teacher" in models:
+        summary["hybrid"] = build_hybrid(ctx, models["teacher"], models["student"])
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["config"] = to_dict(cfg)
     (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

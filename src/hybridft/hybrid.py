@@ -1,0 +1,314 @@
+"""The hybrid model: the student answers, and the inputs it is unsure of go to the teacher.
+
+A confidence cascade. Both models' temperatures are calibrated on validation (minimum NLL), the student's
+confidence on each input is computed from its calibrated probabilities, and inputs below a threshold are sent
+to the teacher in a batch of their own, so the teacher runs only on those. The threshold is chosen on
+validation for a goal: a teacher budget (at most this fraction of inputs to the teacher; the default) or a
+target accuracy (within `gap` of the teacher).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from hybridft.data import Examples
+from hybridft.errors import HybridFTError
+from hybridft.tasks import classification as task
+
+FORMAT = "hybridft.hybrid/1"
+CONFIDENCE_KINDS = ("max_prob", "margin", "entropy")
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration and confidence (pure functions of logits)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
+    """The T > 0 that minimises the NLL of softmax(logits / T) on held-out labels (Guo et al. 2017).
+
+    Args:
+        logits (Tensor): [N, C]. labels (Tensor): [N], rows with -100 ignored.
+    """
+    keep = labels != -100
+    z, y = logits[keep].detach().float(), labels[keep]
+    if len(y) == 0:
+        return 1.0
+    log_t = torch.zeros((), requires_grad=True)  # optimise log T so that T stays positive
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
+    keep = labels != -100
+    return float(torch.nn.functional.cross_entropy(logits[keep].float() / temperature, labels[keep]))
+
+
+def confidence(logits: torch.Tensor, temperature: float, kind: str = "max_prob") -> torch.Tensor:
+    """Per-row confidence [N], higher = surer: top probability, top-1 minus top-2, or minus the entropy."""
+    probs = (logits.float() / temperature).softmax(-1)  # [N, C]
+    if kind == "max_prob":
+        return probs.max(-1).values
+    if kind == "margin":
+        top2 = probs.topk(2, dim=-1).values  # [N, 2]
+        return top2[:, 0] - top2[:, 1]
+    if kind == "entropy":
+        return (probs * probs.clamp_min(1e-12).log()).sum(-1)  # -H(p)
+    raise HybridFTError(f"hybrid.confidence '{kind}' is not one of {CONFIDENCE_KINDS}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the accuracy / teacher-fraction curve and the choice of threshold
+
+
+def cascade_curve(student_conf: torch.Tensor, student_pred: torch.Tensor, teacher_pred: torch.Tensor,
+                  labels: torch.Tensor) -> list[dict[str, float]]:
+    """Accuracy of the cascade for every number of inputs sent to the teacher, least confident first.
+
+    Point k sends the k least confident rows to the teacher; its `threshold` (a row goes to the teacher when
+    its confidence < threshold) lies midway between the k-th and (k+1)-th confidences. Shapes: all [N].
+    """
+    n = len(labels)
+    order = student_conf.argsort()  # least confident first
+    conf = student_conf[order].tolist()
+    s_ok = (student_pred == labels)[order].float()
+    t_ok = (teacher_pred == labels)[order].float()
+    # accuracy(k) = teacher-correct among the first k + student-correct among the rest
+    t_cum = torch.cat([torch.zeros(1), t_ok.cumsum(0)])  # [N + 1]
+    s_rest = s_ok.sum() - torch.cat([torch.zeros(1), s_ok.cumsum(0)])  # [N + 1]
+    acc = ((t_cum + s_rest) / max(n, 1)).tolist()
+    points = []
+    for k in range(n + 1):
+        if k < n and 0 < k and conf[k] == conf[k - 1]:
+            continue  # ties: a threshold cannot split equal confidences
+        if k == 0:
+            threshold = conf[0] - 1.0 if n else 0.0
+        elif k == n:
+            threshold = conf[-1] + 1.0
+        else:
+            threshold = (conf[k - 1] + conf[k]) / 2
+        points.append({"threshold": threshold, "teacher_fraction": k / max(n, 1), "accuracy": acc[k]})
+    return points
+
+
+def choose_threshold(curve: list[dict[str, float]], *, teacher_budget: Optional[float] = None,
+                     target_accuracy: Optional[float] = None) -> dict[str, float]:
+    """The point of the curve that meets the goal.
+
+    With a budget: the most accurate point whose teacher fraction is within it (fewest teacher calls on ties).
+    With a target accuracy: the point with the fewest teacher calls that reaches it (all to the teacher if none).
+    """
+    if (teacher_budget is None) == (target_accuracy is None):
+        raise ValueError("give exactly one of teacher_budget and target_accuracy")
+    if teacher_budget is not None:
+        allowed = [p for p in curve if p["teacher_fraction"] <= teacher_budget + 1e-12]
+        return max(allowed, key=lambda p: (p["accuracy"], -p["teacher_fraction"]))
+    reaching = [p for p in curve if p["accuracy"] >= target_accuracy - 1e-12]
+    return min(reaching, key=lambda p: p["teacher_fraction"]) if reaching else curve[-1]
+
+
+def apply_threshold(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                    threshold: float, student_temperature: float, kind: str) -> dict[str, float]:
+    """Accuracy and teacher fraction of the cascade at a fixed threshold, from both models' logits [N, C]."""
+    defer = confidence(student_logits, student_temperature, kind) < threshold
+    pred = torch.where(defer, teacher_logits.argmax(-1), student_logits.argmax(-1))
+    return {"accuracy": float((pred == labels).float().mean()), "teacher_fraction": float(defer.float().mean())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the deployable model
+
+
+@dataclass
+class HybridPrediction:
+    label_ids: torch.Tensor  # [N]
+    probs: torch.Tensor  # [N, C], calibrated probabilities of the model that answered
+    answered_by: list[str]  # "student" or "teacher" per row
+
+
+class HybridModel:
+    """Student first; the rows whose calibrated student confidence is below `threshold` go to the teacher.
+
+    `student` may be any callable with the HF classifier interface (`model(**inputs).logits`), including an
+    exported ONNX student (`hybridft.export.OnnxClassifier`).
+    """
+
+    def __init__(self, student: Any, student_tokenizer: Any, teacher: nn.Module, teacher_tokenizer: Any,
+                 label_names: list[str], *, threshold: float, student_temperature: float = 1.0,
+                 teacher_temperature: float = 1.0, confidence_kind: str = "max_prob", max_length: int = 128,
+                 device: Optional[torch.device] = None) -> None:
+        if confidence_kind not in CONFIDENCE_KINDS:
+            raise HybridFTError(f"hybrid.confidence '{confidence_kind}' is not one of {CONFIDENCE_KINDS}")
+        self.student, self.student_tokenizer = student, student_tokenizer
+        self.teacher, self.teacher_tokenizer = teacher, teacher_tokenizer
+        self.label_names = list(label_names)
+        self.threshold = float(threshold)
+        self.student_temperature = float(student_temperature)
+        self.teacher_temperature = float(teacher_temperature)
+        self.confidence_kind = confidence_kind
+        self.max_length = max_length
+        self.device = device or torch.device("cpu")
+        for model in (student, teacher):
+            if isinstance(model, nn.Module):
+                model.to(self.device).eval()
+
+    def _logits(self, model: Any, tokenizer: Any, texts: list[str], pairs: Optional[list[str]],
+                batch_size: int) -> torch.Tensor:
+        from hybridft.train import length_sorted_loader, predict_logits
+
+        ex = Examples(texts=texts, labels=[-100] * len(texts), pairs=pairs, source="input")
+        items = task.encode(ex, tokenizer, self.max_length)
+        logits, _ = predict_logits(model, length_sorted_loader(items, batch_size, task.make_collate(tokenizer)),
+                                   self.device)
+        return logits
+
+    @torch.no_grad()
+    def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> HybridPrediction:
+        s_logits = self._logits(self.student, self.student_tokenizer, texts, pairs, batch_size)  # [N, C]
+        probs = (s_logits / self.student_temperature).softmax(-1)
+        defer = confidence(s_logits, self.student_temperature, self.confidence_kind) < self.threshold  # [N]
+        idx = defer.nonzero().flatten().tolist()
+        if idx:  # the teacher sees only the deferred rows, as a batch of their own
+            t_logits = self._logits(self.teacher, self.teacher_tokenizer, [texts[i] for i in idx],
+                                    None if pairs is None else [pairs[i] for i in idx], batch_size)
+            probs[defer] = (t_logits / self.teacher_temperature).softmax(-1)
+        return HybridPrediction(label_ids=probs.argmax(-1), probs=probs,
+                                answered_by=["teacher" if d else "student" for d in defer.tolist()])
+
+    def predict_batch(self, texts: list[str], pairs: Optional[list[str]] = None) -> list[dict[str, Any]]:
+        """Rows for `hybridft predict`: label name, its probability and which model answered."""
+        p = self.predict(texts, pairs)
+        top = p.probs.max(-1).values.tolist()
+        return [{"label": self.label_names[i], "probability": round(pr, 6), "answered_by": who}
+                for i, pr, who in zip(p.label_ids.tolist(), top, p.answered_by)]
+
+    # -----------------------------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        return {"format": FORMAT, "label_names": self.label_names, "threshold": self.threshold,
+                "student_temperature": self.student_temperature, "teacher_temperature": self.teacher_temperature,
+                "confidence": self.confidence_kind, "max_length": self.max_length}
+
+    def save(self, folder: str | Path) -> Path:
+        """One folder: student/, teacher/, hybrid.json and manifest.json (versions and SHA-256 of every file).
+        Written beside the target and renamed, so a failed save never leaves a half folder in its place."""
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        task.save_model(self.student, self.student_tokenizer, tmp / "student")
+        task.save_model(self.teacher, self.teacher_tokenizer, tmp / "teacher")
+        (tmp / "hybrid.json").write_text(json.dumps(self.settings(), indent=2), encoding="utf-8")
+        write_manifest(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: Optional[torch.device] = None) -> "HybridModel":
+        folder = Path(folder)
+        if not (folder / "hybrid.json").is_file():
+            raise HybridFTError(f"{folder} is not a hybrid model folder (no hybrid.json); give the folder "
+                                f"written by `hybridft run` (OUTPUT_DIR/hybrid)")
+        verify_manifest(folder)
+        s = json.loads((folder / "hybrid.json").read_text(encoding="utf-8"))
+        if s.get("format") != FORMAT:
+            raise HybridFTError(f"{folder}/hybrid.json has format {s.get('format')!r}, expected {FORMAT!r}")
+        labels = s["label_names"]
+        models = {}
+        for name in ("student", "teacher"):
+            path = str(folder / name)
+            if task.classifier_labels(path) != labels:
+                raise HybridFTError(f"{path} predicts labels {task.classifier_labels(path)}, but the hybrid's labels "
+                                    f"are {labels}; the folder is inconsistent, re-save it")
+            models[name] = (task.load_classifier(path, labels, name), task.load_tokenizer(path, name))
+        return cls(*models["student"], *models["teacher"], labels, threshold=s["threshold"],
+                   student_temperature=s["student_temperature"], teacher_temperature=s["teacher_temperature"],
+                   confidence_kind=s["confidence"], max_length=s["max_length"], device=device)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    import transformers
+
+    import hybridft
+
+    files = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != "manifest.json"}
+    manifest = {"format": FORMAT, "versions": {"hybridft": hybridft.__version__, "torch": torch.__version__,
+                                               "transformers": transformers.__version__},
+                "files": files}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def verify_manifest(folder: Path) -> None:
+    """Refuse a folder whose files do not match the checksums recorded when it was saved."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise HybridFTError(f"{folder} has no manifest.json; it was not saved by hybridft or is incomplete")
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        raise HybridFTError(f"{path} is damaged; re-save the hybrid model") from None
+    for rel, digest in files.items():
+        f = folder / rel
+        if not f.is_file():
+            raise HybridFTError(f"{folder}: {rel} is missing; the folder is incomplete, re-save the hybrid model")
+        if _sha256(f) != digest:
+            raise HybridFTError(f"{folder}: {rel} does not match its checksum in manifest.json; the folder was "
+                                f"modified or corrupted, re-save the hybrid model")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the plot
+
+
+def plot_curves(curves: dict[str, list[dict[str, float]]], marks: dict[str, dict[str, float]], chosen: dict[str, float],
+                path: Path, title: str = "") -> Path:
+    """Accuracy against the fraction of inputs sent to the teacher, one line per split; the student alone
+    (fraction 0), the teacher alone (fraction 1) and the chosen threshold are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for split, curve in curves.items():
+        ax.plot([p["teacher_fraction"] for p in curve], [p["accuracy"] for p in curve], label=f"hybrid ({split})")
+    for name, m in marks.items():
+        ax.scatter([m["teacher_fraction"]], [m["accuracy"]], zorder=3, label=name)
+    ax.axvline(chosen["teacher_fraction"], color="grey", linestyle=":", label="chosen threshold (validation)")
+    ax.set_xlabel("fraction of inputs sent to the teacher")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "hybrid: accuracy vs. teacher calls")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,143 @@
+"""The hybrid model: routing, calibration, the threshold choice, save/load and tampering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_bert, make_tokenizer, sentiment_rows, tiny_overrides
+from hybridft import hybrid as hy
+from hybridft.errors import HybridFTError
+
+LABELS = ["neg", "pos"]
+
+
+class RowCounter:
+    """Counts the forward calls of a model and the rows they carry."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls, self.rows = 0, 0
+
+        def pre(module, args, kwargs):
+            self.calls += 1
+            self.rows += kwargs["input_ids"].shape[0]
+
+        model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    tok = make_tokenizer(tmp_path / "tok")
+    student, teacher = make_bert(layers=1, seed=1), make_bert(layers=2, seed=2)
+    for m in (student, teacher):
+        m.config.id2label, m.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    return student, teacher, tok
+
+
+def _model(pair, threshold: float) -> hy.HybridModel:
+    student, teacher, tok = pair
+    return hy.HybridModel(student, tok, teacher, tok, LABELS, threshold=threshold, student_temperature=0.05,
+                          max_length=16)
+
+
+TEXTS = [t for t, _ in sentiment_rows(20, seed=4)]
+
+
+def test_only_deferred_rows_reach_the_teacher(pair):
+    student, teacher, tok = pair
+    model = _model(pair, threshold=0.0)
+    conf = hy.confidence(model._logits(student, tok, TEXTS, None, 32), 0.05, "max_prob")
+    model.threshold = float(conf.median())  # about half the rows below it
+    expected = int((conf < model.threshold).sum())
+    assert 0 < expected < len(TEXTS)
+    counter = RowCounter(teacher)
+    pred = model.predict(TEXTS, batch_size=64)
+    assert pred.answered_by.count("teacher") == expected
+    assert counter.rows == expected and counter.calls == 1, "one batch holding exactly the deferred rows"
+
+
+def test_threshold_that_defers_nothing_is_the_student_and_everything_is_the_teacher(pair):
+    student, teacher, tok = pair
+    counter = RowCounter(teacher)
+    nothing = _model(pair, threshold=-1.0).predict(TEXTS)
+    assert counter.calls == 0 and set(nothing.answered_by) == {"student"}
+    s_logits = _model(pair, 0)._logits(student, tok, TEXTS, None, 32)
+    assert torch.equal(nothing.label_ids, s_logits.argmax(-1))
+    everything = _model(pair, threshold=2.0).predict(TEXTS)
+    t_logits = _model(pair, 0)._logits(teacher, tok, TEXTS, None, 32)
+    assert set(everything.answered_by) == {"teacher"}
+    assert torch.equal(everything.label_ids, t_logits.argmax(-1))
+    torch.testing.assert_close(everything.probs, t_logits.softmax(-1))
+
+
+def test_calibration_lowers_held_out_nll_of_an_overconfident_model():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (2000,), generator=g)
+    clean = torch.nn.functional.one_hot(labels, 3).float() * 1.5 + torch.randn(2000, 3, generator=g)
+    logits = clean * 6  # the same ranking, far too confident
+    t = hy.fit_temperature(logits[:1000], labels[:1000])
+    assert t > 2
+    assert hy.nll(logits[1000:], labels[1000:], t) < 0.8 * hy.nll(logits[1000:], labels[1000:])
+
+
+def test_curve_endpoints_and_budget_choice():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 2, (200,), generator=g)
+    teacher_pred = torch.where(torch.rand(200, generator=g) < 0.9, labels, 1 - labels)
+    student_logits = torch.randn(200, 2, generator=g)
+    conf = hy.confidence(student_logits, 1.0, "margin")
+    curve = hy.cascade_curve(conf, student_logits.argmax(-1), teacher_pred, labels)
+    assert curve[0]["teacher_fraction"] == 0 and curve[-1]["teacher_fraction"] == 1
+    assert curve[0]["accuracy"] == pytest.approx(float((student_logits.argmax(-1) == labels).float().mean()))
+    assert curve[-1]["accuracy"] == pytest.approx(float((teacher_pred == labels).float().mean()))
+    point = hy.choose_threshold(curve, teacher_budget=0.3)
+    assert point["teacher_fraction"] <= 0.3
+    assert point["accuracy"] == max(p["accuracy"] for p in curve if p["teacher_fraction"] <= 0.3)
+    teacher_logits = torch.nn.functional.one_hot(teacher_pred, 2).float()
+    applied = hy.apply_threshold(student_logits, teacher_logits, labels, point["threshold"], 1.0, "margin")
+    assert applied["teacher_fraction"] == pytest.approx(point["teacher_fraction"])
+    assert applied["accuracy"] == pytest.approx(point["accuracy"])
+    target = hy.choose_threshold(curve, target_accuracy=curve[-1]["accuracy"] - 0.005)
+    assert target["accuracy"] >= curve[-1]["accuracy"] - 0.005
+
+
+def test_save_load_gives_identical_predictions_and_tampering_is_refused(pair, tmp_path: Path):
+    model = _model(pair, threshold=0.9)
+    model.teacher_temperature = 1.7
+    folder = model.save(tmp_path / "hybrid")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"student/model.safetensors", "teacher/model.safetensors", "hybrid.json"} <= set(manifest["files"])
+    assert set(manifest["versions"]) == {"hybridft", "torch", "transformers"}
+    loaded = hy.HybridModel.load(folder)
+    a, b = model.predict(TEXTS), loaded.predict(TEXTS)
+    assert torch.equal(a.label_ids, b.label_ids) and a.answered_by == b.answered_by
+    torch.testing.assert_close(a.probs, b.probs)
+    weights = folder / "student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(HybridFTError, match="checksum"):
+        hy.HybridModel.load(folder)
+    (folder / "teacher" / "config.json").unlink()
+    with pytest.raises(HybridFTError):
+        hy.HybridModel.load(folder)
+
+
+def test_pipeline_builds_reports_and_saves_the_hybrid(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    from hybridft import pipeline
+    from hybridft.config import load_config
+
+    out = tmp_path / "run"
+    summary = pipeline.run(load_config(None, tiny_overrides(tiny_teacher_dir, tiny_data, out)))
+    h = summary["hybrid"]
+    for key in ("accuracy", "macro_f1", "teacher_fraction", "threshold", "throughput_samples_per_s"):
+        assert key in h
+    assert 0 <= h["teacher_fraction"] <= 1
+    assert (out / "hybrid_curve.png").stat().st_size > 1000
+    curves = json.loads((out / "hybrid_curve.json").read_text())
+    assert set(curves) == {"validation", "test"}
+    loaded = hy.HybridModel.load(out / "hybrid")
+    assert loaded.threshold == pytest.approx(h["threshold"])
