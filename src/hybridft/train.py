@@ -84,6 +84,42 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class LengthGroupedBatches:
+    """Micro-batches of similar length, in random order, so dynamic padding wastes little work.
+
+    Each epoch: shuffle, cut into groups of 50 optimizer steps, sort each group by length, cut it into
+    optimizer-step batches, shuffle those, and split each into `grad_accum` micro-batches. Unlike
+    transformers' LengthGroupedSampler, the batches are not visited longest-first within a group (a
+    curriculum we do not want), and grouping by whole optimizer steps makes batch 8 x accumulation 1 and
+    batch 4 x accumulation 2 see the same examples in the same steps.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, generator: torch.Generator,
+                 steps_per_group: int = 50) -> None:
+        self.lengths, self.batch_size, self.grad_accum = lengths, batch_size, grad_accum
+        self.generator, self.steps_per_group = generator, steps_per_group
+
+    def __len__(self) -> int:
+        step = self.batch_size * self.grad_accum
+        full, rest = divmod(len(self.lengths), step)
+        return full * self.grad_accum + math.ceil(rest / self.batch_size)
+
+    def __iter__(self) -> Any:
+        step = self.batch_size * self.grad_accum
+        perm = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        group = step * self.steps_per_group
+        steps = []
+        for g in range(0, len(perm), group):
+            chunk = sorted(perm[g:g + group], key=lambda i: self.lengths[i])
+            steps += [chunk[i:i + step] for i in range(0, len(chunk), step)]
+        full = [s for s in steps if len(s) == step]
+        partial = [s for s in steps if len(s) < step]  # at most one: it stays last, like drop_last=False
+        order = torch.randperm(len(full), generator=self.generator).tolist()
+        for s in [full[i] for i in order] + partial:
+            for m in range(0, len(s), self.batch_size):
+                yield s[m:m + self.batch_size]
+
+
 def length_sorted_loader(items: list[dict[str, Any]], batch_size: int, collate: Any) -> DataLoader:
     """For inference: batches of similar length pad little; `predict_logits` restores the original order."""
     ordered = sorted(items, key=lambda it: len(it["input_ids"]))
@@ -137,16 +173,13 @@ def fit(
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)  # frozen: never trained, never in the optimizer
     generator = torch.Generator().manual_seed(seed)
-    sampler = None
     if tc.group_by_length:
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        # Grouped by the size of a whole optimizer step, so that batch 8 x accumulation 1 and batch 4 x
-        # accumulation 2 see the same examples in the same order.
-        sampler = LengthGroupedSampler(tc.batch_size * tc.grad_accum, lengths=[len(it["input_ids"]) for it in
-                                                                             train_items], generator=generator)
-    loader = DataLoader(train_items, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
-                        collate_fn=collate, generator=None if sampler else generator)
+        batches = LengthGroupedBatches([len(it["input_ids"]) for it in train_items], tc.batch_size, tc.grad_accum,
+                                       generator)
+        loader = DataLoader(train_items, batch_sampler=batches, collate_fn=collate)
+    else:
+        loader = DataLoader(train_items, batch_size=tc.batch_size, shuffle=True, collate_fn=collate,
+                            generator=generator)
     val_loader = length_sorted_loader(val_items, max(tc.batch_size, 32), collate)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
