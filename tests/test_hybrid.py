@@ -141,3 +141,30 @@ def test_pipeline_builds_reports_and_saves_the_hybrid(tmp_path: Path, tiny_teach
     assert set(curves) == {"validation", "test"}
     loaded = hy.HybridModel.load(out / "hybrid")
     assert loaded.threshold == pytest.approx(h["threshold"])
+
+
+def test_predict_command_labels_a_file_with_the_hybrid_and_stops_on_a_bad_row(pair, tmp_path: Path, capsys):
+    from hybridft.cli import main
+
+    folder = _model(pair, threshold=0.9).save(tmp_path / "hybrid")
+    good = tmp_path / "in.csv"
+    good.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(TEXTS)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(folder), "--input", str(good), "--output", str(out), "--quiet",
+                 "--batch-size", "7"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(i) for i in range(len(TEXTS))]
+    expected = hy.HybridModel.load(folder).predict(TEXTS)
+    assert [r["label"] for r in rows] == [LABELS[i] for i in expected.label_ids.tolist()]
+    assert [r["answered_by"] for r in rows] == expected.answered_by
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"id,text\n1,good film\n2,\n3,\xff\xfe bad bytes\n4,fine plot\n")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(folder), "--input", str(bad), "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 3" in err[0]
+    assert [json.loads(x) for x in out.read_text().splitlines()] == rows, "the earlier output is untouched"
+    assert main(["predict", "--model", str(folder), "--input", str(bad), "--output", str(out), "--quiet",
+                 "--skip-bad-rows"]) == 0
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert report["skipped"] == 2 and report["rows_written"] == 2

@@ -34,6 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     add("teacher", "fine-tune the teacher only (writes OUTPUT_DIR/teacher)")
     add("distill", "teacher outputs + student training, from teacher.model (a fine-tuned classifier) "
         "or from distill.teacher_logits")
+    pr = sub.add_parser("predict", help="label a CSV, TSV or JSONL file with a hybrid (or student) folder")
+    pr.add_argument("--model", required=True, help="OUTPUT_DIR/hybrid of a run, or a classifier folder")
+    pr.add_argument("--input", required=True, help=".csv, .tsv or .jsonl with a text column")
+    pr.add_argument("--output", required=True, help=".csv, .tsv or .jsonl; written only when the whole file is done")
+    pr.add_argument("--text-column", default="text")
+    pr.add_argument("--text-pair-column", default=None)
+    pr.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
+    pr.add_argument("--batch-size", type=int, default=256, help="rows read, predicted and written at a time")
+    pr.add_argument("--skip-bad-rows", action="store_true",
+                    help="skip rows with empty text or bad encoding, and count them in OUTPUT.report.json")
+    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    pr.add_argument("--quiet", action="store_true")
     ev = sub.add_parser("evaluate", help="evaluate the teacher and student of a finished run on its test split")
     ev.add_argument("--run", required=True, help="a run folder (holds config.yaml, teacher/, student/)")
     ev.add_argument("--quiet", action="store_true")
@@ -68,6 +80,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "evaluate":
         return _evaluate(Path(args.run), quiet=args.quiet)
+    if args.command == "predict":
+        return _predict(args)
     overrides = list(args.overrides)
     if args.command == "run" and _is_demo(args):
         overrides = DEMO_OVERRIDES + overrides
@@ -94,6 +108,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             store = None if cfg.distill.online else pipeline.teacher_outputs(ctx, teacher, tok)
         pipeline.distill(ctx, store, teacher, tok)
         print(f"student saved to {ctx.run_dir / 'student'}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from hybridft.hybrid import load_predictor
+    from hybridft.predict import predict_file
+    from hybridft.train import pick_device
+
+    model = load_predictor(args.model, pick_device(args.device))
+    report = predict_file(model.predict_batch, args.input, args.output, text_column=args.text_column,
+                          text_pair_column=args.text_pair_column, delimiter=args.delimiter,
+                          batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet)
+    print(report.summary())
     return 0
 
 

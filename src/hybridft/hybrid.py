@@ -245,6 +245,22 @@ class HybridModel:
                    confidence_kind=s["confidence"], max_length=s["max_length"], device=device)
 
 
+def load_predictor(folder: str | Path, device: Optional[torch.device] = None) -> HybridModel:
+    """A hybrid folder, or a single classifier folder (then every row is answered by that model, as "student")."""
+    folder = Path(folder)
+    if (folder / "hybrid.json").is_file():
+        return HybridModel.load(folder, device)
+    path = str(folder)
+    task.check_model_folder(path, "--model")
+    labels = task.classifier_labels(path)
+    if labels is None:
+        raise HybridFTError(f"--model {folder} is neither a hybrid folder (hybrid.json) nor a fine-tuned "
+                            f"classifier; give OUTPUT_DIR/hybrid or OUTPUT_DIR/student of a run")
+    model, tokenizer = task.load_classifier(path, labels, "--model"), task.load_tokenizer(path, "--model")
+    # A threshold below any confidence: the teacher slot is never called.
+    return HybridModel(model, tokenizer, model, tokenizer, labels, threshold=float("-inf"), device=device)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -1,0 +1,584 @@
+"""Batch prediction over CSV, TSV and JSONL files, streamed in batches so memory stays bounded.
+
+`predict_file` is model-agnostic: the caller passes `predict_batch(texts, pairs) -> list[dict]` (the hybrid
+model supplies one) and this module does the file work:
+
+* The input is read one record at a time and never held whole. Bytes are decoded as strict UTF-8 one
+  physical line at a time, so a badly encoded row is caught at *its* line, not as "the file is not UTF-8".
+* Each output row is the input row's columns (kept, so users can join on their ids) followed by `label`,
+  `probability` and `answered_by`. The output format follows the output file's suffix (.csv, .tsv, .jsonl).
+* The output is written batch by batch to `<output>.tmp` and renamed over `<output>` only when the whole
+  input has been read, so a failed or interrupted run never replaces an existing output with half of one.
+* A bad row (empty or missing text, bad UTF-8, malformed JSON, wrong number of CSV fields) stops the run
+  with a `HybridFTError` naming the file and line; with `skip_bad_rows=True` it is skipped and counted in
+  the `PredictReport` (also written as `<output>.report.json`).
+
+Line numbers are physical, 1-based file lines, counting the header as line 1; a CSV row whose quoted
+field spans several lines is reported at the line where the row starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Optional, Union
+
+from hybridft.errors import HybridFTError
+
+PREDICTION_COLUMNS = ("label", "probability", "answered_by")
+INPUT_DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+"""Default field separator per input suffix (the same defaults as `hybridft.data`)."""
+JSONL_SUFFIXES = (".jsonl",)
+OUTPUT_FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
+"""Output suffix -> field separator; None means one JSON object per line."""
+MAX_SKIPPED_LINES = 20
+"""How many skipped line numbers the report keeps (the counts cover all of them)."""
+MAX_DROPPED_COLUMNS = 20
+SKIP_HINT = "fix the row or pass --skip-bad-rows"
+
+PathLike = Union[str, "os.PathLike[str]"]
+PredictBatch = Callable[[list[str], Optional[list[str]]], list[dict[str, Any]]]
+"""`predict_batch(texts, pairs)`: one dict per text with at least `label`, `probability` and `answered_by`
+(`"student"` or `"teacher"`); `pairs` is None unless a text-pair column is read."""
+
+
+@dataclass
+class PredictReport:
+    """What one `predict_file` run read, wrote and skipped.
+
+    `rows_in == rows_written + skipped`; blank lines are not rows and are only counted in `blank_lines`.
+    """
+
+    input: str
+    output: str
+    rows_in: int = 0
+    rows_written: int = 0
+    skipped: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    """Reason -> count: `empty_text`, `missing_text`, `text_not_a_string`, the same with `text_pair`,
+    `bad_encoding`, `bad_json`, `not_an_object`, `wrong_column_count`, `bad_quoting`."""
+    skipped_lines: list[int] = field(default_factory=list)
+    """The first `MAX_SKIPPED_LINES` skipped rows' line numbers, in file order."""
+    answered_by: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
+    seconds: float = 0.0
+    blank_lines: int = 0
+    renamed_columns: dict[str, str] = field(default_factory=dict)
+    """Input columns renamed because their name is a prediction column, e.g. `label` -> `input_label`."""
+    dropped_columns: list[str] = field(default_factory=list)
+    """JSONL -> CSV/TSV only: keys absent from the first row, so without a column in the output."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write_json(self, path: Optional[PathLike] = None) -> Path:
+        """Write the report as JSON, by default to `<output>.report.json`; returns the path written."""
+        target = Path(path) if path is not None else report_path(self.output)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+        return target
+
+    def summary(self) -> str:
+        """One line for the CLI, e.g. `wrote 998 rows to out.csv (teacher 12%); skipped 2 bad rows: ...`."""
+        answered = sum(self.answered_by.values())
+        teacher = self.answered_by.get("teacher", 0) / answered if answered else 0.0
+        line = (f"wrote {self.rows_written} rows to {self.output} in {self.seconds:.1f}s "
+                f"(teacher answered {teacher:.0%})")
+        if self.skipped:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_by_reason.items()))
+            more = ", ..." if self.skipped > len(self.skipped_lines) else ""
+            lines = ", ".join(map(str, self.skipped_lines)) + more
+            line += f"; skipped {self.skipped} bad rows ({reasons}) at lines {lines}"
+        return line
+
+
+def report_path(output_path: PathLike) -> Path:
+    """Where `predict_file` writes its report: next to the output, as `<output>.report.json`."""
+    out = Path(output_path)
+    return out.with_name(out.name + ".report.json")
+
+
+def data_options(data: Any) -> dict[str, Any]:
+    """`predict_file` keyword arguments from a `DataConfig`, so prediction reads files the way training did."""
+    return {"text_column": data.text_column, "text_pair_column": data.text_pair_column,
+            "delimiter": data.delimiter, "column_names": data.column_names}
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading: one `_Item` per record, good or bad
+
+
+@dataclass
+class _Item:
+    """One input record: its start line, and either its fields or why it is bad."""
+
+    line: int
+    row: Optional[dict[str, Any]] = None
+    reason: Optional[str] = None
+    problem: str = ""
+
+
+class _Lines:
+    """Physical lines of a binary file, decoded one at a time as strict UTF-8.
+
+    A line that does not decode is handed on decoded with replacement characters (so the CSV parser keeps
+    its place in multi-line quoted fields) and remembered in `bad`, for the record that contains it.
+    """
+
+    def __init__(self, fh: IO[bytes]):
+        self._fh = fh
+        self.line_no = 0
+        self.bytes_read = 0
+        self.bad: list[tuple[int, UnicodeDecodeError]] = []
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self._fh)  # splits on b"\n" only, so \r and U+2028 inside a row cannot shift line numbers
+        self.line_no += 1
+        self.bytes_read += len(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.bad.append((self.line_no, e))
+            text = raw.decode("utf-8", errors="replace")
+        if self.line_no == 1 and text.startswith("\ufeff"):  # Excel writes a BOM; it is not part of the header
+            text = text[1:]
+        return text
+
+    def take_bad(self) -> list[tuple[int, UnicodeDecodeError]]:
+        bad, self.bad = self.bad, []
+        return bad
+
+
+def _encoding_problem(start: int, bad: list[tuple[int, UnicodeDecodeError]]) -> str:
+    line, e = bad[0]
+    where = "the line" if line == start else f"line {line}, inside this row's quoted field"
+    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of {where})"
+
+
+def _missing_column(path: Path, name: str, columns: list[str], key: str, delimiter: Optional[str]) -> HybridFTError:
+    found = ", ".join(repr(c) for c in columns) or "none"
+    hint = ""
+    if delimiter is not None and len(columns) == 1 and any(s in columns[0] for s in ",\t;|"):
+        hint = f"; the header has a single column, so the delimiter {delimiter!r} may be wrong (set data.delimiter)"
+    return HybridFTError(f"{path} has no column '{name}' (columns found: {found}); rename the column or set "
+                         f"data.{key}{hint}")
+
+
+def _require_columns(path: Path, columns: list[str], text_column: str, pair_column: Optional[str],
+                     delimiter: Optional[str] = None) -> None:
+    """A missing text column is a whole-file problem, so it stops the run even with --skip-bad-rows."""
+    if text_column not in columns:
+        raise _missing_column(path, text_column, columns, "text_column", delimiter)
+    if pair_column is not None and pair_column not in columns:
+        raise _missing_column(path, pair_column, columns, "text_pair_column", delimiter)
+
+
+class _JsonlReader:
+    """One JSON object per line; blank lines are ignored."""
+
+    def __init__(self, path: Path, lines: _Lines, text_column: str, pair_column: Optional[str]):
+        self.path, self.lines = path, lines
+        self.text_column, self.pair_column = text_column, pair_column
+        self.blank_lines = 0
+
+    def __iter__(self) -> Iterator[_Item]:
+        checked = False
+        for text in self.lines:
+            line = self.lines.line_no
+            bad = self.lines.take_bad()
+            if bad:
+                yield _Item(line, reason="bad_encoding", problem=_encoding_problem(line, bad))
+                continue
+            if not text.strip():
+                self.blank_lines += 1
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield _Item(line, reason="bad_json", problem=f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(row, dict):
+                yield _Item(line, reason="not_an_object",
+                            problem=f"a JSON {type(row).__name__}, not an object")
+                continue
+            if not checked:
+                # The first object stands in for a header: a wrong column name must not skip every row.
+                _require_columns(self.path, list(row), self.text_column, self.pair_column)
+                checked = True
+            yield _Item(line, row=row)
+
+
+class _TableReader:
+    """A delimited file read with the `csv` module, so quoted fields may hold delimiters and newlines.
+
+    The header is read in the constructor, so a missing text column fails before any output is written.
+    """
+
+    def __init__(self, path: Path, lines: _Lines, delimiter: str, column_names: Optional[list[str]],
+                 text_column: str, pair_column: Optional[str]):
+        self.path, self.lines, self.delimiter = path, lines, delimiter
+        # strict=True makes an unclosed quote at the end of the file, or text after a closing quote, an
+        # error instead of a silently mangled row.
+        self._reader = csv.reader(lines, delimiter=delimiter, strict=True)
+        self._end = 0  # last physical line consumed so far: the next record starts on the line after it
+        self.blank_lines = 0
+        if column_names is not None:
+            self.columns = _unique_names(list(column_names))
+        else:
+            self.columns = self._read_header()
+        _require_columns(path, self.columns, text_column, pair_column, delimiter)
+
+    def _read_header(self) -> list[str]:
+        try:
+            return self._first_record()
+        except _CsvProblem as p:
+            raise HybridFTError(f"{self.path} line {p.start}: the header is malformed CSV ({p.message}); "
+                                f"fix its quotes") from None
+
+    def _first_record(self) -> list[str]:
+        for start, fields in self._records():
+            bad = self.lines.take_bad()
+            if bad:
+                raise HybridFTError(f"{self.path} line {start}: the header is {_encoding_problem(start, bad)}; "
+                                    f"re-save the file as UTF-8")
+            if fields:
+                return _unique_names([f.strip() for f in fields])
+            self.blank_lines += 1
+        raise HybridFTError(f"{self.path} is empty; give a file with a header row and at least one row")
+
+    def _records(self) -> Iterator[tuple[int, list[str]]]:
+        """(start line, fields) per record; a malformed record is raised as `_CsvProblem`."""
+        while True:
+            start = self._end + 1
+            try:
+                fields = next(self._reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                end, self._end = self.lines.line_no, self.lines.line_no
+                raise _CsvProblem(start, end, str(e)) from None
+            self._end = self.lines.line_no
+            yield start, fields
+
+    def __iter__(self) -> Iterator[_Item]:
+        width = len(self.columns)
+        while True:
+            try:
+                for start, fields in self._records():
+                    bad = self.lines.take_bad()
+                    if bad:
+                        yield _Item(start, reason="bad_encoding", problem=_encoding_problem(start, bad))
+                    elif not fields:
+                        self.blank_lines += 1
+                    elif len(fields) != width:
+                        yield _Item(start, reason="wrong_column_count",
+                                    problem=f"{len(fields)} fields where the header has {width} (an unquoted "
+                                            f"{self.delimiter!r} or quote in the text?)")
+                    else:
+                        yield _Item(start, row=dict(zip(self.columns, fields)))
+                return
+            except _CsvProblem as p:
+                self.lines.take_bad()
+                if p.end != p.start:
+                    # The parser swallowed several lines; where the next row starts is a guess, so stop.
+                    raise HybridFTError(f"{self.path} line {p.start}: malformed CSV ({p.message}) in a row that "
+                                        f"runs to line {p.end}; close or escape its quotes (this cannot be "
+                                        f"skipped: the rows after it cannot be located)") from None
+                yield _Item(p.start, reason="bad_quoting", problem=f"malformed CSV ({p.message})")
+
+
+class _CsvProblem(Exception):
+    def __init__(self, start: int, end: int, message: str):
+        super().__init__(message)
+        self.start, self.end, self.message = start, end, message
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Repeat header names become `name.1`, `name.2` (as pandas does) so rows can be dicts."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        new, k = name, 0
+        while new in seen:
+            k += 1
+            new = f"{name}.{k}"
+        seen.add(new)
+        out.append(new)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# rows -> texts, and rows + predictions -> output rows
+
+
+def _text_value(row: dict[str, Any], column: str, what: str) -> tuple[Optional[str], Optional[str], str]:
+    """(text, None, "") for a usable value, else (None, reason, problem)."""
+    value = row.get(column)
+    if value is None:
+        return None, f"missing_{what}", f"no value for column '{column}'"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None, f"{what}_not_a_string", f"column '{column}' holds a {type(value).__name__}, not text"
+    text = value if isinstance(value, str) else str(value)
+    if not text.strip():
+        return None, f"empty_{what}", f"empty text in column '{column}'"
+    return text, None, ""
+
+
+def _clash_renames(names: list[str]) -> dict[str, str]:
+    """Input columns named like a prediction column become `input_<name>`, so neither is lost."""
+    clashes = [n for n in names if n in PREDICTION_COLUMNS]
+    if not clashes:
+        return {}
+    taken = set(names) | set(PREDICTION_COLUMNS)
+    renames = {}
+    for name in clashes:
+        new = f"input_{name}"
+        while new in taken:
+            new = f"input_{new}"
+        taken.add(new)
+        renames[name] = new
+    return renames
+
+
+def _output_row(row: dict[str, Any], prediction: dict[str, Any], report: PredictReport) -> dict[str, Any]:
+    renames = _clash_renames(list(row))
+    report.renamed_columns.update(renames)
+    out = {renames.get(k, k): v for k, v in row.items()}
+    for name in PREDICTION_COLUMNS:
+        if name not in prediction:
+            raise ValueError(f"predict_batch returned a row without '{name}': {prediction!r}")
+    out["label"] = prediction["label"]
+    out["probability"] = float(prediction["probability"])
+    out["answered_by"] = prediction["answered_by"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing: `<output>.tmp`, renamed over `<output>` only on success
+
+
+def _cell(value: Any) -> str:
+    """CSV cells are text: strings as they are, nothing as empty, anything else as JSON (true, 1.5, [..])."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+class _OutputWriter:
+    """Appends rows to `<output>.tmp`; `commit()` renames it over the output, leaving the context without
+    committing deletes it, so the previous output (if any) is untouched by a failed run."""
+
+    def __init__(self, path: Path, delimiter: Optional[str], report: PredictReport):
+        self.path, self.delimiter, self.report = path, delimiter, report
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.fieldnames: Optional[list[str]] = None
+        self._fh: Optional[IO[str]] = None
+        self._csv: Any = None
+        self._committed = False
+
+    def __enter__(self) -> "_OutputWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.tmp, "w", encoding="utf-8", newline="")
+        if self.delimiter is not None:
+            self._csv = csv.writer(self._fh, delimiter=self.delimiter, lineterminator="\n")
+        return self
+
+    def set_columns(self, input_columns: list[str]) -> None:
+        """Fix the CSV/TSV header (the input's columns, renamed where they clash, then the predictions)."""
+        renames = _clash_renames(input_columns)
+        self.fieldnames = [renames.get(c, c) for c in input_columns] + list(PREDICTION_COLUMNS)
+        if self._csv is not None:
+            self._csv.writerow(self.fieldnames)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        assert self._fh is not None
+        if self._csv is None:
+            self._fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        else:
+            if self.fieldnames is None and rows:  # JSONL input: the first row's keys are the columns
+                self.set_columns([k for k in rows[0] if k not in PREDICTION_COLUMNS])
+            assert self.fieldnames is not None
+            known = set(self.fieldnames)
+            for r in rows:
+                self._note_dropped(r, known)
+                self._csv.writerow([_cell(r.get(name)) for name in self.fieldnames])
+        self._fh.flush()  # each batch reaches the disk as it is done; nothing accumulates in memory
+
+    def _note_dropped(self, row: dict[str, Any], known: set[str]) -> None:
+        dropped = self.report.dropped_columns
+        if len(dropped) < MAX_DROPPED_COLUMNS:
+            for key in row:
+                if key not in known and key not in dropped:
+                    dropped.append(key)
+
+    def commit(self) -> None:
+        assert self._fh is not None
+        if self._csv is not None and self.fieldnames is None:  # no good rows from a JSONL input
+            self.set_columns([])
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+        self._committed = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._committed:
+            if self._fh is not None:
+                self._fh.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_paths(src: Path, dst: Path) -> Optional[str]:
+    """Refuse what would fail later, before any work; returns the output field separator."""
+    out_suffix = dst.suffix.lower()
+    if out_suffix not in OUTPUT_FORMATS:
+        raise HybridFTError(f"output file {dst} has an unsupported format '{out_suffix}'; name it .csv, .tsv "
+                            f"or .jsonl")
+    if not src.is_file():
+        raise HybridFTError(f"input file not found: {src}; check the path (relative paths start at the "
+                            f"current directory)")
+    in_suffix = src.suffix.lower()
+    if in_suffix not in INPUT_DELIMITERS and in_suffix not in JSONL_SUFFIXES:
+        raise HybridFTError(f"input file {src} has an unsupported format '{in_suffix}'; use .csv, .tsv, .txt "
+                            f"(delimited) or .jsonl (one JSON object per line)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise HybridFTError(f"output file {dst} is the input file; write the predictions to another file")
+    return OUTPUT_FORMATS[out_suffix]
+
+
+def _open_reader(src: Path, lines: _Lines, text_column: str, pair_column: Optional[str],
+                 delimiter: Optional[str], column_names: Optional[list[str]]) -> Union[_JsonlReader, _TableReader]:
+    if src.suffix.lower() in JSONL_SUFFIXES:
+        return _JsonlReader(src, lines, text_column, pair_column)
+    sep = delimiter or INPUT_DELIMITERS[src.suffix.lower()]
+    return _TableReader(src, lines, sep, column_names, text_column, pair_column)
+
+
+def _progress_bar(path: Path, enabled: bool) -> Any:
+    """Progress in bytes of input read: the row count is unknown up front, the file size is not."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=path.stat().st_size, desc="predict", unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not enabled, dynamic_ncols=True)
+
+
+def _skip_or_stop(item: _Item, src: Path, skip: bool, report: PredictReport) -> None:
+    if not skip:
+        raise HybridFTError(f"{src} line {item.line}: {item.problem}; {SKIP_HINT}")
+    assert item.reason is not None
+    report.skipped += 1
+    report.skipped_by_reason[item.reason] = report.skipped_by_reason.get(item.reason, 0) + 1
+    if len(report.skipped_lines) < MAX_SKIPPED_LINES:
+        report.skipped_lines.append(item.line)
+
+
+def _with_texts(item: _Item, text_column: str, pair_column: Optional[str]) -> tuple[_Item, str, Optional[str]]:
+    """The item's text and pair, or the item turned bad when either is unusable."""
+    assert item.row is not None
+    text, reason, problem = _text_value(item.row, text_column, "text")
+    pair = None
+    if reason is None and pair_column is not None:
+        pair, reason, problem = _text_value(item.row, pair_column, "text_pair")
+    if reason is not None:
+        return _Item(item.line, reason=reason, problem=problem), "", None
+    assert text is not None
+    return item, text, pair
+
+
+def _run_batch(predict_batch: PredictBatch, batch: list[tuple[dict[str, Any], str, Optional[str]]],
+               with_pairs: bool, writer: _OutputWriter, report: PredictReport) -> None:
+    texts = [text for _, text, _ in batch]
+    pairs = [pair or "" for _, _, pair in batch] if with_pairs else None
+    predictions = predict_batch(texts, pairs)
+    if len(predictions) != len(batch):
+        raise ValueError(f"predict_batch returned {len(predictions)} predictions for {len(batch)} texts")
+    rows = [_output_row(row, p, report) for (row, _, _), p in zip(batch, predictions)]
+    writer.write(rows)
+    for p in predictions:
+        report.answered_by[p["answered_by"]] = report.answered_by.get(p["answered_by"], 0) + 1
+    report.rows_written += len(rows)
+
+
+def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path: PathLike, *,
+                 text_column: str = "text", text_pair_column: Optional[str] = None,
+                 delimiter: Optional[str] = None, column_names: Optional[list[str]] = None,
+                 batch_size: int = 256, skip_bad_rows: bool = False, progress: bool = True,
+                 write_report: bool = True) -> PredictReport:
+    """Predict every row of a CSV, TSV or JSONL file and write the rows with their predictions.
+
+    At most `batch_size` rows are held (and passed to `predict_batch`) at a time, whatever the file size.
+
+    Args:
+        predict_batch: `(texts, pairs) -> [{"label", "probability", "answered_by"}, ...]`, one per text.
+        input_path: .csv, .tsv/.txt (delimited, with a header row unless `column_names`) or .jsonl.
+        output_path: .csv, .tsv or .jsonl; replaced only if the run succeeds.
+        text_column: The column (or JSON key) holding the text.
+        text_pair_column: A second text column for sentence-pair tasks; None for single texts.
+        delimiter: Input field separator; default comma for .csv, tab for .tsv/.txt.
+        column_names: Names for a delimited file without a header row (its first line is then a row).
+        batch_size: Rows per `predict_batch` call.
+        skip_bad_rows: Skip and count bad rows instead of stopping at the first one.
+        progress: Show a progress bar (in bytes of input read) on stderr.
+        write_report: Also write the report as `<output>.report.json`.
+
+    Returns:
+        The `PredictReport` of the run.
+
+    Raises:
+        HybridFTError: Unsupported suffix, missing file or text column, or (without `skip_bad_rows`) the
+            first bad row, as "FILE line N: problem; fix the row or pass --skip-bad-rows".
+        ValueError: `predict_batch` returned a different number of predictions than texts, or a prediction
+            without `label`, `probability` or `answered_by` (a bug in the caller, not in the user's file).
+    """
+    started = time.perf_counter()
+    src, dst = Path(input_path), Path(output_path)
+    out_delimiter = _check_paths(src, dst)
+    if batch_size < 1:
+        raise HybridFTError(f"batch size must be at least 1, got {batch_size}")
+    report = PredictReport(input=str(src), output=str(dst))
+    with open(src, "rb") as fh:
+        lines = _Lines(fh)
+        # The reader comes first: a delimited file's header is checked before anything is created.
+        reader = _open_reader(src, lines, text_column, text_pair_column, delimiter, column_names)
+        with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress) as bar:
+            if isinstance(reader, _TableReader):
+                writer.set_columns(reader.columns)
+            batch: list[tuple[dict[str, Any], str, Optional[str]]] = []
+
+            def flush() -> None:
+                if batch:
+                    _run_batch(predict_batch, batch, text_pair_column is not None, writer, report)
+                    batch.clear()
+                bar.update(lines.bytes_read - bar.n)
+                bar.set_postfix(rows=report.rows_written, skipped=report.skipped, refresh=False)
+
+            for item in reader:
+                report.rows_in += 1
+                text, pair = "", None
+                if item.row is not None:
+                    item, text, pair = _with_texts(item, text_column, text_pair_column)
+                if item.row is None:
+                    _skip_or_stop(item, src, skip_bad_rows, report)
+                    continue
+                batch.append((item.row, text, pair))
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
+            report.blank_lines = reader.blank_lines
+            if isinstance(reader, _JsonlReader) and report.rows_in == 0:
+                raise HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
+            writer.commit()
+    report.seconds = round(time.perf_counter() - started, 3)
+    if write_report:
+        report.write_json()
+    return report

@@ -1,0 +1,388 @@
+"""`hybridft.predict`: streamed batch prediction over CSV, TSV and JSONL with a fake model.
+
+The fake `predict_batch` answers "pos" for texts containing "good", sends texts containing "maybe" to the
+"teacher", and records every batch, so batching and bounded memory can be checked without any model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from hybridft.errors import HybridFTError
+from hybridft.predict import PredictReport, predict_file, report_path
+
+
+class FakeModel:
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.pairs: list[Optional[list[str]]] = []
+
+    def __call__(self, texts: list[str], pairs: Optional[list[str]]) -> list[dict[str, Any]]:
+        self.batches.append(list(texts))
+        self.pairs.append(None if pairs is None else list(pairs))
+        return [{"label": "pos" if "good" in t else "neg", "probability": 0.9,
+                 "answered_by": "teacher" if "maybe" in t else "student"} for t in texts]
+
+
+def read_table(path: Path, delimiter: str = ",") -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def header_of(path: Path, delimiter: str = ",") -> list[str]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return next(csv.reader(f, delimiter=delimiter))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+ROWS = [("1", "a good film"), ("2", "a dull film"), ("3", "maybe good"), ("4", "maybe not")]
+EXPECTED = [("1", "pos", "student"), ("2", "neg", "student"), ("3", "pos", "teacher"), ("4", "neg", "teacher")]
+
+
+def write_input(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"in.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in ROWS), encoding="utf-8")
+    else:
+        sep = "," if kind == "csv" else "\t"
+        path.write_text(f"id{sep}text\n" + "".join(f"{i}{sep}{t}\n" for i, t in ROWS), encoding="utf-8")
+    return path
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    return read_table(path, "," if path.suffix == ".csv" else "\t")
+
+
+# ---------------------------------------------------------------------------------------------------
+# formats
+
+
+@pytest.mark.parametrize("in_kind", ["csv", "tsv", "jsonl"])
+@pytest.mark.parametrize("out_kind", ["csv", "tsv", "jsonl"])
+def test_every_format_keeps_input_columns_and_adds_predictions(tmp_path: Path, in_kind: str, out_kind: str):
+    src, dst = write_input(tmp_path, in_kind), tmp_path / f"out.{out_kind}"
+    report = predict_file(FakeModel(), src, dst, progress=False)
+    rows = read_output(dst)
+    assert [list(r) for r in rows] == [["id", "text", "label", "probability", "answered_by"]] * len(ROWS)
+    got = [(str(r["id"]), r["label"], r["answered_by"]) for r in rows]
+    assert got == EXPECTED
+    assert [r["text"] for r in rows] == [t for _, t in ROWS]
+    assert all(float(r["probability"]) == 0.9 for r in rows)
+    if in_kind == "jsonl" and out_kind == "jsonl":
+        assert rows[0]["id"] == "1" and isinstance(rows[0]["probability"], float)  # JSON types are kept
+    assert (report.rows_in, report.rows_written, report.skipped) == (4, 4, 0)
+    assert report.answered_by == {"student": 2, "teacher": 2}
+    assert json.loads(report_path(dst).read_text()) == report.to_dict()
+    assert not (tmp_path / f"out.{out_kind}.tmp").exists()
+
+
+def test_text_pair_column_and_custom_delimiter(tmp_path: Path):
+    src = tmp_path / "pairs.csv"
+    src.write_text("premise;hypothesis\na good day;maybe rain\nbad;fine\n", encoding="utf-8")
+    model = FakeModel()
+    predict_file(model, src, tmp_path / "out.jsonl", text_column="premise", text_pair_column="hypothesis",
+                 delimiter=";", progress=False)
+    assert model.batches == [["a good day", "bad"]] and model.pairs == [["maybe rain", "fine"]]
+
+
+def test_headerless_file_with_column_names(tmp_path: Path):
+    src = tmp_path / "noheader.tsv"
+    src.write_text("a good film\t1\nawful\t0\n", encoding="utf-8")
+    predict_file(FakeModel(), src, tmp_path / "out.csv", column_names=["text", "gold"], progress=False)
+    rows = read_table(tmp_path / "out.csv")
+    assert [(r["text"], r["gold"], r["label"]) for r in rows] == [("a good film", "1", "pos"), ("awful", "0", "neg")]
+
+
+def test_input_column_named_label_is_kept_as_input_label(tmp_path: Path):
+    src = tmp_path / "labeled.csv"
+    src.write_text("text,label\na good film,neg\n", encoding="utf-8")
+    report = predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    assert header_of(tmp_path / "out.csv") == ["text", "input_label", "label", "probability", "answered_by"]
+    assert read_table(tmp_path / "out.csv")[0]["input_label"] == "neg"
+    assert report.renamed_columns == {"label": "input_label"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# batching and bounded memory
+
+
+def test_batches_are_bounded_and_cover_every_row_in_order(tmp_path: Path):
+    src = tmp_path / "big.csv"
+    src.write_text("id,text\n" + "".join(f"{i},text {i} {'good' if i % 3 else 'maybe'}\n" for i in range(1000)),
+                   encoding="utf-8")
+    model = FakeModel()
+    report = predict_file(model, src, tmp_path / "out.csv", batch_size=64, progress=False)
+    assert len(model.batches) == math.ceil(1000 / 64)
+    # Bounded memory by construction: the model never sees more than batch_size rows at once.
+    assert max(len(b) for b in model.batches) <= 64
+    assert [len(b) for b in model.batches] == [64] * 15 + [1000 - 15 * 64]
+    rows = read_table(tmp_path / "out.csv")
+    assert [r["id"] for r in rows] == [str(i) for i in range(1000)]
+    assert report.rows_written == 1000 and sum(report.answered_by.values()) == 1000
+
+
+def test_output_is_written_as_batches_arrive(tmp_path: Path):
+    """Rows reach the temporary file before the input is exhausted: nothing waits for the whole file."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)), encoding="utf-8")
+    tmp = tmp_path / "out.jsonl.tmp"
+    seen_on_disk = []
+
+    def model(texts: list[str], pairs: Optional[list[str]]) -> list[dict[str, Any]]:
+        seen_on_disk.append(tmp.read_text(encoding="utf-8").count("\n") if tmp.exists() else -1)
+        return FakeModel()(texts, pairs)
+
+    predict_file(model, src, tmp_path / "out.jsonl", batch_size=3, progress=False)
+    assert seen_on_disk[:4] == [0, 3, 6, 9]
+
+
+def test_progress_bar_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    predict_file(FakeModel(), write_input(tmp_path, "csv"), tmp_path / "out.csv", batch_size=2, progress=True)
+    assert "predict" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# quoted CSV fields and line numbers
+
+
+def test_quoted_field_with_newline_and_comma(tmp_path: Path):
+    src = tmp_path / "quoted.csv"
+    src.write_text('id,text\n1,"good, really\nmaybe ""fine"""\n2,bad\n', encoding="utf-8")
+    model = FakeModel()
+    predict_file(model, src, tmp_path / "out.csv", progress=False)
+    assert model.batches == [['good, really\nmaybe "fine"', "bad"]]
+    rows = read_table(tmp_path / "out.csv")
+    assert [(r["id"], r["text"], r["label"], r["answered_by"]) for r in rows] == [
+        ("1", 'good, really\nmaybe "fine"', "pos", "teacher"), ("2", "bad", "neg", "student")]
+
+
+def test_line_numbers_count_physical_lines_of_multiline_rows(tmp_path: Path):
+    src = tmp_path / "multi.csv"
+    # line 1 header; row 1 spans lines 2-4; line 5 is an empty text.
+    src.write_text('id,text\n1,"one\ntwo\nthree"\n2,\n3,ok\n', encoding="utf-8")
+    with pytest.raises(HybridFTError, match=r"multi\.csv line 5: empty text in column 'text'; fix the row or "
+                                            r"pass --skip-bad-rows"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+
+
+def test_bad_encoding_inside_a_multiline_row_is_reported_at_the_row_start(tmp_path: Path):
+    src = tmp_path / "multi.csv"
+    src.write_bytes(b'id,text\n1,ok\n2,"first\nsecond \xff\n"\n3,good\n')
+    with pytest.raises(HybridFTError, match=r"line 3: not valid UTF-8 \(byte 0xff at byte 8 of line 4, inside"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    report = predict_file(FakeModel(), src, tmp_path / "out.csv", skip_bad_rows=True, progress=False)
+    assert report.skipped_lines == [3] and report.skipped_by_reason == {"bad_encoding": 1}
+    assert [r["id"] for r in read_table(tmp_path / "out.csv")] == ["1", "3"]
+
+
+def test_unclosed_quote_stops_even_when_skipping(tmp_path: Path):
+    src = tmp_path / "unclosed.csv"
+    src.write_text('id,text\n1,ok\n2,"never closed\n3,good\n4,good\n', encoding="utf-8")
+    with pytest.raises(HybridFTError, match=r"line 3: malformed CSV .* runs to line 5"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", skip_bad_rows=True, progress=False)
+
+
+def test_single_line_quote_error_is_a_skippable_bad_row(tmp_path: Path):
+    src = tmp_path / "quotes.csv"
+    src.write_text('id,text\n1,"a"b\n2,good\n', encoding="utf-8")
+    with pytest.raises(HybridFTError, match="line 2: malformed CSV"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    report = predict_file(FakeModel(), src, tmp_path / "out.csv", skip_bad_rows=True, progress=False)
+    assert report.skipped_by_reason == {"bad_quoting": 1} and report.rows_written == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad rows: stop with the line by default, skip and count when asked
+
+
+def bad_csv(tmp_path: Path) -> Path:
+    """Header, good rows, empty text at line 5, bad UTF-8 at line 7, wrong column count at line 9."""
+    src = tmp_path / "bad.csv"
+    src.write_bytes(b"id,text\n"          # 1
+                    b"1,good one\n"       # 2
+                    b"2,bad one\n"        # 3
+                    b"3,maybe good\n"     # 4
+                    b"4,   \n"            # 5 empty text
+                    b"5,fine\n"           # 6
+                    b"6,caf\xe9 latin-1\n"  # 7 not UTF-8
+                    b"\n"                 # 8 blank: ignored
+                    b"7,too,many\n"       # 9 three fields
+                    b"8,last good\n")     # 10
+    return src
+
+
+def test_bad_csv_row_stops_with_its_line_number(tmp_path: Path):
+    src = bad_csv(tmp_path)
+    with pytest.raises(HybridFTError) as e:
+        predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    assert str(e.value) == f"{src} line 5: empty text in column 'text'; fix the row or pass --skip-bad-rows"
+    assert "\n" not in str(e.value)
+    src.write_bytes(src.read_bytes().replace(b"4,   \n", b"4,ok\n"))
+    with pytest.raises(HybridFTError, match=r"bad\.csv line 7: not valid UTF-8 \(byte 0xe9 at byte 6 of the "
+                                            r"line\); fix the row"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    src.write_bytes(src.read_bytes().replace(b"caf\xe9", b"cafe"))
+    with pytest.raises(HybridFTError, match=r"bad\.csv line 9: 3 fields where the header has 2"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.csv.tmp").exists()
+
+
+def test_bad_csv_rows_are_skipped_and_counted(tmp_path: Path):
+    src, dst = bad_csv(tmp_path), tmp_path / "out.csv"
+    report = predict_file(FakeModel(), src, dst, skip_bad_rows=True, batch_size=2, progress=False)
+    assert [r["id"] for r in read_table(dst)] == ["1", "2", "3", "5", "8"]
+    assert report.skipped == 3 and report.skipped_lines == [5, 7, 9]
+    assert report.skipped_by_reason == {"empty_text": 1, "bad_encoding": 1, "wrong_column_count": 1}
+    assert (report.rows_in, report.rows_written, report.blank_lines) == (8, 5, 1)
+    saved = json.loads(report_path(dst).read_text())
+    assert saved["skipped_lines"] == [5, 7, 9] and saved["skipped_by_reason"]["bad_encoding"] == 1
+    assert "skipped 3 bad rows" in report.summary() and "5, 7, 9" in report.summary()
+
+
+def bad_jsonl(tmp_path: Path) -> Path:
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b'{"id": 1, "text": "good"}\n'        # 1
+                    b'{"id": 2, "text": "maybe"\n'        # 2 malformed JSON
+                    b'{"id": 3, "text": ""}\n'            # 3 empty text
+                    b'{"id": 4, "text": "ok \xc3("}\n'     # 4 invalid UTF-8
+                    b'{"id": 5}\n'                        # 5 no text key
+                    b'[1, 2]\n'                           # 6 not an object
+                    b'{"id": 7, "text": ["a"]}\n'         # 7 not a string
+                    b'\n'                                 # 8 blank: ignored
+                    b'{"id": 9, "text": "maybe good"}\n')  # 9
+    return src
+
+
+@pytest.mark.parametrize("line,problem", [(2, "not valid JSON"), (3, "empty text"), (4, "not valid UTF-8"),
+                                          (5, "no value for column 'text'"), (6, "a JSON list, not an object"),
+                                          (7, "column 'text' holds a list, not text")])
+def test_bad_jsonl_row_stops_with_its_line_number(tmp_path: Path, line: int, problem: str):
+    src = bad_jsonl(tmp_path)
+    lines = src.read_bytes().split(b"\n")
+    # Keep only the first bad line under test: earlier bad lines become good rows.
+    for i in range(1, line - 1):
+        lines[i] = json.dumps({"id": i + 1, "text": "fine"}).encode()
+    src.write_bytes(b"\n".join(lines))
+    with pytest.raises(HybridFTError, match=rf"bad\.jsonl line {line}: {problem}"):
+        predict_file(FakeModel(), src, tmp_path / "out.jsonl", progress=False)
+
+
+def test_bad_jsonl_rows_are_skipped_and_counted(tmp_path: Path):
+    dst = tmp_path / "out.jsonl"
+    report = predict_file(FakeModel(), bad_jsonl(tmp_path), dst, skip_bad_rows=True, progress=False)
+    assert [(r["id"], r["label"], r["answered_by"]) for r in read_jsonl(dst)] == [(1, "pos", "student"),
+                                                                                (9, "pos", "teacher")]
+    assert report.skipped_lines == [2, 3, 4, 5, 6, 7]
+    assert report.skipped_by_reason == {"bad_json": 1, "empty_text": 1, "bad_encoding": 1, "missing_text": 1,
+                                        "not_an_object": 1, "text_not_a_string": 1}
+    assert (report.rows_in, report.rows_written, report.skipped) == (8, 2, 6)
+
+
+def test_skipped_lines_keep_only_the_first_twenty(tmp_path: Path):
+    src = tmp_path / "many.csv"
+    src.write_text("id,text\n" + "".join(f"{i},\n" for i in range(30)) + "30,good\n", encoding="utf-8")
+    report = predict_file(FakeModel(), src, tmp_path / "out.csv", skip_bad_rows=True, progress=False)
+    assert report.skipped == 30 and report.skipped_lines == list(range(2, 22))
+
+
+# ---------------------------------------------------------------------------------------------------
+# failed runs leave nothing behind; whole-file problems are one clear error
+
+
+def test_failed_run_keeps_existing_output_and_leaves_no_tmp(tmp_path: Path):
+    dst = tmp_path / "out.csv"
+    dst.write_bytes(b"previous,output\r\nkept,\xffbytes\n")
+    report_path(dst).write_text('{"old": true}')
+    before = dst.read_bytes()
+    with pytest.raises(HybridFTError, match="line 5"):
+        predict_file(FakeModel(), bad_csv(tmp_path), dst, batch_size=1, progress=False)  # rows 2-4 were written
+    assert dst.read_bytes() == before
+    assert report_path(dst).read_text() == '{"old": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "out.csv", "out.csv.report.json"]
+
+
+def test_model_failure_midway_keeps_existing_output(tmp_path: Path):
+    dst = tmp_path / "out.jsonl"
+    dst.write_text("old\n")
+
+    def flaky(texts: list[str], pairs: Optional[list[str]]) -> list[dict[str, Any]]:
+        if any("maybe" in t for t in texts):
+            raise RuntimeError("out of memory")
+        return FakeModel()(texts, pairs)
+
+    with pytest.raises(RuntimeError):
+        predict_file(flaky, write_input(tmp_path, "csv"), dst, batch_size=1, progress=False)
+    assert dst.read_text() == "old\n" and not (tmp_path / "out.jsonl.tmp").exists()
+
+
+def test_unsupported_output_suffix(tmp_path: Path):
+    with pytest.raises(HybridFTError) as e:
+        predict_file(FakeModel(), write_input(tmp_path, "csv"), tmp_path / "out.parquet", progress=False)
+    assert str(e.value) == (f"output file {tmp_path / 'out.parquet'} has an unsupported format '.parquet'; "
+                            f"name it .csv, .tsv or .jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl"])
+def test_missing_text_column_names_the_columns_found(tmp_path: Path, kind: str):
+    model = FakeModel()
+    with pytest.raises(HybridFTError, match=r"has no column 'sentence' \(columns found: 'id', 'text'\)") as e:
+        predict_file(model, write_input(tmp_path, kind), tmp_path / "out.csv", text_column="sentence",
+                     skip_bad_rows=True, progress=False)
+    assert "\n" not in str(e.value) and model.batches == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"in.{kind}"]
+
+
+def test_wrong_delimiter_hint(tmp_path: Path):
+    with pytest.raises(HybridFTError, match="delimiter ',' may be wrong"):
+        predict_file(FakeModel(), write_input(tmp_path, "tsv"), tmp_path / "out.csv", delimiter=",",
+                     progress=False)
+
+
+def test_other_whole_file_problems(tmp_path: Path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    for name, words in [("missing.csv", "input file not found"), ("empty.csv", "is empty"),
+                        ("empty.jsonl", "is empty"), ("data.parquet", "unsupported format '.parquet'")]:
+        with pytest.raises(HybridFTError, match=words):
+            predict_file(FakeModel(), tmp_path / name, tmp_path / "out.csv", progress=False)
+    src = write_input(tmp_path, "csv")
+    with pytest.raises(HybridFTError, match="is the input file"):
+        predict_file(FakeModel(), src, src, progress=False)
+    with pytest.raises(HybridFTError, match="batch size"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", batch_size=0, progress=False)
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_header_only_file_gives_header_only_output(tmp_path: Path):
+    src = tmp_path / "header.csv"
+    src.write_bytes(b"\xef\xbb\xbfid,text\n")  # with the BOM Excel writes
+    report = predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    assert (tmp_path / "out.csv").read_text() == "id,text,label,probability,answered_by\n"
+    assert isinstance(report, PredictReport) and report.rows_in == 0
+
+
+def test_output_csv_round_trips_through_pandas(tmp_path: Path):
+    import pandas as pd
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "good,\n\"quoted\"", "meta": {"a": 1}}) + "\n"
+                   + json.dumps({"text": "plain", "extra": 1}) + "\n", encoding="utf-8")
+    report = predict_file(FakeModel(), src, tmp_path / "out.tsv", progress=False)
+    frame = pd.read_csv(tmp_path / "out.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert list(frame.columns) == ["text", "meta", "label", "probability", "answered_by"]
+    assert frame["text"].tolist() == ["good,\n\"quoted\"", "plain"]
+    assert frame["meta"].tolist() == ['{"a": 1}', ""]
+    assert report.dropped_columns == ["extra"]
