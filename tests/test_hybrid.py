@@ -168,3 +168,19 @@ def test_predict_command_labels_a_file_with_the_hybrid_and_stops_on_a_bad_row(pa
                  "--skip-bad-rows"]) == 0
     report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
     assert report["skipped"] == 2 and report["rows_written"] == 2
+
+
+def test_run_exports_the_student_with_parity(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    pytest.importorskip("onnxruntime")
+    from hybridft import pipeline
+    from hybridft.config import load_config
+
+    out = tmp_path / "run"
+    summary = pipeline.run(load_config(None, tiny_overrides(tiny_teacher_dir, tiny_data, out) + ["hybrid.enabled=false"]))
+    assert "hybrid" not in summary
+    exp = summary["export"]
+    assert set(exp) == {"pytorch", "onnx", "onnx_int8"}
+    assert exp["onnx"]["within_tolerance"] and exp["onnx"]["prediction_agreement"] == 1.0
+    for entry in exp.values():
+        assert {"size_mb", "throughput_samples_per_s", "latency_ms_batch1", "accuracy"} <= set(entry)
+    assert (out / "export" / "model.onnx").exists() and (out / "export" / "model_int8.onnx").exists()

@@ -162,6 +162,11 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
             table.add_row(name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['params'] / 1e6:.1f}M",
                           f"{r['params_non_embedding'] / 1e6:.2f}M", f"{r['throughput_samples_per_s']:.0f}",
                           f"{r['latency_ms_batch1']:.1f} ms")
+    for name, r in summary.get("export", {}).items():
+        if name != "pytorch":
+            table.add_row(f"student {name.replace('_', ' ')}", f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
+                          f"{r['size_mb']} MB", "", f"{r['throughput_samples_per_s']:.0f}",
+                          f"{r['latency_ms_batch1']:.1f} ms")
     if "hybrid" in summary:
         h = summary["hybrid"]
         table.add_row(f"hybrid ({h['teacher_fraction']:.0%} to teacher)", f"{h['accuracy']:.4f}", f"{h['macro_f1']:.4f}",

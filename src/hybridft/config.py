@@ -143,6 +143,14 @@ class HybridConfig:
 
 
 @dataclass
+class ExportConfig:
+    enabled: bool = True
+    """After training, export the student to ONNX and int8 ONNX (OUTPUT_DIR/export), checked against PyTorch
+    on the test split. Needs the `export` extra (onnx, onnxruntime); skipped with a message without it."""
+    opset: int = 17
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 32
     speed_batches: int = 8
@@ -168,6 +176,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

@@ -346,6 +346,26 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
     return result
 
 
+def export(ctx: Context, student: nn.Module, tokenizer: Any) -> Optional[dict[str, Any]]:
+    """The student as ONNX and int8 ONNX in OUTPUT_DIR/export, each checked against PyTorch on the test split."""
+    import importlib.util
+
+    from hybridft.export import export_student
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        ctx.log("onnx/onnxruntime are not installed: no ONNX export (pip install 'hybridft[export]')")
+        return None
+    s, cfg = ctx.splits, ctx.cfg
+    examples = s.test if s.test is not None else s.validation
+    items = task.encode(examples, tokenizer, cfg.data.max_length)
+    result = export_student(student, tokenizer, ctx.run_dir / "export", items, s.label_names, ctx.device,
+                            opset=cfg.export.opset, batch_size=cfg.eval.batch_size,
+                            speed_batches=cfg.eval.speed_batches, latency_samples=cfg.eval.latency_samples)
+    ctx.log("export: " + ", ".join(f"{k} {v['accuracy']:.4f} acc, {v['size_mb']} MB, "
+                                   f"{v['throughput_samples_per_s']:.0f}/s" for k, v in result.items()))
+    return result
+
+
 def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     """The whole pipeline: teacher -> teacher outputs -> student -> evaluation."""
     start = time.perf_counter()
@@ -364,6 +384,10 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     summary = evaluate(ctx, models)
     if cfg.hybrid.enabled and "teacher" in models:
         summary["hybrid"] = build_hybrid(ctx, models["teacher"], models["student"])
+    if cfg.export.enabled:
+        exported = export(ctx, *models["student"])
+        if exported is not None:
+            summary["export"] = exported
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["config"] = to_dict(cfg)
     (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
