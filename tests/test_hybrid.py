@@ -95,7 +95,7 @@ def test_curve_endpoints_and_budget_choice():
     assert curve[-1]["accuracy"] == pytest.approx(float((teacher_pred == labels).float().mean()))
     point = hy.choose_threshold(curve, teacher_budget=0.3)
     assert point["teacher_fraction"] <= 0.3
-    assert point["accuracy"] == max(p["accuracy"] for p in curve if p["teacher_fraction"] <= 0.3)
+    assert point["teacher_fraction"] == max(p["teacher_fraction"] for p in curve if p["teacher_fraction"] <= 0.3)
     teacher_logits = torch.nn.functional.one_hot(teacher_pred, 2).float()
     applied = hy.apply_threshold(student_logits, teacher_logits, labels, point["threshold"], 1.0, "margin")
     assert applied["teacher_fraction"] == pytest.approx(point["teacher_fraction"])
@@ -184,3 +184,15 @@ def test_run_exports_the_student_with_parity(tmp_path: Path, tiny_teacher_dir: P
     for entry in exp.values():
         assert {"size_mb", "throughput_samples_per_s", "latency_ms_batch1", "accuracy"} <= set(entry)
     assert (out / "export" / "model.onnx").exists() and (out / "export" / "model_int8.onnx").exists()
+
+
+def test_teacher_budget_caps_every_call_at_its_least_confident_rows(pair):
+    student, teacher, tok = pair
+    model = _model(pair, threshold=2.0)  # the threshold alone would send every row
+    model.teacher_budget = 0.25
+    counter = RowCounter(teacher)
+    pred = model.predict(TEXTS)
+    assert pred.answered_by.count("teacher") == counter.rows == int(0.25 * len(TEXTS))
+    conf = hy.confidence(model._logits(student, tok, TEXTS, None, 32), 0.05, "max_prob")
+    sent = {i for i, who in enumerate(pred.answered_by) if who == "teacher"}
+    assert max(conf[list(sent)]) <= min(conf[[i for i in range(len(TEXTS)) if i not in sent]])

@@ -307,7 +307,8 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
 
     model = hy.HybridModel(student[0], student[1], teacher[0], teacher[1], s.label_names, threshold=chosen["threshold"],
                            student_temperature=t_s, teacher_temperature=t_t, confidence_kind=h.confidence,
-                           max_length=cfg.data.max_length, device=ctx.device)
+                           max_length=cfg.data.max_length, device=ctx.device,
+                           teacher_budget=None if h.target_gap is not None else h.teacher_budget)
     start = time.perf_counter()
     pred = model.predict(test.texts, test.pairs, batch_size=cfg.eval.batch_size)
     throughput = len(test) / (time.perf_counter() - start)
@@ -323,6 +324,8 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
         "throughput_samples_per_s": round(throughput, 1),
         "student_temperature": round(t_s, 4), "teacher_temperature": round(t_t, 4),
         "gap_closed": round((metrics["accuracy"] - student_acc) / gap, 4) if gap > 0 else None,
+        "teacher_budget_cap": model.teacher_budget,
+        "threshold_only": on_test,  # the same threshold without the budget cap: how far the test split shifts
         "validation": {"accuracy": chosen["accuracy"], "teacher_fraction": chosen["teacher_fraction"],
                        "student_accuracy": accuracy(sv, yv), "teacher_accuracy": teacher_val_acc,
                        "student_nll": hy.nll(sv, yv), "student_nll_calibrated": hy.nll(sv, yv, t_s)},
