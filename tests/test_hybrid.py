@@ -196,3 +196,23 @@ def test_teacher_budget_caps_every_call_at_its_least_confident_rows(pair):
     conf = hy.confidence(model._logits(student, tok, TEXTS, None, 32), 0.05, "max_prob")
     sent = {i for i, who in enumerate(pred.answered_by) if who == "teacher"}
     assert max(conf[list(sent)]) <= min(conf[[i for i in range(len(TEXTS)) if i not in sent]])
+
+
+def test_predict_with_the_exported_onnx_student_matches_pytorch(pair, tmp_path: Path):
+    pytest.importorskip("onnxruntime")
+    from hybridft.cli import main
+    from hybridft.export import export_onnx
+
+    student, teacher, tok = pair
+    folder = _model(pair, threshold=0.9).save(tmp_path / "hybrid")
+    onnx_path = export_onnx(student, tok, tmp_path / "export")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    outs = []
+    for extra in ([], ["--student-onnx", str(onnx_path)]):
+        out = tmp_path / f"out{len(outs)}.jsonl"
+        assert main(["predict", "--model", str(folder), "--input", str(src), "--output", str(out), "--quiet",
+                     *extra]) == 0
+        outs.append([json.loads(x) for x in out.read_text().splitlines()])
+    assert [(r["label"], r["answered_by"]) for r in outs[0]] == [(r["label"], r["answered_by"]) for r in outs[1]]
+    assert max(abs(a["probability"] - b["probability"]) for a, b in zip(*outs)) < 1e-4

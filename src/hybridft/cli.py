@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=256, help="rows read, predicted and written at a time")
     pr.add_argument("--skip-bad-rows", action="store_true",
                     help="skip rows with empty text or bad encoding, and count them in OUTPUT.report.json")
+    pr.add_argument("--student-onnx", default=None,
+                    help="run the student from an exported ONNX file (OUTPUT_DIR/export/model_int8.onnx)")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     pr.add_argument("--quiet", action="store_true")
     ev = sub.add_parser("evaluate", help="evaluate the teacher and student of a finished run on its test split")
@@ -117,6 +119,15 @@ def _predict(args: argparse.Namespace) -> int:
     from hybridft.train import pick_device
 
     model = load_predictor(args.model, pick_device(args.device))
+    if args.student_onnx:
+        from hybridft.export import OnnxClassifier
+
+        onnx_student = OnnxClassifier(args.student_onnx)
+        labels = [onnx_student.config.id2label[i] for i in range(onnx_student.config.num_labels)]
+        if labels != model.label_names:
+            raise HybridFTError(f"--student-onnx {args.student_onnx} predicts labels {labels}, but {args.model} "
+                                f"has {model.label_names}; export the student of the same run")
+        model.student = onnx_student
     report = predict_file(model.predict_batch, args.input, args.output, text_column=args.text_column,
                           text_pair_column=args.text_pair_column, delimiter=args.delimiter,
                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet)
