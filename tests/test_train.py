@@ -205,3 +205,20 @@ def test_student_with_a_different_tokenizer_learns_from_the_teachers_outputs(tmp
     tok.save_pretrained(other)
     summary = _run(tmp_path, tiny_teacher_dir, tiny_data, "other", f"student.model={other}")
     assert summary["student"]["accuracy"] >= 0.8
+
+
+def test_same_seed_and_config_give_identical_metrics_twice(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    from hybridft.runlog import read_metrics
+
+    runs = []
+    for name in ("one", "two"):
+        # separate teacher-output caches, so the second run recomputes rather than reuses
+        _run(tmp_path, tiny_teacher_dir, tiny_data, name, f"distill.cache_dir={tmp_path / name / 'cache'}",
+             "export.enabled=false")
+        runs.append(read_metrics(tmp_path / name / "metrics.jsonl"))
+    assert len(runs[0]) > 10
+    assert runs[0] == runs[1]
+    a = json.loads((tmp_path / "one" / "summary.json").read_text())
+    b = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for who in ("teacher", "student", "hybrid"):
+        assert a[who]["accuracy"] == b[who]["accuracy"] and a[who]["macro_f1"] == b[who]["macro_f1"]
