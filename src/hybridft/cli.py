@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. student.layers=[0,5] loss.temperature=4")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in output_dir from its latest checkpoint")
+        p.add_argument("--force", action="store_true", help="with --resume: continue even if the config changed")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         return p
 
@@ -91,7 +94,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides.append("progress=false")
     cfg = load_config(args.config, overrides)
     if args.command == "run":
-        summary = pipeline.run(cfg, overwrite=args.overwrite)
+        if args.resume and args.overwrite:
+            raise HybridFTError("--resume continues a run and --overwrite replaces it; pass only one")
+        summary = pipeline.run(cfg, overwrite=args.overwrite, resume=args.resume, force=args.force)
         print_table(summary, cfg.output_dir)
     elif args.command == "teacher":
         ctx = pipeline.prepare(cfg, args.overwrite, stage="teacher")

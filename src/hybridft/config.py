@@ -73,6 +73,10 @@ class TrainConfig:
     """Evaluate on validation every N optimizer steps; default: once per epoch."""
     log_every: int = 10
     """Write a line to metrics.jsonl every N optimizer steps."""
+    checkpoint_every: Optional[int] = None
+    """Write a resumable checkpoint every N optimizer steps; default: at each evaluation."""
+    keep_checkpoints: int = 2
+    """Older checkpoints are deleted, keeping this many."""
     group_by_length: bool = True
     """Batch examples of similar length together (within shuffled groups of ~50 batches), so dynamic padding
     wastes little work: on SST-2, 34% of padded tokens are real with plain shuffling."""
@@ -239,6 +243,10 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"{key}.eval_every", "must be >= 1 or null")
         if tc.log_every < 1:
             _fail(f"{key}.log_every", "must be >= 1")
+        if tc.checkpoint_every is not None and tc.checkpoint_every < 1:
+            _fail(f"{key}.checkpoint_every", "must be >= 1 or null")
+        if tc.keep_checkpoints < 1:
+            _fail(f"{key}.keep_checkpoints", "must be >= 1")
     s = cfg.student
     if s.layers is not None:
         if not s.layers:

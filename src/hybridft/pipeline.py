@@ -41,6 +41,7 @@ class Context:
     writer: MetricsWriter
     stage: str = "run"
     fresh: bool = True
+    resume: bool = False
     committed: bool = False
 
     def log(self, message: str) -> None:
@@ -59,10 +60,39 @@ class Context:
         self.committed = True
 
 
-def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: bool = True) -> Context:
+def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def check_resume(cfg: RunConfig, run_dir: Path, force: bool) -> None:
+    import yaml
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        raise HybridFTError(f"--resume: {run_dir} holds no run to resume (no config.yaml); drop --resume to start one")
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+    changed = [k for k in config_changes(saved, to_dict(cfg)) if k not in ("progress",)]
+    if changed and not force:
+        raise HybridFTError(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}; "
+                            f"resume with the same settings, or pass --force to continue anyway")
+
+
+def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: bool = True,
+            resume: bool = False, force: bool = False) -> Context:
     """Check the output folder and read the data before any work starts, so bad input fails in seconds and
     an existing run is never overwritten by accident."""
     run_dir = Path(cfg.output_dir)
+    if resume:
+        check_resume(cfg, run_dir, force)
+        fresh = False
     if fresh and run_dir.exists() and any((run_dir / m).exists() for m in RUN_MARKERS) and not overwrite:
         raise HybridFTError(f"output_dir {run_dir} already holds a run; choose another output_dir or pass "
                             f"--overwrite to replace it")
@@ -80,7 +110,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data, cfg.seed)
     return Context(cfg=cfg, run_dir=run_dir, device=pick_device(cfg.device), splits=splits,
-                   writer=MetricsWriter(run_dir / "metrics.jsonl"), stage=stage, fresh=fresh)
+                   writer=MetricsWriter(run_dir / "metrics.jsonl"), stage=stage, fresh=fresh, resume=resume)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,6 +140,12 @@ def check_test_split(ctx: Context, tokenizer: Any) -> None:
 
 def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
     cfg, s = ctx.cfg, ctx.splits
+    done = ctx.run_dir / "teacher"
+    if ctx.resume and (done / "model.safetensors").is_file():
+        ctx.log(f"resuming: the teacher was already fine-tuned ({done})")
+        labels = s.label_names
+        teacher = task.load_classifier(str(done), labels, "teacher").eval().requires_grad_(False)
+        return teacher, task.load_tokenizer(str(done), "teacher")
     teacher, tokenizer, needs_finetune = load_teacher(ctx)
     if needs_finetune:
         ctx.log(f"fine-tuning the teacher on {len(s.train)} labeled examples")
@@ -120,7 +156,8 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
         result = fit(teacher, train_items, val_items, collate=task.make_collate(tokenizer), tc=cfg.teacher.train,
                      weights=LossWeights(alpha=0.0, beta=1.0), label_names=s.label_names, device=ctx.device,
                      precision=cfg.precision, seed=cfg.seed, writer=ctx.writer, stage="teacher",
-                     progress=cfg.progress)
+                     progress=cfg.progress, checkpoint_dir=ctx.run_dir / "checkpoints" / "teacher",
+                     resume=ctx.resume)
         ctx.log(f"teacher: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
     else:
         ctx.log("the teacher already is a classifier for these labels; using it as is")
@@ -210,22 +247,25 @@ def distill(ctx: Context, store: Optional[Store], teacher: Optional[nn.Module], 
     collate = task.make_collate(tokenizer)
     loss = cfg.loss
     common = dict(collate=collate, label_names=s.label_names, device=ctx.device, precision=cfg.precision,
-                  seed=cfg.seed, writer=ctx.writer, progress=cfg.progress, teacher=online)
+                  seed=cfg.seed, writer=ctx.writer, progress=cfg.progress, teacher=online, resume=ctx.resume)
+    checkpoints = ctx.run_dir / "checkpoints"
     ctx.log(f"distilling a {task.count_params(student)['params'] / 1e6:.1f}M-parameter student on "
             f"{len(train_items)} examples ({loss.strategy}, alpha={loss.alpha}, beta={loss.beta}, T={loss.temperature})")
     if loss.strategy == "joint":
         result = fit(student, train_items, val_items, tc=cfg.student.train,
-                     weights=LossWeights(loss.alpha, loss.beta, loss.temperature), stage="student", **common)
+                     weights=LossWeights(loss.alpha, loss.beta, loss.temperature), stage="student",
+                     checkpoint_dir=checkpoints / "student", **common)
     else:
         # Phase 1 learns from the teacher alone (all rows); phase 2 fine-tunes on the true labels only.
         fit(student, train_items, val_items, tc=cfg.student.train,
-            weights=LossWeights(max(loss.alpha, 1e-12), 0.0, loss.temperature), stage="student-kd", **common)
+            weights=LossWeights(max(loss.alpha, 1e-12), 0.0, loss.temperature), stage="student-kd",
+            checkpoint_dir=checkpoints / "student-kd", **common)
         labeled = [it for it in train_items if it["labels"] != -100]
         from dataclasses import replace
 
         tc = replace(cfg.student.train, epochs=loss.sequential_ce_epochs)
         result = fit(student, labeled, val_items, tc=tc, weights=LossWeights(0.0, max(loss.beta, 1e-12)),
-                     stage="student-ce", **{**common, "teacher": None})
+                     stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
     ctx.log(f"student: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
     task.save_model(student, tokenizer, ctx.run_dir / "student")
     return student, tokenizer
@@ -369,10 +409,11 @@ def export(ctx: Context, student: nn.Module, tokenizer: Any) -> Optional[dict[st
     return result
 
 
-def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
-    """The whole pipeline: teacher -> teacher outputs -> student -> evaluation."""
+def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """The whole pipeline: teacher -> teacher outputs -> student -> evaluation -> hybrid -> export.
+    With `resume`, finished stages are kept and an interrupted one continues from its latest checkpoint."""
     start = time.perf_counter()
-    ctx = prepare(cfg, overwrite)
+    ctx = prepare(cfg, overwrite, resume=resume, force=force)
     models: dict[str, tuple[nn.Module, Any]] = {}
     if cfg.distill.teacher_logits:
         store: Optional[Store] = read_store(cfg.distill.teacher_logits)

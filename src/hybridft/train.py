@@ -11,12 +11,14 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hybridft.checkpoint import latest_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from hybridft.config import TrainConfig
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, hybrid_loss
@@ -161,11 +163,16 @@ def fit(
     stage: str = "student",
     progress: bool = False,
     teacher: Optional[nn.Module] = None,
+    checkpoint_dir: Optional[Path] = None,
+    resume: bool = False,
 ) -> FitResult:
     """Train `model` in place and leave it holding the weights with the best validation accuracy.
 
     Items carry `teacher_logits` when distilling from stored outputs; with `teacher` given instead, the
     frozen teacher runs on each batch (online mode). With neither, the KD term is off (alpha is ignored).
+    With `checkpoint_dir`, a checkpoint is written every `tc.checkpoint_every` steps (default: at each
+    evaluation); with `resume`, training continues from the latest one and ends with the same weights as an
+    uninterrupted run.
     """
     writer = writer or MetricsWriter(None)
     seed_everything(seed)
@@ -176,7 +183,9 @@ def fit(
     if tc.group_by_length:
         batches = LengthGroupedBatches([len(it["input_ids"]) for it in train_items], tc.batch_size, tc.grad_accum,
                                        generator)
-        loader = DataLoader(train_items, batch_sampler=batches, collate_fn=collate)
+        # The loader draws its workers' base seed from `generator` too, never from the global RNG, so that the
+        # data order and the dropout masks can be restored independently on resume.
+        loader = DataLoader(train_items, batch_sampler=batches, collate_fn=collate, generator=generator)
     else:
         loader = DataLoader(train_items, batch_size=tc.batch_size, shuffle=True, collate_fn=collate,
                             generator=generator)
@@ -194,12 +203,32 @@ def fit(
     bar = _progress(total_steps, stage, progress)
     start = time.perf_counter()
     step, running = 0, _Running()
+    # Where we are in the data: the generator state that drew this epoch's order, and batches drawn since.
+    position: dict[str, Any] = {"epoch_rng": generator.get_state(), "consumed": 0}
+    skip = 0
+    latest = latest_checkpoint(checkpoint_dir) if resume else None
+    if latest is not None:
+        weights_now, best_state, st = load_checkpoint(latest)
+        model.load_state_dict(weights_now)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        step, skip = st["step"], st["consumed"]
+        generator.set_state(st["epoch_rng"])
+        best.best_metric, best.best_step, best.history = st["best_metric"], st["best_step"], st["history"]
+        set_rng_states(st["rng"])
+        bar.update(step)
 
     def micro_batches() -> Any:
         """Groups of `grad_accum` micro-batches, one group per optimizer step, epoch after epoch."""
+        nonlocal skip
         while True:
             group: list[dict[str, torch.Tensor]] = []
+            position["epoch_rng"], position["consumed"] = generator.get_state(), 0
             for batch in loader:
+                position["consumed"] += 1
+                if skip:  # resuming: replay this epoch's order up to the checkpoint
+                    skip -= 1
+                    continue
                 group.append(batch)
                 if len(group) == tc.grad_accum:
                     yield group
@@ -256,6 +285,12 @@ def fit(
             if metrics["accuracy"] > best.best_metric:
                 best.best_metric, best.best_step = metrics["accuracy"], step
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if checkpoint_dir is not None and (step % (tc.checkpoint_every or eval_every) == 0 or step == total_steps):
+            state = {"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch_rng": position["epoch_rng"],
+                     "consumed": position["consumed"], "rng": rng_states(), "best_metric": best.best_metric,
+                     "best_step": best.best_step, "history": best.history}
+            save_checkpoint(checkpoint_dir, step, model, state, best_state, tc.keep_checkpoints)
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

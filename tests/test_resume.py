@@ -1,0 +1,128 @@
+"""Interrupted training: a SIGKILL at a random step, then --resume, ends with the same student as an
+uninterrupted run; a kill during a checkpoint write leaves the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_bert, make_tokenizer, sentiment_rows, tiny_overrides
+from hybridft.checkpoint import latest_checkpoint, load_checkpoint
+from hybridft.config import TrainConfig
+from hybridft.data import Examples
+from hybridft.tasks import classification as task
+from hybridft.train import LossWeights, fit
+
+
+def _command(teacher_dir: Path, data, out: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "hybridft", "run", *tiny_overrides(teacher_dir, data, out),
+            "student.train.epochs=20", "student.train.checkpoint_every=1", "hybrid.enabled=false",
+            "export.enabled=false", f"distill.cache_dir={cache}"]
+
+
+def _checkpoint_steps(folder: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in folder.glob("step-*") if not p.name.endswith(".tmp")] \
+        if folder.is_dir() else []
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                   tiny_data):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cache = tmp_path / "cache"
+    done = subprocess.run(_command(tiny_teacher_dir, tiny_data, tmp_path / "whole", cache), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    total = max(_checkpoint_steps(tmp_path / "whole" / "checkpoints" / "student"))
+    kill_at = random.Random().randint(3, total - 10)  # a different step on every run of the suite
+
+    out = tmp_path / "killed"
+    cmd = _command(tiny_teacher_dir, tiny_data, out, cache)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    student_ckpts = out / "checkpoints" / "student"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if max(_checkpoint_steps(student_ckpts), default=0) >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run must have been killed mid-training"
+    assert not (out / "student").exists(), "killed before the student was saved"
+    killed_at = max(_checkpoint_steps(student_ckpts))
+    assert kill_at <= killed_at < total
+
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "whole" / "student" / "model.safetensors"))
+    b = load_file(str(out / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert diff <= 1e-6, f"killed at step {killed_at} of {total}: max |difference| {diff}"
+
+
+def test_resume_with_a_changed_config_names_the_keys_and_refuses(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
+                                                                  capsys):
+    from hybridft.cli import main
+
+    base = tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "r") + ["hybrid.enabled=false",
+                                                                         "export.enabled=false"]
+    assert main(["run", *base]) == 0
+    before = (tmp_path / "r" / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(["run", *base, "loss.temperature=4", "student.train.lr=1e-3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.temperature" in err and "student.train.lr" in err and "--force" in err
+    assert (tmp_path / "r" / "summary.json").read_bytes() == before
+
+
+def _items(tmp_path: Path):
+    tok = make_tokenizer(tmp_path / "tok")
+    rows = sentiment_rows(24, seed=2)
+    ex = Examples([t for t, _ in rows], [i % 2 == 0 and 1 or 0 for i in range(24)], source="x")
+    return tok, task.encode(ex, tok, 16, teacher_logits=torch.randn(24, 2, generator=torch.Generator().manual_seed(0)))
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch):
+    import hybridft.checkpoint as ck
+
+    tok, items = _items(tmp_path)
+    tc = TrainConfig(epochs=4, batch_size=4, checkpoint_every=1, keep_checkpoints=3)
+    kwargs = dict(collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0), label_names=["a", "b"],
+                  device=torch.device("cpu"), seed=3)
+    whole = make_bert(layers=1, dropout=0.1, seed=5)
+    fit(whole, items, items[:8], checkpoint_dir=tmp_path / "whole", **kwargs)
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dies_on_the_seventh_write(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            Path(path).write_bytes(b"half a file")  # the write had begun when the process died
+            raise KeyboardInterrupt("killed mid-write")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", dies_on_the_seventh_write)
+    folder = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_bert(layers=1, dropout=0.1, seed=5), items, items[:8], checkpoint_dir=folder, **kwargs)
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    assert (folder / "step-000007.tmp").exists()
+    latest = latest_checkpoint(folder)
+    assert latest is not None and latest.name == "step-000006"
+    weights, _, state = load_checkpoint(latest)
+    assert state["step"] == 6 and set(weights) == set(whole.state_dict())
+    resumed = make_bert(layers=1, dropout=0.1, seed=99)  # other initial weights: all must come from the checkpoint
+    fit(resumed, items, items[:8], checkpoint_dir=folder, resume=True, **kwargs)
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
+    assert len(_checkpoint_steps(folder)) == 3, "old checkpoints are pruned to keep_checkpoints"
