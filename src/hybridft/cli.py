@@ -65,7 +65,13 @@ def _is_demo(args: argparse.Namespace) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may sit before or after the flags: argparse leaves those after a flag unparsed
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
         return 0
@@ -97,7 +103,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.resume and args.overwrite:
             raise HybridFTError("--resume continues a run and --overwrite replaces it; pass only one")
         summary = pipeline.run(cfg, overwrite=args.overwrite, resume=args.resume, force=args.force)
-        print_table(summary, cfg.output_dir)
+        if summary:  # empty on the non-main processes of a multi-process run
+            print_table(summary, cfg.output_dir)
     elif args.command == "teacher":
         ctx = pipeline.prepare(cfg, args.overwrite, stage="teacher")
         pipeline.train_teacher(ctx)

@@ -14,13 +14,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from hybridft import dist
 from hybridft.config import RunConfig, save_config, to_dict
 from hybridft.data import Examples, Splits, concat, load_splits
 from hybridft.errors import HybridFTError
@@ -45,13 +46,13 @@ class Context:
     committed: bool = False
 
     def log(self, message: str) -> None:
-        if self.cfg.progress:
+        if self.cfg.progress and dist.is_main():
             print(f"[hybridft] {message}", flush=True)
 
     def commit(self) -> None:
         """Mark the folder as a run, once every input has been checked and real work is about to start: an
         input error never leaves a half-made run behind, and never touches an existing one."""
-        if self.committed or not self.fresh:
+        if self.committed or not self.fresh or not dist.is_main():
             return
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists() and self.stage in ("run", "teacher"):
@@ -89,6 +90,9 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
             resume: bool = False, force: bool = False) -> Context:
     """Check the output folder and read the data before any work starts, so bad input fails in seconds and
     an existing run is never overwritten by accident."""
+    dist.init()
+    if not dist.is_main():
+        cfg = replace(cfg, progress=False)
     run_dir = Path(cfg.output_dir)
     if resume:
         check_resume(cfg, run_dir, force)
@@ -110,7 +114,8 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data, cfg.seed)
     return Context(cfg=cfg, run_dir=run_dir, device=pick_device(cfg.device), splits=splits,
-                   writer=MetricsWriter(run_dir / "metrics.jsonl"), stage=stage, fresh=fresh, resume=resume)
+                   writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
+                   fresh=fresh, resume=resume)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,7 +168,9 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
         ctx.log("the teacher already is a classifier for these labels; using it as is")
         ctx.commit()
     teacher.eval().requires_grad_(False)
-    task.save_model(teacher, tokenizer, ctx.run_dir / "teacher")
+    if dist.is_main():
+        task.save_model(teacher, tokenizer, ctx.run_dir / "teacher")
+    dist.barrier()
     return teacher, tokenizer
 
 
@@ -192,10 +199,13 @@ def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Store:
         items = task.encode(examples, tokenizer, cfg.data.max_length)
         logits = compute_logits(teacher, items, task.make_collate(tokenizer), ctx.device, cfg.precision,
                                 progress=cfg.progress)
-        write_store(cached, keys, logits, ctx.splits.label_names, fingerprint=fp)
+        if dist.is_main():
+            write_store(cached, keys, logits, ctx.splits.label_names, fingerprint=fp)
+        dist.barrier()
         store = read_store(cached)
         ctx.log(f"teacher outputs for {len(keys)} examples in {time.perf_counter() - start:.1f} s -> {cached}")
-    shutil.copyfile(cached, ctx.run_dir / "teacher_outputs.safetensors")
+    if dist.is_main():
+        shutil.copyfile(cached, ctx.run_dir / "teacher_outputs.safetensors")
     return store
 
 
@@ -267,7 +277,9 @@ def distill(ctx: Context, store: Optional[Store], teacher: Optional[nn.Module], 
         result = fit(student, labeled, val_items, tc=tc, weights=LossWeights(0.0, max(loss.beta, 1e-12)),
                      stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
     ctx.log(f"student: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
-    task.save_model(student, tokenizer, ctx.run_dir / "student")
+    if dist.is_main():
+        task.save_model(student, tokenizer, ctx.run_dir / "student")
+    dist.barrier()
     return student, tokenizer
 
 
@@ -425,6 +437,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
         models["teacher"] = (teacher, teacher_tok)
         store = None if cfg.distill.online else teacher_outputs(ctx, teacher, teacher_tok)
     models["student"] = distill(ctx, store, teacher, teacher_tok)
+    if not dist.is_main():  # evaluation, the hybrid and the export run once, on the main process
+        return {}
     summary = evaluate(ctx, models)
     if cfg.hybrid.enabled and "teacher" in models:
         summary["hybrid"] = build_hybrid(ctx, models["teacher"], models["student"])

@@ -110,14 +110,20 @@ def default_cache_dir() -> Path:
 def compute_logits(teacher: nn.Module, items: list[dict[str, Any]], collate: Any, device: torch.device,
                    precision: str, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """Teacher logits [N, C] for the items, in item order. Items are batched by length so that dynamic
-    padding wastes little work."""
+    padding wastes little work. Under several processes each computes every `world`-th batch and all
+    processes receive the merged result."""
     from tqdm.auto import tqdm
 
+    from hybridft import dist
     from hybridft.train import autocast, to_device
     from hybridft.tasks.classification import logits_for_loss
 
+    rank, world = dist.rank_and_world()
     teacher.to(device).eval()
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    by_length = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    # whole length-sorted batches per process, so each process pads as little as one process would
+    order = [i for b, start in enumerate(range(0, len(by_length), batch_size)) if b % world == rank
+             for i in by_length[start:start + batch_size]]
     out = torch.empty(len(items), teacher.config.num_labels)
     batches = DataLoader([items[i] for i in order], batch_size=batch_size, collate_fn=collate)
     done = 0
@@ -128,4 +134,10 @@ def compute_logits(teacher: nn.Module, items: list[dict[str, Any]], collate: Any
         idx = torch.tensor(order[done: done + len(logits)])
         out[idx] = logits
         done += len(logits)
+    if world > 1:
+        merged = torch.empty_like(out)
+        for part_order, part in dist.gather_objects((order, out[torch.tensor(order, dtype=torch.long)])):
+            if part_order:
+                merged[torch.tensor(part_order, dtype=torch.long)] = part
+        out = merged
     return out

@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from hybridft import dist
 from hybridft.checkpoint import latest_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from hybridft.config import TrainConfig
 from hybridft.errors import HybridFTError
@@ -84,6 +85,27 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class ProcessShare:
+    """This process's rows of each global micro-batch (every `world`-th row, from `rank`).
+
+    A micro-batch with fewer rows than processes repeats rows so that no process is idle (as PyTorch's
+    DistributedSampler pads); with one process it is the batch itself.
+    """
+
+    def __init__(self, batches: Any, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        for b in self.batches:
+            b = list(b)
+            if len(b) < self.world:
+                b = (b * self.world)[: self.world]
+            yield b[self.rank:: self.world]
 
 
 class LengthGroupedBatches:
@@ -174,21 +196,33 @@ def fit(
     evaluation); with `resume`, training continues from the latest one and ends with the same weights as an
     uninterrupted run.
     """
-    writer = writer or MetricsWriter(None)
+    rank, world = dist.rank_and_world()
+    main = rank == 0
+    writer = writer if (writer is not None and main) else MetricsWriter(None)
     seed_everything(seed)
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)  # frozen: never trained, never in the optimizer
     generator = torch.Generator().manual_seed(seed)
+    # `batch_size` is per process: every process builds the same global micro-batches of batch_size x world
+    # rows, in the same order, and keeps its own share of each.
     if tc.group_by_length:
-        batches = LengthGroupedBatches([len(it["input_ids"]) for it in train_items], tc.batch_size, tc.grad_accum,
-                                       generator)
-        # The loader draws its workers' base seed from `generator` too, never from the global RNG, so that the
-        # data order and the dropout masks can be restored independently on resume.
-        loader = DataLoader(train_items, batch_sampler=batches, collate_fn=collate, generator=generator)
+        batches: Any = LengthGroupedBatches([len(it["input_ids"]) for it in train_items], tc.batch_size * world,
+                                            tc.grad_accum, generator)
     else:
-        loader = DataLoader(train_items, batch_size=tc.batch_size, shuffle=True, collate_fn=collate,
-                            generator=generator)
+        batches = BatchSampler(RandomSampler(train_items, generator=generator), tc.batch_size * world, False)
+    # The loader draws its workers' base seed from `generator` too, never from the global RNG, so that the
+    # data order and the dropout masks can be restored independently on resume.
+    loader = DataLoader(train_items, batch_sampler=ProcessShare(batches, rank, world), collate_fn=collate,
+                        generator=generator)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP averages gradients over processes; the loss below is scaled by `world` to turn that into the sum
+        # of per-row gradients over the global count, exactly as with one process.
+        train_model: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_model = model
     val_loader = length_sorted_loader(val_items, max(tc.batch_size, 32), collate)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
@@ -241,8 +275,8 @@ def fit(
             break
         # Normalise over the whole accumulated batch: each micro-batch contributes sum / global count, so the
         # summed gradient equals that of one big batch (not a mean of per-micro-batch means).
-        n_kd = sum(b["labels"].numel() for b in group)
-        n_ce = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)
+        n_kd, n_ce = dist.sum_across([sum(b["labels"].numel() for b in group),
+                                      sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)])
         for batch in group:
             batch = to_device(batch, device)
             teacher_logits = batch.get("teacher_logits")
@@ -250,7 +284,7 @@ def fit(
                 with torch.no_grad(), autocast(device, precision):
                     teacher_logits = logits_for_loss(teacher, batch).float()
             with autocast(device, precision):
-                student_logits = logits_for_loss(model, batch)
+                student_logits = logits_for_loss(train_model, batch)
             parts = hybrid_loss(
                 student_logits, teacher_logits, batch["labels"],
                 alpha=weights.alpha if teacher_logits is not None else 0.0, beta=weights.beta,
@@ -259,7 +293,7 @@ def fit(
             if not torch.isfinite(parts.total):
                 raise HybridFTError(f"{stage} training: the loss became {float(parts.total.detach())} at step {step + 1}; "
                                     f"lower {stage}.train.lr or use precision=fp32 (no weights were saved)")
-            parts.total.backward()
+            (parts.total * world).backward()
             running.add(parts, student_logits.detach(), teacher_logits, batch["labels"])
         running.steps += 1
         if tc.max_grad_norm is not None:
@@ -285,7 +319,8 @@ def fit(
             if metrics["accuracy"] > best.best_metric:
                 best.best_metric, best.best_step = metrics["accuracy"], step
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if checkpoint_dir is not None and (step % (tc.checkpoint_every or eval_every) == 0 or step == total_steps):
+        if checkpoint_dir is not None and main and (step % (tc.checkpoint_every or eval_every) == 0 or
+                                                    step == total_steps):
             state = {"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch_rng": position["epoch_rng"],
                      "consumed": position["consumed"], "rng": rng_states(), "best_metric": best.best_metric,
