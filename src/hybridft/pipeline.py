@@ -383,7 +383,11 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
                        "student_nll": hy.nll(sv, yv), "student_nll_calibrated": hy.nll(sv, yv, t_s)},
         f"within_{h.report_gap}_of_teacher": {
             "threshold": gap_point["threshold"], "validation_teacher_fraction": gap_point["teacher_fraction"],
-            "test_teacher_fraction": gap_on_test["teacher_fraction"], "test_accuracy": gap_on_test["accuracy"]},
+            "test_teacher_fraction": gap_on_test["teacher_fraction"], "test_accuracy": gap_on_test["accuracy"],
+            # what the test split itself needs (known only afterwards, from its labels): the fewest teacher calls
+            # whose test accuracy is within the gap of the teacher's
+            "test_teacher_fraction_needed": hy.choose_threshold(
+                curve_test, target_accuracy=teacher_acc - h.report_gap)["teacher_fraction"]},
         "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"],
     }
     (ctx.run_dir / "hybrid_curve.json").write_text(json.dumps({"validation": curve_val, "test": curve_test}),
