@@ -271,8 +271,6 @@ def distill(ctx: Context, store: Optional[Store], teacher: Optional[nn.Module], 
             weights=LossWeights(max(loss.alpha, 1e-12), 0.0, loss.temperature), stage="student-kd",
             checkpoint_dir=checkpoints / "student-kd", **common)
         labeled = [it for it in train_items if it["labels"] != -100]
-        from dataclasses import replace
-
         tc = replace(cfg.student.train, epochs=loss.sequential_ce_epochs)
         result = fit(student, labeled, val_items, tc=tc, weights=LossWeights(0.0, max(loss.beta, 1e-12)),
                      stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
