@@ -317,11 +317,9 @@ def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]]) -> dict[str
 
 
 def split_logits(ctx: Context, model: nn.Module, tokenizer: Any, examples: Examples) -> tuple[torch.Tensor, torch.Tensor]:
-    from hybridft.train import length_sorted_loader, predict_logits
+    from hybridft.train import predict_examples
 
-    items = task.encode(examples, tokenizer, ctx.cfg.data.max_length)
-    loader = length_sorted_loader(items, ctx.cfg.eval.batch_size, task.make_collate(tokenizer))
-    return predict_logits(model, loader, ctx.device)
+    return predict_examples(model, tokenizer, examples, ctx.cfg.data.max_length, ctx.cfg.eval.batch_size, ctx.device)
 
 
 def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn.Module, Any]) -> dict[str, Any]:

@@ -150,6 +150,15 @@ def length_sorted_loader(items: list[dict[str, Any]], batch_size: int, collate: 
     return DataLoader(ordered, batch_size=batch_size, collate_fn=collate)
 
 
+def predict_examples(model: nn.Module, tokenizer: Any, examples: Any, max_length: int, batch_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise `examples` (`hybridft.data.Examples`) and return their logits [N, C] and labels [N], in order."""
+    from hybridft.tasks.classification import encode, make_collate
+
+    items = encode(examples, tokenizer, max_length)
+    return predict_logits(model, length_sorted_loader(items, batch_size, make_collate(tokenizer)), device)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device,
                    precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
