@@ -193,6 +193,8 @@ class Case:
     setup: Optional[Callable[[Row], None]] = None
     root_skip: bool = False
     """Skip when running as root (root ignores permission bits)."""
+    environ: Optional[dict[str, str]] = None
+    """Environment variables set for the command (what `accelerate launch` passes on)."""
 
 
 def _csv_text(rows: list[tuple[str, str]]) -> str:
@@ -282,6 +284,11 @@ CASES = [
          ("not valid yaml",)),
     Case("missing-config-file", lambda r: ["run", "--config", str(r.work / "nope.yaml"), *r.argv()[1:]],
          ("config file not found", "nope.yaml")),
+    Case("fp16-without-a-gpu", lambda r: r.argv("device=cpu", "precision=fp16"), ("precision=fp16", "cuda", "bf16")),
+    Case("accelerate-mixed-precision-fp8", lambda r: r.argv(), ("mixed_precision=fp8", "bf16"),
+         environ={"ACCELERATE_MIXED_PRECISION": "fp8"}),
+    Case("accelerate-accumulation-not-a-number", lambda r: r.argv(), ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "'two'"),
+         environ={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "two"}),
     Case("override-without-equals", lambda r: r.argv("student.train.epochs"),
          ("'student.train.epochs' is not key=value",)),
     # --- model folders ------------------------------------------------------------------------------
@@ -352,9 +359,12 @@ def fake_previous_run(out: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input(case: Case, env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch) -> None:
     if case.root_skip and os.geteuid() == 0:
         pytest.skip("running as root, which ignores permission bits (see output-dir-is-a-file/-under-a-file)")
+    for name, value in (case.environ or {}).items():
+        monkeypatch.setenv(name, value)
     work = tmp_path / "work"
     work.mkdir()
     row = Row(env=env, work=work, out=tmp_path / "out", cache=tmp_path / "teacher-outputs")

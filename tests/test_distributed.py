@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_overrides
 from hybridft.teacher_outputs import read_store
@@ -24,15 +25,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(procs: int, args: list[str]) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _launch(procs: int, args: list[str], launcher: str = "torchrun", env_extra: dict[str, str] | None = None,
+            accelerate_config: Path | None = None) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if procs == 1:
         cmd = [sys.executable, "-m", "hybridft", *args]
-    else:
+    elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--nnodes=1",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "hybridft", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+               "--main_process_port", str(_free_port()), "-m", "hybridft", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 def _validation(run: Path) -> list[tuple[str, int, float]]:
@@ -84,3 +90,63 @@ def test_teacher_outputs_from_two_processes_equal_one(tmp_path: Path, tiny_teach
         stores.append(read_store(out / "teacher_outputs.safetensors"))
     assert stores[0].keys == stores[1].keys and len(stores[0].keys) == 48
     torch.testing.assert_close(stores[0].logits, stores[1].logits, atol=1e-5, rtol=0)
+
+
+ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: bf16
+"""
+
+
+def test_accelerate_launch_follows_its_mixed_precision_and_accumulation(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                        tiny_data):
+    """`accelerate launch` with a config file: 2 processes, bf16 and accumulation 2 come from Accelerate
+    (the run config says fp32 and 1), and the result matches one process run with those settings."""
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(ACCELERATE_CONFIG)
+    common = ["hybrid.enabled=false", "export.enabled=false", "--quiet"]
+
+    def args(name: str, per_process: int, *extra: str) -> list[str]:
+        return ["run", *tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / name), *common,
+                f"teacher.train.batch_size={per_process}", f"student.train.batch_size={per_process}",
+                f"distill.cache_dir={tmp_path / name / 'cache'}", *extra]
+
+    err = _launch(2, args("launched", 2), launcher="accelerate", accelerate_config=config,
+                  env_extra={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
+    assert "following the Accelerate config: precision=bf16" in err and "student.train.grad_accum=2" in err
+    saved = yaml.safe_load((tmp_path / "launched" / "config.yaml").read_text())
+    assert saved["precision"] == "bf16" and saved["student"]["train"]["grad_accum"] == 2
+    _launch(1, args("one", 4, "precision=bf16", "teacher.train.grad_accum=2", "student.train.grad_accum=2"))
+    a, b = _validation(tmp_path / "one"), _validation(tmp_path / "launched")
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 16
+    # bf16 rounds differently for batches of 2 and 4 rows; allow one example in 16 at any evaluation
+    assert max(abs(x[2] - y[2]) for x, y in zip(a, b)) <= 1 / 16 + 1e-9
+    # the logged loss is the whole step's, summed over both processes (measured within 1% in bf16)
+    la, lb = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "launched")
+    assert [x[:2] for x in la] == [x[:2] for x in lb]
+    assert all(abs(x[2] - y[2]) <= 0.03 * abs(x[2]) + 1e-3 for x, y in zip(la, lb)), (la, lb)
+
+
+def _train_losses(run: Path) -> list[tuple[str, int, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+def test_launch_settings_take_precision_and_accumulation_from_accelerate(monkeypatch, capsys):
+    from hybridft.config import load_config
+    from hybridft.pipeline import launch_settings
+
+    cfg = load_config(None, ["precision=bf16", "student.train.grad_accum=4"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch's default: leaves it to us
+    assert launch_settings(cfg) == cfg and capsys.readouterr().err == ""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
+    out = launch_settings(cfg)
+    assert out.precision == "fp16" and out.teacher.train.grad_accum == 3 and out.student.train.grad_accum == 3
+    assert out.student.train.lr == cfg.student.train.lr  # nothing else changes
+    err = capsys.readouterr().err
+    assert "precision=fp16 (the config said bf16)" in err and "student.train.grad_accum=3 (the config said 4)" in err

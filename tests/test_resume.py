@@ -19,13 +19,15 @@ from conftest import make_bert, make_tokenizer, sentiment_rows, tiny_overrides
 from hybridft.checkpoint import latest_checkpoint, load_checkpoint
 from hybridft.config import TrainConfig
 from hybridft.data import Examples
+from hybridft.runlog import read_metrics
 from hybridft.tasks import classification as task
 from hybridft.train import LossWeights, fit
 
 
 def _command(teacher_dir: Path, data, out: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "hybridft", "run", *tiny_overrides(teacher_dir, data, out),
-            "student.train.epochs=20", "student.train.checkpoint_every=1", "hybrid.enabled=false",
+            "student.train.epochs=20", "student.train.checkpoint_every=1", "student.train.log_every=1",
+            "hybrid.enabled=false",
             "export.enabled=false", f"distill.cache_dir={cache}"]
 
 
@@ -67,6 +69,15 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path: Pat
     assert a.keys() == b.keys()
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert diff <= 1e-6, f"killed at step {killed_at} of {total}: max |difference| {diff}"
+    # the metrics file reads as one uninterrupted run: the lines logged between the checkpoint and the kill
+    # are not repeated when those steps are trained again
+    whole_log, resumed_log = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [(r["stage"], r["split"], r["step"]) for r in resumed_log] == \
+        [(r["stage"], r["split"], r["step"]) for r in whole_log]
+    for a_rec, b_rec in zip(whole_log, resumed_log):
+        for key in ("loss", "accuracy"):
+            if key in a_rec:
+                assert abs(a_rec[key] - b_rec[key]) <= 1e-5, (a_rec, b_rec)
 
 
 def test_resume_with_a_changed_config_names_the_keys_and_refuses(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
@@ -126,3 +137,35 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: 
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
     assert len(_checkpoint_steps(folder)) == 3, "old checkpoints are pruned to keep_checkpoints"
+
+
+def test_resume_drops_the_log_lines_written_after_the_checkpoint(tmp_path: Path):
+    from hybridft.runlog import MetricsWriter
+
+    tok, items = _items(tmp_path)
+    tc = TrainConfig(epochs=3, batch_size=4, checkpoint_every=3, log_every=1, eval_every=2)
+    kwargs = dict(collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0), label_names=["a", "b"],
+                  device=torch.device("cpu"), seed=3)
+    fit(make_bert(layers=1, seed=5), items, items[:8], writer=MetricsWriter(tmp_path / "whole.jsonl"),
+        checkpoint_dir=tmp_path / "whole", **kwargs)
+
+    class DiesAfterStepFive(MetricsWriter):
+        def write(self, record):
+            super().write(record)
+            if record["step"] == 5:
+                raise KeyboardInterrupt("killed after logging step 5; the last checkpoint is step 3")
+
+    log = tmp_path / "killed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_bert(layers=1, seed=5), items, items[:8], writer=DiesAfterStepFive(log),
+            checkpoint_dir=tmp_path / "killed", **kwargs)
+    assert max(r["step"] for r in read_metrics(log)) == 5
+    fit(make_bert(layers=1, seed=5), items, items[:8], writer=MetricsWriter(log), checkpoint_dir=tmp_path / "killed",
+        resume=True, **kwargs)
+    whole, resumed = read_metrics(tmp_path / "whole.jsonl"), read_metrics(log)
+    assert [(r["split"], r["step"]) for r in resumed] == [(r["split"], r["step"]) for r in whole]
+    for a, b in zip(whole, resumed):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert abs(a[k] - b[k]) <= 1e-6, (k, a, b)

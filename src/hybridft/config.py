@@ -168,8 +168,9 @@ class RunConfig:
     output_dir: str = "runs/demo"
     seed: int = 42
     task: Literal["classification"] = "classification"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Autocast dtype for training and teacher outputs (bf16 autocast works on CPU and GPU)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype for training and teacher outputs (bf16 works on CPU and GPU, fp16 on GPU only). Under
+    `accelerate launch`, a mixed_precision set in the Accelerate config takes precedence."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Optional[int] = None
     """torch CPU threads; default: torch's own choice."""

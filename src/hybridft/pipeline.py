@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,11 +87,43 @@ def check_resume(cfg: RunConfig, run_dir: Path, force: bool) -> None:
                             f"resume with the same settings, or pass --force to continue anyway")
 
 
+def launch_settings(cfg: RunConfig) -> RunConfig:
+    """Under `accelerate launch`, the Accelerate config decides mixed precision and gradient accumulation.
+
+    `accelerate launch` passes them as ACCELERATE_MIXED_PRECISION (always set; "no" means the config leaves
+    it to us) and ACCELERATE_GRADIENT_ACCUMULATION_STEPS (DeepSpeed configs, or set by hand). The effective
+    values are written into the run's config.yaml, so a resume under another setting is caught.
+    """
+    wanted = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    notes = []
+    if wanted not in ("no", "bf16", "fp16"):
+        raise HybridFTError(f"the Accelerate config asks for mixed_precision={wanted}; hybridft supports no, bf16 "
+                            f"and fp16: change it with `accelerate config` or --mixed_precision")
+    precision = {"no": cfg.precision, "bf16": "bf16", "fp16": "fp16"}[wanted]
+    if precision != cfg.precision:
+        notes.append(f"precision={precision} (the config said {cfg.precision})")
+    cfg = replace(cfg, precision=precision)
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if steps is not None:
+        if not steps.isdigit() or int(steps) < 1:
+            raise HybridFTError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={steps!r} is not a positive whole number; "
+                                f"fix it in the Accelerate config or the environment")
+        for name in ("teacher", "student"):
+            stage_cfg = getattr(cfg, name)
+            if stage_cfg.train.grad_accum != int(steps):
+                notes.append(f"{name}.train.grad_accum={steps} (the config said {stage_cfg.train.grad_accum})")
+            cfg = replace(cfg, **{name: replace(stage_cfg, train=replace(stage_cfg.train, grad_accum=int(steps)))})
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        print(f"hybridft: following the Accelerate config: {'; '.join(notes)}", file=sys.stderr)
+    return cfg
+
+
 def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: bool = True,
             resume: bool = False, force: bool = False) -> Context:
     """Check the output folder and read the data before any work starts, so bad input fails in seconds and
     an existing run is never overwritten by accident."""
-    dist.init()
+    cfg = launch_settings(cfg)
+    device = pick_device(cfg.device, cfg.precision)  # creates the Accelerator: joins the process group
     if not dist.is_main():
         cfg = replace(cfg, progress=False)
     run_dir = Path(cfg.output_dir)
@@ -113,7 +146,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data, cfg.seed)
-    return Context(cfg=cfg, run_dir=run_dir, device=pick_device(cfg.device), splits=splits,
+    return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits,
                    writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
                    fresh=fresh, resume=resume)
 

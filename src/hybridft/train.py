@@ -7,6 +7,7 @@ distillation reads teacher logits stored in each item (or, online, runs the froz
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -54,16 +55,19 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str, precision: str = "fp32") -> torch.device:
+    """This process's device: under `accelerate launch` or `torchrun`, the GPU of its local rank."""
     if name == "cuda" and not torch.cuda.is_available():
         raise HybridFTError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
-    return torch.device(name)
+    cpu = name == "cpu" or not torch.cuda.is_available()
+    if precision == "fp16" and cpu:
+        raise HybridFTError("precision=fp16 needs a CUDA GPU (CPU autocast is bf16); use precision=bf16 or fp32")
+    return dist.accelerator(precision, cpu=cpu).device
 
 
 def autocast(device: torch.device, precision: str) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -205,6 +209,7 @@ def fit(
     evaluation); with `resume`, training continues from the latest one and ends with the same weights as an
     uninterrupted run.
     """
+    acc = dist.accelerator(precision, cpu=device.type == "cpu")
     rank, world = dist.rank_and_world()
     main = rank == 0
     writer = writer if (writer is not None and main) else MetricsWriter(None)
@@ -224,16 +229,12 @@ def fit(
     # data order and the dropout masks can be restored independently on resume.
     loader = DataLoader(train_items, batch_sampler=ProcessShare(batches, rank, world), collate_fn=collate,
                         generator=generator)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # DDP averages gradients over processes; the loss below is scaled by `world` to turn that into the sum
-        # of per-row gradients over the global count, exactly as with one process.
-        train_model: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        train_model = model
     val_loader = length_sorted_loader(val_items, max(tc.batch_size, 32), collate)
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
+    # Accelerate wraps the student in DDP with several processes (DDP averages gradients over processes; the
+    # loss below is scaled by `world` to turn that into the sum of per-row gradients over the global count,
+    # exactly as with one process) and, for fp16, steps the optimizer through a gradient scaler. The teacher
+    # is never prepared: it stays out of the optimizer and out of gradient synchronisation.
+    train_model, optimizer = acc.prepare(model, make_optimizer(model, tc.lr, tc.weight_decay))
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
     total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
     from transformers import get_linear_schedule_with_warmup
@@ -255,10 +256,13 @@ def fit(
         model.load_state_dict(weights_now)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
+        if acc.scaler is not None and st.get("scaler"):
+            acc.scaler.load_state_dict(st["scaler"])
         step, skip = st["step"], st["consumed"]
         generator.set_state(st["epoch_rng"])
         best.best_metric, best.best_step, best.history = st["best_metric"], st["best_step"], st["history"]
         set_rng_states(st["rng"])
+        writer.drop_after(stage, step)
         bar.update(step)
 
     def micro_batches() -> Any:
@@ -286,27 +290,33 @@ def fit(
         # summed gradient equals that of one big batch (not a mean of per-micro-batch means).
         n_kd, n_ce = dist.sum_across([sum(b["labels"].numel() for b in group),
                                       sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)])
-        for batch in group:
+        for i, batch in enumerate(group):
+            last = i == len(group) - 1
+            dist.set_sync_gradients(acc, last)
             batch = to_device(batch, device)
             teacher_logits = batch.get("teacher_logits")
             if teacher is not None:
                 with torch.no_grad(), autocast(device, precision):
                     teacher_logits = logits_for_loss(teacher, batch).float()
-            with autocast(device, precision):
-                student_logits = logits_for_loss(train_model, batch)
-            parts = hybrid_loss(
-                student_logits, teacher_logits, batch["labels"],
-                alpha=weights.alpha if teacher_logits is not None else 0.0, beta=weights.beta,
-                temperature=weights.temperature, kd_denominator=n_kd, ce_denominator=n_ce,
-            )
-            if not torch.isfinite(parts.total):
-                raise HybridFTError(f"{stage} training: the loss became {float(parts.total.detach())} at step {step + 1}; "
-                                    f"lower {stage}.train.lr or use precision=fp32 (no weights were saved)")
-            (parts.total * world).backward()
+            # gradients are all-reduced once per optimizer step, on its last micro-batch
+            with contextlib.nullcontext() if last else acc.no_sync(train_model):
+                with autocast(device, precision):
+                    student_logits = logits_for_loss(train_model, batch)
+                parts = hybrid_loss(
+                    student_logits, teacher_logits, batch["labels"],
+                    alpha=weights.alpha if teacher_logits is not None else 0.0, beta=weights.beta,
+                    temperature=weights.temperature, kd_denominator=n_kd, ce_denominator=n_ce,
+                )
+                if not torch.isfinite(parts.total):
+                    raise HybridFTError(f"{stage} training: the loss became {float(parts.total.detach())} at step "
+                                        f"{step + 1}; lower {stage}.train.lr or use precision=fp32 (no weights were saved)")
+                # `acc.backward` divides by its own accumulation count; our loss is already normalised over
+                # the whole step, so that division is undone here.
+                acc.backward(parts.total * world * acc.gradient_accumulation_steps)
             running.add(parts, student_logits.detach(), teacher_logits, batch["labels"])
         running.steps += 1
         if tc.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)  # unscales fp16 gradients first
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -331,11 +341,14 @@ def fit(
         if checkpoint_dir is not None and main and (step % (tc.checkpoint_every or eval_every) == 0 or
                                                     step == total_steps):
             state = {"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch_rng": position["epoch_rng"],
+                     "scheduler": scheduler.state_dict(),
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "epoch_rng": position["epoch_rng"],
                      "consumed": position["consumed"], "rng": rng_states(), "best_metric": best.best_metric,
                      "best_step": best.best_step, "history": best.history}
             save_checkpoint(checkpoint_dir, step, model, state, best_state, tc.keep_checkpoints)
     bar.close()
+    acc.unwrap_model(train_model, keep_fp32_wrapper=False)  # the model's own forward again, without autocast
+    acc.free_memory()  # drop Accelerate's references to this stage's model and optimizer
     if best_state is not None:
         model.load_state_dict(best_state)
     best.seconds = time.perf_counter() - start
@@ -361,11 +374,15 @@ class _Running:
             self.agree_n += labels.numel()
 
     def summary(self) -> dict[str, float]:
-        # Per-micro-batch values are already divided by the step's global counts, so their sum is the step's loss.
+        """Mean loss per optimizer step, over all processes (every process must call this at the same step).
+
+        Per-micro-batch values are already divided by the step's global counts, so summing them over the
+        micro-batches and the processes gives the step's loss."""
+        total, kd, ce, agree, agree_n = dist.sum_across([self.total, self.kd, self.ce, self.agree, self.agree_n])
         steps = max(self.steps, 1)
-        out = {"loss": self.total / steps, "kd": self.kd / steps, "ce": self.ce / steps}
-        if self.agree_n:
-            out["agreement"] = self.agree / self.agree_n
+        out = {"loss": total / steps, "kd": kd / steps, "ce": ce / steps}
+        if agree_n:
+            out["agreement"] = agree / agree_n
         return out
 
 
