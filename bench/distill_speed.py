@@ -11,6 +11,9 @@ Rows (each timed on its own, the teacher fine-tuning before them is not timed):
                     linear warm-up/decay, and the frozen teacher run under no_grad on every step
     hybridft-bf16   pipeline.teacher_outputs (teacher run once, logits stored) + pipeline.distill, bf16
     hybridft-fp32   the same with precision=fp32, to separate the bf16 lever from the rest
+    hybridft-bf16-shuffled
+                    hybridft-bf16 with student.train.group_by_length=false (plain shuffled batches), to
+                    see what length grouping costs or gains in accuracy and time
 
 Usage (from the repository root, venv active):
 
@@ -131,7 +134,8 @@ def load_average() -> float | None:
         return None
 
 
-def make_config(args: argparse.Namespace, output_dir: Path, precision: str, cache_dir: Path) -> Any:
+def make_config(args: argparse.Namespace, output_dir: Path, precision: str, cache_dir: Path,
+                extra: tuple[str, ...] = ()) -> Any:
     from hybridft.config import load_config
 
     overrides = [
@@ -164,7 +168,7 @@ def make_config(args: argparse.Namespace, output_dir: Path, precision: str, cach
         overrides.append(f"student.train.lr={args.lr}")
     if args.threads:
         overrides.append(f"num_threads={args.threads}")
-    return load_config(None, overrides)
+    return load_config(None, [*overrides, *extra])
 
 
 def dev_accuracy(model: Any, tokenizer: Any, texts: list[str], labels: list[int], max_length: int,
@@ -252,12 +256,17 @@ def run_baseline(args: argparse.Namespace, teacher: Any, tokenizer: Any, splits:
                      "timed: tokenisation + training (final dev evaluation not timed)"}
 
 
-def run_hybridft(args: argparse.Namespace, precision: str, teacher: Any, tokenizer: Any,
+ROWS = {"baseline": None, "hybridft-bf16": ("bf16", ()), "hybridft-fp32": ("fp32", ()),
+        "hybridft-bf16-shuffled": ("bf16", ("student.train.group_by_length=false",))}
+
+
+def run_hybridft(args: argparse.Namespace, row: str, teacher: Any, tokenizer: Any,
                  workdir: Path) -> dict[str, Any]:
     from hybridft import pipeline
 
-    cfg = make_config(args, workdir / f"student-{precision}", precision,
-                      Path(tempfile.mkdtemp(prefix=f"cache-{precision}-", dir=workdir)))  # empty: no reuse
+    precision, extra = ROWS[row]
+    cfg = make_config(args, workdir / f"student-{row}", precision,
+                      Path(tempfile.mkdtemp(prefix=f"cache-{row}-", dir=workdir)), extra)  # empty: no reuse
     ctx = pipeline.prepare(cfg, overwrite=True)
     timers = Timers()
     with instrument(timers):
@@ -285,7 +294,7 @@ def run_hybridft(args: argparse.Namespace, precision: str, teacher: Any, tokeniz
         "stage_seconds": {"teacher_outputs": round(mid - start, 2), "distill": round(seconds - (mid - start), 2)},
         "breakdown": timers.report(),
         "lr": cfg.student.train.lr,
-        "notes": f"precision={precision}; timed: pipeline.teacher_outputs + pipeline.distill "
+        "notes": f"precision={precision} {' '.join(extra)}; timed: pipeline.teacher_outputs + pipeline.distill "
                  f"(tokenisation, teacher run once, per-epoch validation, best-weights copy, save)",
     }
 
@@ -300,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
               f"shared data folder ../shared next to the repository", file=sys.stderr)
         return 2
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ("baseline", "hybridft-bf16", "hybridft-fp32")]
+    unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
-        print(f"error: unknown --rows {unknown}; choose from baseline, hybridft-bf16, hybridft-fp32", file=sys.stderr)
+        print(f"error: unknown --rows {unknown}; choose from {', '.join(ROWS)}", file=sys.stderr)
         return 2
     if "baseline" not in rows:
         print("note: no baseline row, so no speed-up ratios", file=sys.stderr)
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_baseline(args, teacher, tokenizer, splits, lr=lr, warmup_ratio=sc.warmup_ratio,
                              weight_decay=sc.weight_decay, max_grad_norm=sc.max_grad_norm)
         else:
-            r = run_hybridft(args, row.split("-")[1], teacher, tokenizer, workdir)
+            r = run_hybridft(args, row, teacher, tokenizer, workdir)
         r["samples_per_s"] = round(len(splits.train) * args.epochs / r["seconds"], 1)
         r["load_average_before"], r["load_average_after"] = load_before, load_average()
         results[row] = r

@@ -49,7 +49,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
                     best_state: Optional[dict[str, torch.Tensor]], keep: int) -> Path:
     """Write a checkpoint atomically, then prune all but the newest `keep`."""
     from safetensors.torch import save_file
@@ -59,7 +59,7 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, state: dict
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+    save_file(_contiguous(weights), str(tmp / "model.safetensors"))
     if best_state is not None:
         save_file(_contiguous(best_state), str(tmp / "best.safetensors"))
     torch.save(state, tmp / STATE_FILE)

@@ -42,12 +42,47 @@ def accelerator(precision: str = "fp32", cpu: bool = False) -> Any:
                                 f"({_accelerator.mixed_precision}); use one precision per launch")
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    _accelerator = Accelerator(cpu=cpu, mixed_precision=wanted)
-    unsupported = {"FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
-    if _accelerator.distributed_type.name in unsupported:
-        raise HybridFTError(f"the Accelerate config asks for {_accelerator.distributed_type.name}, which hybridft "
-                            f"does not support yet; use data parallelism (distributed_type: MULTI_GPU, or torchrun)")
-    return _accelerator
+    acc = Accelerator(cpu=cpu, mixed_precision=wanted)
+    if acc.distributed_type.name == "MULTI_CPU" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        _fsdp_on_cpu(acc)
+    kind = acc.distributed_type.name
+    if kind in ("DEEPSPEED", "MEGATRON_LM", "XLA"):
+        raise HybridFTError(f"the Accelerate config asks for {kind}, which hybridft does not support yet; use "
+                            f"FSDP (fsdp_version: 2) or data parallelism (MULTI_GPU, or torchrun)")
+    if kind == "FSDP" and acc.state.fsdp_plugin.fsdp_version != 2:
+        raise HybridFTError("the Accelerate config asks for FSDP version 1; hybridft supports FSDP2: set "
+                            "fsdp_version: 2 in the config (or pass --fsdp_version 2)")
+    _accelerator = acc
+    return acc
+
+
+def _fsdp_on_cpu(acc: Any) -> None:
+    """Accelerate turns FSDP on only for GPU processes and silently falls back to DDP on CPU ones; torch's
+    FSDP2 runs on CPU with gloo, so we apply the launch config's FSDP plugin ourselves (CPU clusters, tests)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables that `accelerate launch` sets
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    # as Accelerate does itself: every later AcceleratorState() copies the type back from PartialState
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def is_sharded(acc: Any) -> bool:
+    """Whether the model's weights are split across processes (FSDP), rather than copied (DDP, one process)."""
+    return acc.distributed_type.name == "FSDP"
+
+
+def describe() -> dict[str, Any]:
+    """How this process was launched, for the run's summary."""
+    acc = _accelerator
+    return {"processes": rank_and_world()[1],
+            "distributed_type": acc.distributed_type.name if acc is not None else "NO",
+            "mixed_precision": acc.mixed_precision if acc is not None else "no",
+            "device": str(acc.device) if acc is not None else "cpu"}
 
 
 def world_size_from_env() -> int:

@@ -196,6 +196,7 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
                      precision=cfg.precision, seed=cfg.seed, writer=ctx.writer, stage="teacher",
                      progress=cfg.progress, checkpoint_dir=ctx.run_dir / "checkpoints" / "teacher",
                      resume=ctx.resume)
+        teacher = result.model  # a fresh unwrapped copy under FSDP
         ctx.log(f"teacher: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
     else:
         ctx.log("the teacher already is a classifier for these labels; using it as is")
@@ -300,13 +301,14 @@ def distill(ctx: Context, store: Optional[Store], teacher: Optional[nn.Module], 
                      checkpoint_dir=checkpoints / "student", **common)
     else:
         # Phase 1 learns from the teacher alone (all rows); phase 2 fine-tunes on the true labels only.
-        fit(student, train_items, val_items, tc=cfg.student.train,
-            weights=LossWeights(max(loss.alpha, 1e-12), 0.0, loss.temperature), stage="student-kd",
-            checkpoint_dir=checkpoints / "student-kd", **common)
+        student = fit(student, train_items, val_items, tc=cfg.student.train,
+                      weights=LossWeights(max(loss.alpha, 1e-12), 0.0, loss.temperature), stage="student-kd",
+                      checkpoint_dir=checkpoints / "student-kd", **common).model
         labeled = [it for it in train_items if it["labels"] != -100]
         tc = replace(cfg.student.train, epochs=loss.sequential_ce_epochs)
         result = fit(student, labeled, val_items, tc=tc, weights=LossWeights(0.0, max(loss.beta, 1e-12)),
                      stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
+    student = result.model  # a fresh unwrapped copy under FSDP
     ctx.log(f"student: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
     if dist.is_main():
         task.save_model(student, tokenizer, ctx.run_dir / "student")
@@ -480,6 +482,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
         if exported is not None:
             summary["export"] = exported
     summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["launch"] = dist.describe()  # how training ran: processes, engine, precision
     summary["config"] = to_dict(cfg)
     (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from hybridft import dist
+from hybridft import dist, sharding
 from hybridft.checkpoint import latest_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from hybridft.config import TrainConfig
 from hybridft.errors import HybridFTError
@@ -42,6 +42,8 @@ class FitResult:
     steps: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    model: Optional[nn.Module] = None
+    """The trained model with the best weights: the model passed in, or under FSDP a fresh unwrapped copy."""
 
 
 def seed_everything(seed: int) -> None:
@@ -201,7 +203,10 @@ def fit(
     checkpoint_dir: Optional[Path] = None,
     resume: bool = False,
 ) -> FitResult:
-    """Train `model` in place and leave it holding the weights with the best validation accuracy.
+    """Train `model` and return it (`FitResult.model`) holding the weights with the best validation accuracy.
+
+    The model is trained in place, except under FSDP, which shards it for good: the result is then a fresh
+    unwrapped model of the same class, on every process.
 
     Items carry `teacher_logits` when distilling from stored outputs; with `teacher` given instead, the
     frozen teacher runs on each batch (online mode). With neither, the KD term is off (alpha is ignored).
@@ -230,11 +235,14 @@ def fit(
     loader = DataLoader(train_items, batch_sampler=ProcessShare(batches, rank, world), collate_fn=collate,
                         generator=generator)
     val_loader = length_sorted_loader(val_items, max(tc.batch_size, 32), collate)
-    # Accelerate wraps the student in DDP with several processes (DDP averages gradients over processes; the
-    # loss below is scaled by `world` to turn that into the sum of per-row gradients over the global count,
-    # exactly as with one process) and, for fp16, steps the optimizer through a gradient scaler. The teacher
-    # is never prepared: it stays out of the optimizer and out of gradient synchronisation.
+    # Accelerate wraps the model for the launch config: DDP or FSDP2 with several processes (both average
+    # gradients over processes; the loss below is scaled by `world` to turn that into the sum of per-row
+    # gradients over the global count, exactly as with one process) and, for fp16, a gradient scaler. The
+    # teacher is never prepared: it stays out of the optimizer and out of gradient synchronisation.
+    sharded = dist.is_sharded(acc)
+    model_cls, model_config = type(model), getattr(model, "config", None)
     train_model, optimizer = acc.prepare(model, make_optimizer(model, tc.lr, tc.weight_decay))
+    eval_model = train_model if sharded else model  # FSDP's forward gathers the shards: every process runs it
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
     total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
     from transformers import get_linear_schedule_with_warmup
@@ -253,8 +261,8 @@ def fit(
     latest = latest_checkpoint(checkpoint_dir) if resume else None
     if latest is not None:
         weights_now, best_state, st = load_checkpoint(latest)
-        model.load_state_dict(weights_now)
-        optimizer.load_state_dict(st["optimizer"])
+        sharding.load_model_state(train_model, model, weights_now, sharded)
+        sharding.load_optimizer_state(train_model, optimizer, st["optimizer"], sharded)
         scheduler.load_state_dict(st["scheduler"])
         if acc.scaler is not None and st.get("scaler"):
             acc.scaler.load_state_dict(st["scaler"])
@@ -316,7 +324,7 @@ def fit(
             running.add(parts, student_logits.detach(), teacher_logits, batch["labels"])
         running.steps += 1
         if tc.max_grad_norm is not None:
-            acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)  # unscales fp16 gradients first
+            acc.clip_grad_norm_(train_model.parameters(), tc.max_grad_norm)  # unscales fp16 gradients first
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -329,30 +337,38 @@ def fit(
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             running = _Running()
         if step % eval_every == 0 or step == total_steps:
-            logits, labels = predict_logits(model, val_loader, device, precision)
-            metrics = compute_metrics(logits, labels, label_names)
+            logits, labels = predict_logits(eval_model, val_loader, device, precision)
+            # the main process's numbers decide for all, so every process keeps the same best step
+            metrics = dist.gather_objects(compute_metrics(logits, labels, label_names))[0]
             record = {"stage": stage, "split": "validation", "step": step,
                       "epoch": round(step / steps_per_epoch, 4), **metrics}
             writer.write(record)
             best.history.append(record)
             if metrics["accuracy"] > best.best_metric:
                 best.best_metric, best.best_step = metrics["accuracy"], step
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if checkpoint_dir is not None and main and (step % (tc.checkpoint_every or eval_every) == 0 or
-                                                    step == total_steps):
-            state = {"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
+                best_state = sharding.model_state(train_model, model, sharded)
+        if checkpoint_dir is not None and (step % (tc.checkpoint_every or eval_every) == 0 or step == total_steps):
+            weights_now = sharding.model_state(train_model, model, sharded) if main or sharded else {}
+            optimizer_now = sharding.optimizer_state(train_model, optimizer, sharded) if main or sharded else {}
+            state = {"stage": stage, "step": step, "optimizer": optimizer_now,
                      "scheduler": scheduler.state_dict(),
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "epoch_rng": position["epoch_rng"],
                      "consumed": position["consumed"], "rng": rng_states(), "best_metric": best.best_metric,
                      "best_step": best.best_step, "history": best.history}
-            save_checkpoint(checkpoint_dir, step, model, state, best_state, tc.keep_checkpoints)
+            if main:
+                save_checkpoint(checkpoint_dir, step, weights_now, state, best_state, tc.keep_checkpoints)
     bar.close()
-    acc.unwrap_model(train_model, keep_fp32_wrapper=False)  # the model's own forward again, without autocast
-    acc.free_memory()  # drop Accelerate's references to this stage's model and optimizer
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if sharded:
+        final = best_state if best_state is not None else sharding.model_state(train_model, model, sharded)
+        acc.free_memory()
+        model = sharding.plain_model(model_cls, model_config, final, device)
+    else:
+        acc.unwrap_model(train_model, keep_fp32_wrapper=False)  # the model's own forward, without autocast
+        acc.free_memory()  # drop Accelerate's references to this stage's model and optimizer
+        if best_state is not None:
+            model.load_state_dict(best_state)
     best.seconds = time.perf_counter() - start
-    model.eval()
+    best.model = model.eval()
     return best
 
 
