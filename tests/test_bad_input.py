@@ -289,6 +289,8 @@ CASES = [
          environ={"ACCELERATE_MIXED_PRECISION": "fp8"}),
     Case("accelerate-accumulation-not-a-number", lambda r: r.argv(), ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "'two'"),
          environ={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "two"}),
+    Case("accelerate-deepspeed", lambda r: r.argv(), ("DeepSpeed", "not support", "fsdp.yaml"),
+         environ={"ACCELERATE_USE_DEEPSPEED": "true"}),
     Case("override-without-equals", lambda r: r.argv("student.train.epochs"),
          ("'student.train.epochs' is not key=value",)),
     # --- model folders ------------------------------------------------------------------------------

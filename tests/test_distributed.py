@@ -92,14 +92,7 @@ def test_teacher_outputs_from_two_processes_equal_one(tmp_path: Path, tiny_teach
     torch.testing.assert_close(stores[0].logits, stores[1].logits, atol=1e-5, rtol=0)
 
 
-ACCELERATE_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-mixed_precision: bf16
-"""
+SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "accelerate"  # the files the README points to
 
 
 def test_accelerate_launch_follows_its_mixed_precision_and_accumulation(tmp_path: Path, tiny_teacher_dir: Path,
@@ -107,7 +100,7 @@ def test_accelerate_launch_follows_its_mixed_precision_and_accumulation(tmp_path
     """`accelerate launch` with a config file: 2 processes, bf16 and accumulation 2 come from Accelerate
     (the run config says fp32 and 1), and the result matches one process run with those settings."""
     config = tmp_path / "accelerate.yaml"
-    config.write_text(ACCELERATE_CONFIG)
+    config.write_text((SHIPPED / "ddp.yaml").read_text().replace("mixed_precision: 'no'", "mixed_precision: bf16"))
     common = ["hybrid.enabled=false", "export.enabled=false", "--quiet"]
 
     def args(name: str, per_process: int, *extra: str) -> list[str]:
@@ -155,20 +148,6 @@ def test_launch_settings_take_precision_and_accumulation_from_accelerate(monkeyp
     assert "precision=fp16 (the config said bf16)" in err and "student.train.grad_accum=3 (the config said 4)" in err
 
 
-FSDP_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_transformer_layer_cls_to_wrap: BertLayer
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_reshard_after_forward: true
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-mixed_precision: 'no'
-"""
 
 
 def _fsdp_args(tmp_path: Path, teacher_dir: Path, data, name: str, per_process: int, *extra: str) -> list[str]:
@@ -186,8 +165,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_fsdp_through_an_accelerate_config_matches_one_process(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
     """FSDP2 from an Accelerate config (2 CPU processes, gloo): the weights are sharded during training, and
     the teacher, the student and the metrics match one process with the same global batch."""
-    config = tmp_path / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG)
+    config = SHIPPED / "fsdp.yaml"
     _launch(2, _fsdp_args(tmp_path, tiny_teacher_dir, tiny_data, "fsdp", 4), launcher="accelerate",
             accelerate_config=config)
     _launch(1, _fsdp_args(tmp_path, tiny_teacher_dir, tiny_data, "one", 8))
@@ -210,8 +188,7 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teac
     import signal
     import time
 
-    config = tmp_path / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG)
+    config = SHIPPED / "fsdp.yaml"
     extra = ("student.train.epochs=12", "student.train.checkpoint_every=1")
     _launch(2, _fsdp_args(tmp_path, tiny_teacher_dir, tiny_data, "whole", 4, *extra), launcher="accelerate",
             accelerate_config=config)
@@ -261,3 +238,16 @@ def _kill_tree(pid: int) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def test_fsdp_version_1_is_refused_with_one_line(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    config = tmp_path / "fsdp1.yaml"
+    config.write_text((SHIPPED / "fsdp.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+           str(_free_port()), "-m", "hybridft", *_fsdp_args(tmp_path, tiny_teacher_dir, tiny_data, "run", 4)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "hybridft: error: the Accelerate config asks for FSDP version 1" in done.stderr
+    assert not out.exists() or not any(out.iterdir()), "refused before writing anything"

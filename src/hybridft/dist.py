@@ -19,6 +19,8 @@ from hybridft.errors import HybridFTError
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 _accelerator: Optional[Any] = None
+_FSDP1 = ("the Accelerate config asks for FSDP version 1; hybridft supports FSDP2: set fsdp_version: 2 in the "
+          "config (or pass --fsdp_version 2)")
 
 
 def accelerator(precision: str = "fp32", cpu: bool = False) -> Any:
@@ -33,6 +35,7 @@ def accelerator(precision: str = "fp32", cpu: bool = False) -> Any:
     from accelerate.state import AcceleratorState, GradientState
 
     wanted = MIXED_PRECISION[precision]
+    _check_launch_env()
     if _accelerator is not None:
         same_device = (_accelerator.device.type == "cpu") == cpu or not torch.cuda.is_available()
         if _accelerator.mixed_precision == wanted and same_device:
@@ -48,12 +51,24 @@ def accelerator(precision: str = "fp32", cpu: bool = False) -> Any:
     kind = acc.distributed_type.name
     if kind in ("DEEPSPEED", "MEGATRON_LM", "XLA"):
         raise HybridFTError(f"the Accelerate config asks for {kind}, which hybridft does not support yet; use "
-                            f"FSDP (fsdp_version: 2) or data parallelism (MULTI_GPU, or torchrun)")
-    if kind == "FSDP" and acc.state.fsdp_plugin.fsdp_version != 2:
-        raise HybridFTError("the Accelerate config asks for FSDP version 1; hybridft supports FSDP2: set "
-                            "fsdp_version: 2 in the config (or pass --fsdp_version 2)")
+                            f"FSDP (configs/accelerate/fsdp.yaml) or data parallelism (configs/accelerate/ddp.yaml)")
     _accelerator = acc
     return acc
+
+
+def _check_launch_env() -> None:
+    """Refuse what we do not support before Accelerate sees it (on CPU processes it would silently ignore
+    DeepSpeed, and fail on FSDP1 with an unrelated message)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise HybridFTError("the Accelerate config asks for DeepSpeed, which hybridft does not support yet; use "
+                            "FSDP (configs/accelerate/fsdp.yaml) or data parallelism (configs/accelerate/ddp.yaml)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise HybridFTError(_FSDP1)
+        # Every process needs the whole teacher (its outputs are computed in shards of the data, and the
+        # student is cut from its layers), so weights are never loaded on the main process only; transformers
+        # reads this variable when it loads a model.
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
 
 def _fsdp_on_cpu(acc: Any) -> None:
