@@ -251,3 +251,33 @@ def test_fsdp_version_1_is_refused_with_one_line(tmp_path: Path, tiny_teacher_di
     assert done.returncode != 0
     assert "hybridft: error: the Accelerate config asks for FSDP version 1" in done.stderr
     assert not out.exists() or not any(out.iterdir()), "refused before writing anything"
+
+
+FROM_MAIN = """
+import os
+from hybridft import dist
+from hybridft.errors import HybridFTError
+
+dist.accelerator("fp32", cpu=True)
+assert dist.from_main(lambda: os.environ["RANK"]) == "0"  # run on the main process, shared with all
+
+def fails_on_main():
+    raise HybridFTError("only main saw this")
+
+try:
+    dist.from_main(fails_on_main)
+except HybridFTError as e:
+    print(f"rank {os.environ['RANK']} raised: {e}", flush=True)
+"""
+
+
+def test_from_main_shares_the_main_process_result_and_its_errors(tmp_path: Path):
+    script = tmp_path / "from_main.py"
+    script.write_text(FROM_MAIN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if "raised" in line) == \
+        ["rank 0 raised: only main saw this", "rank 1 raised: only main saw this"]

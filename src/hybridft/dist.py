@@ -1,6 +1,7 @@
-"""Multi-process data parallelism on Accelerate: one `Accelerator` per process sets up the process group
-(`accelerate launch` or `torchrun`), picks this process's device, wraps the student in DDP and, for fp16,
-scales the loss. These helpers keep the rest of the code free of `torch.distributed` calls.
+"""Several processes on Accelerate: one `Accelerator` per process sets up the process group (`accelerate
+launch` or `torchrun`), picks this process's device, wraps the trained model in DDP or FSDP2 as the launch
+config says and, for fp16, scales the loss. These helpers keep the rest of the code free of
+`torch.distributed` calls.
 
 With one process (the usual case) the collective helpers are no-ops.
 """
@@ -8,7 +9,7 @@ With one process (the usual case) the collective helpers are no-ops.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -18,6 +19,7 @@ from hybridft.errors import HybridFTError
 # our precision names -> Accelerate's mixed_precision names
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
+T = TypeVar("T")
 _accelerator: Optional[Any] = None
 _FSDP1 = ("the Accelerate config asks for FSDP version 1; hybridft supports FSDP2: set fsdp_version: 2 in the "
           "config (or pass --fsdp_version 2)")
@@ -138,6 +140,26 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     torch_dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """`fn()` run on the main process only, its result shared with every process (a HybridFTError too).
+
+    For what lives on the main process's disk: on several machines, a cache folder under $HOME exists on each
+    machine and may hold a file on one and not on another; deciding on each process would split them."""
+    if rank_and_world()[1] == 1:
+        return fn()
+    payload: list[Any] = [None]
+    if is_main():
+        try:
+            payload[0] = ("ok", fn())
+        except HybridFTError as e:
+            payload[0] = ("error", str(e))
+    torch_dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if kind == "error":
+        raise HybridFTError(value)
+    return value
 
 
 def set_sync_gradients(acc: Any, sync: bool) -> None:

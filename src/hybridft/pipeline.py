@@ -225,9 +225,11 @@ def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Store:
     fp = fingerprint(teacher, tokenizer, cfg.data.max_length, keys, cfg.precision)
     cache = Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else default_cache_dir()
     cached = cache / f"{fp}.safetensors"
-    if cached.is_file():
+    # The main process's cache decides, and its store is shared: the default cache is under $HOME, which
+    # on several machines is a different folder on each.
+    if dist.from_main(cached.is_file):
         ctx.log(f"reusing stored teacher outputs {cached}")
-        store = read_store(cached)
+        store = dist.from_main(lambda: read_store(cached))
     else:
         start = time.perf_counter()
         items = task.encode(examples, tokenizer, cfg.data.max_length)
@@ -235,8 +237,7 @@ def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Store:
                                 progress=cfg.progress)
         if dist.is_main():
             write_store(cached, keys, logits, ctx.splits.label_names, fingerprint=fp)
-        dist.barrier()
-        store = read_store(cached)
+        store = dist.from_main(lambda: read_store(cached))  # read back: checked as any store is
         ctx.log(f"teacher outputs for {len(keys)} examples in {time.perf_counter() - start:.1f} s -> {cached}")
     if dist.is_main():
         shutil.copyfile(cached, ctx.run_dir / "teacher_outputs.safetensors")
