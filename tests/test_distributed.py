@@ -266,8 +266,10 @@ def fails_on_main():
 
 try:
     dist.from_main(fails_on_main)
-except HybridFTError as e:
-    print(f"rank {os.environ['RANK']} raised: {e}", flush=True)
+except HybridFTError as e:  # one file per process: their stdout lines would interleave
+    with open(os.path.join(os.path.dirname(__file__), f"rank{os.environ['RANK']}.txt"), "w") as f:
+        f.write(str(e))
+dist.shutdown()
 """
 
 
@@ -279,5 +281,37 @@ def test_from_main_shares_the_main_process_result_and_its_errors(tmp_path: Path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(line for line in done.stdout.splitlines() if "raised" in line) == \
-        ["rank 0 raised: only main saw this", "rank 1 raised: only main saw this"]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "only main saw this", f"rank {rank} raised it"
+
+
+def test_two_machines_with_their_own_caches(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    """Two "machines" (two `accelerate launch` calls, one process each, rendezvous over localhost), each with
+    its own teacher-output cache, as $HOME caches are on a cluster. The second run finds the stored outputs
+    only on the main machine's disk; the main process decides and shares them, and the run matches the first."""
+    port = _free_port()
+
+    def run(name: str) -> None:
+        args = ["run", *tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / name), "hybrid.enabled=false",
+                "export.enabled=false", "teacher.train.batch_size=4", "student.train.batch_size=4"]
+        procs = []
+        for machine in (0, 1):
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                   "--num_processes", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", str(port), "--dynamo_backend", "no", "--mixed_precision", "no",
+                   "-m", "hybridft", *args]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   "HYBRIDFT_CACHE": str(tmp_path / f"cache-machine-{machine}")}
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+
+    run("first")
+    stores = [list((tmp_path / f"cache-machine-{m}" / "teacher_outputs").glob("*.safetensors")) for m in (0, 1)]
+    assert len(stores[0]) == 1 and stores[1] == [], "only the main process writes the store"
+    written = stores[0][0].stat().st_mtime_ns
+    run("second")  # before the fix, machine 1 computed (a collective) while machine 0 read: a hang
+    assert stores[0][0].stat().st_mtime_ns == written, "reused, not computed again"
+    assert not (tmp_path / "cache-machine-1").exists() or not any((tmp_path / "cache-machine-1").rglob("*.safetensors"))
+    assert _validation(tmp_path / "first") == _validation(tmp_path / "second")

@@ -76,7 +76,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        from hybridft import dist
+
+        dist.shutdown()  # with several processes, leave the process group together
+        return code
     except HybridFTError as e:
         print(f"hybridft: error: {e}", file=sys.stderr)
         return 2

@@ -132,6 +132,13 @@ def sum_across(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def shutdown() -> None:
+    """Leave the process group together: a process that exits while another still talks to it can abort."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every process's `obj`, in rank order."""
     world = rank_and_world()[1]
