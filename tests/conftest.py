@@ -90,3 +90,22 @@ def tiny_overrides(teacher_dir: Path, data: dict[str, Path], out: Path) -> list[
         "student.train.epochs=8", "student.train.batch_size=8", "student.train.lr=3e-3",
         "eval.speed_batches=1", "eval.latency_samples=2",
     ]
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints in a stage's checkpoint folder."""
+    return [int(p.name.split("-")[1]) for p in folder.glob("step-*") if not p.name.endswith(".tmp")] \
+        if folder.is_dir() else []
+
+
+def kill_when_checkpointed(proc, folder: Path, step: int, kill) -> None:
+    """Call `kill(proc)` as soon as `folder` holds a checkpoint at `step` or later, then wait for the exit."""
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if max(checkpoint_steps(folder), default=0) >= step:
+            kill(proc)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)

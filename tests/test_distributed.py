@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_overrides
+from conftest import checkpoint_steps, kill_when_checkpointed, tiny_overrides
 from hybridft.teacher_outputs import read_store
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
@@ -25,17 +25,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _accelerate(config: Path, args: list[str]) -> list[str]:
+    """`accelerate launch --config_file CONFIG -m hybridft ARGS`, on a free port."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", str(_free_port()), "-m", "hybridft", *args]
+
+
 def _launch(procs: int, args: list[str], launcher: str = "torchrun", env_extra: dict[str, str] | None = None,
             accelerate_config: Path | None = None) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = _env(**(env_extra or {}))
     if procs == 1:
         cmd = [sys.executable, "-m", "hybridft", *args]
     elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--nnodes=1",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "hybridft", *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-               "--main_process_port", str(_free_port()), "-m", "hybridft", *args]
+        cmd = _accelerate(accelerate_config, args)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
@@ -193,28 +202,16 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teac
     _launch(2, _fsdp_args(tmp_path, tiny_teacher_dir, tiny_data, "whole", 4, *extra), launcher="accelerate",
             accelerate_config=config)
     ckpts = tmp_path / "killed" / "checkpoints" / "student"
-
-    def steps() -> list[int]:
-        return [int(p.name.split("-")[1]) for p in ckpts.glob("step-*") if not p.name.endswith(".tmp")] \
-            if ckpts.is_dir() else []
-
     total = 12 * 6  # 48 rows / global batch 8 = 6 steps per epoch
     kill_at = random.Random().randint(3, total - 10)  # a different step on every run of the suite
     args = _fsdp_args(tmp_path, tiny_teacher_dir, tiny_data, "killed", 4, *extra)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--main_process_port", str(_free_port()), "-m", "hybridft", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if max(steps(), default=0) >= kill_at:
-            _kill_tree(proc.pid)  # the launcher and both training processes (torchrun starts them in new sessions)
-            break
-        time.sleep(0.005)
-    proc.wait(timeout=60)
+    proc = subprocess.Popen(_accelerate(config, args), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # the launcher and both training processes (torchrun starts them in new sessions)
+    kill_when_checkpointed(proc, ckpts, kill_at, lambda p: _kill_tree(p.pid))
     time.sleep(1)  # nothing may still be writing
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "student").exists()
-    killed_at = max(steps())
+    killed_at = max(checkpoint_steps(ckpts))
     assert kill_at <= killed_at < total
 
     _launch(2, [*args, "--resume"], launcher="accelerate", accelerate_config=config)
@@ -244,10 +241,8 @@ def test_fsdp_version_1_is_refused_with_one_line(tmp_path: Path, tiny_teacher_di
     config = tmp_path / "fsdp1.yaml"
     config.write_text((SHIPPED / "fsdp.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
-           str(_free_port()), "-m", "hybridft", *_fsdp_args(tmp_path, tiny_teacher_dir, tiny_data, "run", 4)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = _accelerate(config, _fsdp_args(tmp_path, tiny_teacher_dir, tiny_data, "run", 4))
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "hybridft: error: the Accelerate config asks for FSDP version 1" in done.stderr
     assert not out.exists() or not any(out.iterdir()), "refused before writing anything"
@@ -300,8 +295,7 @@ def test_two_machines_with_their_own_caches(tmp_path: Path, tiny_teacher_dir: Pa
                    "--num_processes", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
                    "--main_process_port", str(port), "--dynamo_backend", "no", "--mixed_precision", "no",
                    "-m", "hybridft", *args]
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "HYBRIDFT_CACHE": str(tmp_path / f"cache-machine-{machine}")}
+            env = _env(HYBRIDFT_CACHE=str(tmp_path / f"cache-machine-{machine}"))
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=300) for p in procs]
         for p, (_, err) in zip(procs, outs):

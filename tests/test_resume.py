@@ -8,14 +8,14 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_bert, make_tokenizer, sentiment_rows, tiny_overrides
+from conftest import (checkpoint_steps, kill_when_checkpointed, make_bert, make_tokenizer, sentiment_rows,
+                      tiny_overrides)
 from hybridft.checkpoint import latest_checkpoint, load_checkpoint
 from hybridft.config import TrainConfig
 from hybridft.data import Examples
@@ -31,11 +31,6 @@ def _command(teacher_dir: Path, data, out: Path, cache: Path) -> list[str]:
             "export.enabled=false", f"distill.cache_dir={cache}"]
 
 
-def _checkpoint_steps(folder: Path) -> list[int]:
-    return [int(p.name.split("-")[1]) for p in folder.glob("step-*") if not p.name.endswith(".tmp")] \
-        if folder.is_dir() else []
-
-
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path: Path, tiny_teacher_dir: Path,
                                                                    tiny_data):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -43,23 +38,17 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path: Pat
     done = subprocess.run(_command(tiny_teacher_dir, tiny_data, tmp_path / "whole", cache), env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    total = max(_checkpoint_steps(tmp_path / "whole" / "checkpoints" / "student"))
+    total = max(checkpoint_steps(tmp_path / "whole" / "checkpoints" / "student"))
     kill_at = random.Random().randint(3, total - 10)  # a different step on every run of the suite
 
     out = tmp_path / "killed"
     cmd = _command(tiny_teacher_dir, tiny_data, out, cache)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     student_ckpts = out / "checkpoints" / "student"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if max(_checkpoint_steps(student_ckpts), default=0) >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait(timeout=60)
+    kill_when_checkpointed(proc, student_ckpts, kill_at, lambda p: p.send_signal(signal.SIGKILL))
     assert proc.returncode == -signal.SIGKILL, "the run must have been killed mid-training"
     assert not (out / "student").exists(), "killed before the student was saved"
-    killed_at = max(_checkpoint_steps(student_ckpts))
+    killed_at = max(checkpoint_steps(student_ckpts))
     assert kill_at <= killed_at < total
 
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
@@ -138,7 +127,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: 
     fit(resumed, items, items[:8], checkpoint_dir=folder, resume=True, **kwargs)
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
-    assert len(_checkpoint_steps(folder)) == 3, "old checkpoints are pruned to keep_checkpoints"
+    assert len(checkpoint_steps(folder)) == 3, "old checkpoints are pruned to keep_checkpoints"
 
 
 def test_resume_drops_the_log_lines_written_after_the_checkpoint(tmp_path: Path):

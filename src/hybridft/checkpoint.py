@@ -51,7 +51,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
                     best_state: Optional[dict[str, torch.Tensor]], keep: int) -> Path:
-    """Write a checkpoint atomically, then prune all but the newest `keep`."""
+    """Write a checkpoint atomically, then prune all but the newest `keep`. `weights` and `best_state` are
+    CPU copies (`sharding.model_state`)."""
     from safetensors.torch import save_file
 
     target = checkpoint_path(folder, step)
@@ -83,5 +84,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Optional[dict[
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage (tied embeddings); clone to plain tensors
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # safetensors refuses shared or non-contiguous storage (tied embeddings). The weights come from
+    # `sharding.model_state`, one fresh CPU copy per key, so only contiguity is left to ensure.
+    return {k: v.contiguous() for k, v in tensors.items()}

@@ -47,7 +47,7 @@ class Context:
     committed: bool = False
 
     def log(self, message: str) -> None:
-        if self.cfg.progress and dist.is_main():
+        if self.cfg.progress:  # off on all but the main process (prepare)
             print(f"[hybridft] {message}", flush=True)
 
     def commit(self) -> None:

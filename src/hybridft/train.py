@@ -348,13 +348,16 @@ def fit(
                 best.best_metric, best.best_step = metrics["accuracy"], step
                 best_state = sharding.model_state(train_model, model, sharded)
         if checkpoint_dir is not None and (step % (tc.checkpoint_every or eval_every) == 0 or step == total_steps):
-            weights_now = sharding.model_state(train_model, model, sharded) if main or sharded else {}
-            optimizer_now = sharding.optimizer_state(train_model, optimizer, sharded) if main or sharded else {}
-            state = {"stage": stage, "step": step, "optimizer": optimizer_now,
-                     "scheduler": scheduler.state_dict(),
-                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "epoch_rng": position["epoch_rng"],
-                     "consumed": position["consumed"], "rng": rng_states(), "best_metric": best.best_metric,
-                     "best_step": best.best_step, "history": best.history}
+            writes = main or sharded  # under FSDP, gathering the whole state takes every process
+            if best.best_step == step:  # just copied as the best weights: no second copy (or FSDP gather)
+                weights_now = best_state
+            else:
+                weights_now = sharding.model_state(train_model, model, sharded) if writes else {}
+            optimizer_now = sharding.optimizer_state(train_model, optimizer, sharded) if writes else {}
+            state = {"stage": stage, "step": step, "optimizer": optimizer_now, "scheduler": scheduler.state_dict(),
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                     "epoch_rng": position["epoch_rng"], "consumed": position["consumed"], "rng": rng_states(),
+                     "best_metric": best.best_metric, "best_step": best.best_step, "history": best.history}
             if main:
                 save_checkpoint(checkpoint_dir, step, weights_now, state, best_state, tc.keep_checkpoints)
     bar.close()
