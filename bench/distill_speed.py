@@ -97,18 +97,18 @@ class Timers:
 @contextmanager
 def instrument(timers: Timers) -> Iterator[None]:
     """Time the pieces of teacher_outputs/distill by wrapping the module attributes they call."""
-    from hybridft import pipeline, train
+    from hybridft import pipeline
     from hybridft.tasks import classification as task
 
     targets = [
-        (pipeline, "fingerprint", "teacher_outputs: fingerprint (hash of teacher weights)"),
-        (pipeline, "compute_logits", "teacher_outputs: teacher forward"),
-        (pipeline, "write_store", "teacher_outputs: write store"),
+        (pipeline, "fingerprint", "teacher_outputs: fingerprint (hash of the teacher folder's files)"),
+        (pipeline, "compute", "teacher_outputs: teacher forward"),
+        (task, "write_outputs", "teacher_outputs: write store"),
         (pipeline, "read_store", "teacher_outputs: read store"),
         (task, "encode", "tokenise (encode)"),
         (task, "build_student", "distill: build student"),
         (pipeline, "fit", "distill: fit (train loop incl. validation)"),
-        (train, "predict_logits", "distill: per-epoch validation (inside fit)"),
+        (task, "predict_logits", "distill: per-epoch validation (inside fit)"),
         (task, "save_model", "distill: save student"),
     ]
     saved = []

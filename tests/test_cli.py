@@ -76,7 +76,7 @@ def test_nan_loss_stops_training_with_one_clear_error(tmp_path: Path):
     items = task.encode(ex, tok, 16, teacher_logits=bad)
     with pytest.raises(HybridFTError, match="loss became nan"):
         fit(make_bert(layers=1), items, items, collate=task.make_collate(tok), tc=TrainConfig(epochs=1, batch_size=8),
-            weights=LossWeights(0.5, 0.5, 2.0), label_names=["neg", "pos"], device=torch.device("cpu"))
+            weights=LossWeights(0.5, 0.5, 2.0), task=task, device=torch.device("cpu"))
 
 
 def test_public_api_is_declared():

@@ -55,7 +55,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     train_items = encode(tok, varied_rows(96, seed=1))
     result = fit(model, train_items, encode(tok, varied_rows(16, seed=2)), collate=task.make_collate(tok),
                  tc=TrainConfig(epochs=20, batch_size=8, lr=3e-3, warmup_ratio=0.0),
-                 weights=LossWeights(0.0, 1.0), label_names=LABELS, device=CPU)
+                 weights=LossWeights(0.0, 1.0), task=task, device=CPU)
     assert result.best_metric == 1.0, "the tiny model must learn the task for the int8 agreement test to mean much"
     onnx_path = ex.export_onnx(model, tok, folder / "onnx")
     int8_path = ex.quantize_int8(onnx_path, folder / "onnx" / ex.INT8_FILE)

@@ -98,7 +98,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: 
 
     tok, items = _items(tmp_path)
     tc = TrainConfig(epochs=4, batch_size=4, checkpoint_every=1, keep_checkpoints=3)
-    kwargs = dict(collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0), label_names=["a", "b"],
+    kwargs = dict(collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0), task=task,
                   device=torch.device("cpu"), seed=3)
     whole = make_bert(layers=1, dropout=0.1, seed=5)
     fit(whole, items, items[:8], checkpoint_dir=tmp_path / "whole", **kwargs)
@@ -135,7 +135,7 @@ def test_resume_drops_the_log_lines_written_after_the_checkpoint(tmp_path: Path)
 
     tok, items = _items(tmp_path)
     tc = TrainConfig(epochs=3, batch_size=4, checkpoint_every=3, log_every=1, eval_every=2)
-    kwargs = dict(collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0), label_names=["a", "b"],
+    kwargs = dict(collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0), task=task,
                   device=torch.device("cpu"), seed=3)
     fit(make_bert(layers=1, seed=5), items, items[:8], writer=MetricsWriter(tmp_path / "whole.jsonl"),
         checkpoint_dir=tmp_path / "whole", **kwargs)

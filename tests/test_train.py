@@ -34,7 +34,7 @@ def _fit_once(tok, items, batch_size: int, grad_accum: int):
     tc = TrainConfig(epochs=1, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, warmup_ratio=0.0,
                      max_grad_norm=None, weight_decay=0.0)
     fit(model, items, items[:4], collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0),
-        label_names=LABELS, device=torch.device("cpu"), seed=7)
+        task=task, device=torch.device("cpu"), seed=7)
     return model
 
 
@@ -66,7 +66,7 @@ def test_teacher_is_frozen_and_never_in_the_optimizer(tmp_path: Path, monkeypatc
     monkeypatch.setattr(train, "make_optimizer", spy)
     items = _items(tok, 16, with_teacher=False)
     fit(student, items, items[:4], collate=task.make_collate(tok), tc=TrainConfig(epochs=2, batch_size=4, lr=1e-2),
-        weights=LossWeights(0.5, 0.5, 2.0), label_names=LABELS, device=torch.device("cpu"), teacher=teacher)
+        weights=LossWeights(0.5, 0.5, 2.0), task=task, device=torch.device("cpu"), teacher=teacher)
     assert not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
     assert all(id(p) not in seen[0] for p in teacher.parameters())
@@ -79,7 +79,7 @@ def test_tiny_student_overfits_a_tiny_set(tmp_path: Path):
     model = make_bert(layers=1, seed=0)
     result = fit(model, items, items, collate=task.make_collate(tok),
                  tc=TrainConfig(epochs=30, batch_size=8, lr=3e-3, warmup_ratio=0.0),
-                 weights=LossWeights(0.0, 1.0), label_names=LABELS, device=torch.device("cpu"))
+                 weights=LossWeights(0.0, 1.0), task=task, device=torch.device("cpu"))
     assert result.best_metric == 1.0
 
 
@@ -91,7 +91,7 @@ def test_gradient_accumulation_counts_steps_and_logs_each_term(tmp_path: Path):
     writer = MetricsWriter(tmp_path / "m.jsonl")
     result = fit(make_bert(layers=1), items, items[:4], collate=task.make_collate(tok),
                  tc=TrainConfig(epochs=2, batch_size=4, grad_accum=2, log_every=1),
-                 weights=LossWeights(0.5, 0.5, 2.0), label_names=LABELS, device=torch.device("cpu"), writer=writer)
+                 weights=LossWeights(0.5, 0.5, 2.0), task=task, device=torch.device("cpu"), writer=writer)
     assert result.steps == 6  # 5 micro-batches per epoch -> 3 optimizer steps per epoch
     rows = read_metrics(tmp_path / "m.jsonl")
     train_rows = [r for r in rows if r["split"] == "train"]
@@ -134,13 +134,13 @@ def test_pipeline_end_to_end_learns_and_writes_hf_folders(tmp_path: Path, tiny_t
 def test_teacher_outputs_are_reused_and_invalidated(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
                                                     monkeypatch: pytest.MonkeyPatch):
     calls = []
-    real = pipeline.compute_logits
+    real = pipeline.compute
 
     def counting(teacher, items, *args, **kwargs):
         calls.append(len(items))
         return real(teacher, items, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "compute_logits", counting)
+    monkeypatch.setattr(pipeline, "compute", counting)
     _run(tmp_path, tiny_teacher_dir, tiny_data, "a")
     assert calls == [48]
     _run(tmp_path, tiny_teacher_dir, tiny_data, "b")  # same teacher, data and tokenisation: reused

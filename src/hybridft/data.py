@@ -92,6 +92,11 @@ def _read_rows(path_spec: str, cfg: DataConfig, role: str) -> tuple[list[dict[st
                         f".jsonl, .parquet or a folder saved with datasets' save_to_disk")
 
 
+def read_rows(path_spec: str, cfg: DataConfig, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+    """A file's rows as dicts, their file line numbers and a display name (any supported format)."""
+    return _read_rows(path_spec, cfg, role)
+
+
 def _check_utf8(path: Path, role: str) -> None:
     raw = path.read_bytes()
     try:

@@ -9,6 +9,7 @@ With one process (the usual case) the collective helpers are no-ops.
 from __future__ import annotations
 
 import os
+import random
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -176,3 +177,33 @@ def set_sync_gradients(acc: Any, sync: bool) -> None:
     would put `accelerator.accumulate`'s own counter out of step), so we set the flag it reads directly.
     """
     acc.gradient_state._set_sync_gradients(sync)
+
+
+# ---------------------------------------------------------------------------------------------------
+# device, precision and seeds
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def pick_device(name: str, precision: str = "fp32") -> torch.device:
+    """This process's device: under `accelerate launch` or `torchrun`, the GPU of its local rank."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HybridFTError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    cpu = name == "cpu" or not torch.cuda.is_available()
+    if precision == "fp16" and cpu:
+        raise HybridFTError("precision=fp16 needs a CUDA GPU (CPU autocast is bf16); use precision=bf16 or fp32")
+    return accelerator(precision, cpu=cpu).device
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))

@@ -318,7 +318,7 @@ class OnnxClassifier(nn.Module):
 
 def load_exported(folder: str | Path, int8: bool = False) -> tuple[OnnxClassifier, Any]:
     """The exported student and its tokenizer, e.g. as the student of a `HybridModel`."""
-    from hybridft.tasks.classification import load_tokenizer
+    from hybridft.models import load_tokenizer
 
     folder = Path(folder)
     return OnnxClassifier(folder / (INT8_FILE if int8 else ONNX_FILE)), load_tokenizer(str(folder), str(folder))
@@ -335,7 +335,8 @@ def _default_device(model: nn.Module) -> torch.device:
 
 def _logits(model: nn.Module, items: list[dict[str, Any]], collate: Any, device: torch.device,
             batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from hybridft.train import length_sorted_loader, predict_logits
+    from hybridft.batching import length_sorted_loader
+    from hybridft.tasks.classification import predict_logits
 
     return predict_logits(model, length_sorted_loader(items, batch_size, collate), device)
 
@@ -404,9 +405,9 @@ def file_size_mb(path: Path) -> float:
 def _pytorch_size_mb(model: nn.Module) -> Optional[float]:
     """Size of the student as deployed in PyTorch: its model.safetensors, written to a temporary folder."""
     from hybridft.evaluate import size_on_disk_mb
-    from hybridft.tasks.classification import _quiet_transformers
+    from hybridft.models import quiet_transformers
 
-    _quiet_transformers()  # no "Writing model shards" bar for a throwaway save
+    quiet_transformers()  # no "Writing model shards" bar for a throwaway save
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         return size_on_disk_mb(Path(tmp))

@@ -176,10 +176,8 @@ class HybridModel:
 
     def _logits(self, model: Any, tokenizer: Any, texts: list[str], pairs: Optional[list[str]],
                 batch_size: int) -> torch.Tensor:
-        from hybridft.train import predict_examples
-
         ex = Examples(texts=texts, labels=[-100] * len(texts), pairs=pairs, source="input")
-        return predict_examples(model, tokenizer, ex, self.max_length, batch_size, self.device)[0]
+        return task.predict_examples(model, tokenizer, ex, self.max_length, batch_size, self.device)[0]
 
     @torch.no_grad()
     def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> HybridPrediction:

@@ -24,12 +24,14 @@ from torch import nn
 
 from hybridft import dist
 from hybridft.config import RunConfig, save_config, to_dict
-from hybridft.data import Examples, Splits, concat, load_splits
+from hybridft.data import Examples, Splits
+from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
+from hybridft.losses import IGNORE_INDEX, LossWeights
 from hybridft.runlog import MetricsWriter
-from hybridft.tasks import classification as task
-from hybridft.teacher_outputs import Store, compute_logits, default_cache_dir, fingerprint, read_store, write_store
-from hybridft.train import LossWeights, fit, pick_device, seed_everything
+from hybridft.tasks import TASKS
+from hybridft.teacher_outputs import compute, default_cache_dir, fingerprint, read_store
+from hybridft.train import fit, lr_key  # noqa: F401
 
 RUN_MARKERS = ("config.yaml", "summary.json", "teacher", "student", "metrics.jsonl")
 
@@ -42,6 +44,8 @@ class Context:
     splits: Splits
     writer: MetricsWriter
     stage: str = "run"
+    task: Any = None
+    """The task module, `TASKS[cfg.task]`: the only place the pipeline learns which task it runs."""
     fresh: bool = True
     resume: bool = False
     committed: bool = False
@@ -145,10 +149,10 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
-    splits = load_splits(cfg.data, cfg.seed)
+    splits = TASKS[cfg.task].load_splits(cfg, cfg.seed)
     return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits,
                    writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
-                   fresh=fresh, resume=resume)
+                   fresh=fresh, resume=resume, task=TASKS[cfg.task])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,34 +160,32 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
 
 
 def load_teacher(ctx: Context) -> tuple[nn.Module, Any, bool]:
-    """The teacher classifier, its tokenizer, and whether it still needs fine-tuning."""
-    cfg, labels = ctx.cfg, ctx.splits.label_names
-    path = task.resolve_model_path(cfg.teacher.model)
-    task.check_model_folder(path, "teacher.model")
-    existing = task.classifier_labels(path) if Path(path).exists() else None
-    if cfg.teacher.finetune == "never" and existing is not None and existing != labels:
-        raise HybridFTError(f"teacher.model {path} was fine-tuned for labels {existing}, but the data has labels "
-                            f"{labels}; fine-tune it (teacher.finetune=always) or fix data.labels")
-    needs_finetune = cfg.teacher.finetune == "always" or (cfg.teacher.finetune == "auto" and existing != labels)
-    tokenizer = task.load_tokenizer(path, "teacher.model")
-    model = task.load_classifier(path, labels, "teacher.model")
-    return model, tokenizer, needs_finetune
+    """The teacher, its tokenizer, and whether it still needs fine-tuning."""
+    return ctx.task.load_teacher(ctx.cfg, ctx.splits)
 
 
 def check_test_split(ctx: Context, tokenizer: Any) -> None:
     """Tokenise the test split before training, so a bad test row fails now rather than after training."""
     if ctx.splits.test is not None:
-        task.encode(ctx.splits.test, tokenizer, ctx.cfg.data.max_length)
+        ctx.task.encode(ctx.splits.test, tokenizer, ctx.cfg.data.max_length)
+
+
+def check_splits(ctx: Context, tokenizer: Any) -> None:
+    """Tokenise every split before the run folder is written (a teacher used as it is trains nothing first)."""
+    s = ctx.splits
+    for examples in (s.train, s.validation, s.unlabeled):
+        if examples is not None:
+            ctx.task.encode(examples, tokenizer, ctx.cfg.data.max_length)
+    check_test_split(ctx, tokenizer)
 
 
 def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
-    cfg, s = ctx.cfg, ctx.splits
+    cfg, s, task = ctx.cfg, ctx.splits, ctx.task
     done = ctx.run_dir / "teacher"
     if ctx.resume and (done / "model.safetensors").is_file():
         ctx.log(f"resuming: the teacher was already fine-tuned ({done})")
-        labels = s.label_names
-        teacher = task.load_classifier(str(done), labels, "teacher").eval().requires_grad_(False)
-        return teacher, task.load_tokenizer(str(done), "teacher")
+        teacher, tokenizer = task.load_model(str(done), s, "teacher")
+        return teacher.eval().requires_grad_(False), tokenizer
     teacher, tokenizer, needs_finetune = load_teacher(ctx)
     if needs_finetune:
         ctx.log(f"fine-tuning the teacher on {len(s.train)} labeled examples")
@@ -191,15 +193,16 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
         val_items = task.encode(s.validation, tokenizer, cfg.data.max_length)
         check_test_split(ctx, tokenizer)
         ctx.commit()
-        result = fit(teacher, train_items, val_items, collate=task.make_collate(tokenizer), tc=cfg.teacher.train,
-                     weights=LossWeights(alpha=0.0, beta=1.0), label_names=s.label_names, device=ctx.device,
+        result = fit(teacher, train_items, val_items, task=task, collate=task.make_collate(tokenizer),
+                     tc=cfg.teacher.train, weights=task_weights(cfg, alpha=0.0, beta=1.0), device=ctx.device,
                      precision=cfg.precision, seed=cfg.seed, writer=ctx.writer, stage="teacher",
                      progress=cfg.progress, checkpoint_dir=ctx.run_dir / "checkpoints" / "teacher",
                      resume=ctx.resume)
         teacher = result.model  # a fresh unwrapped copy under FSDP
-        ctx.log(f"teacher: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
+        ctx.log(f"teacher: validation {task.BEST[0]} {result.best_metric:.4f} ({result.seconds:.0f} s)")
     else:
-        ctx.log("the teacher already is a classifier for these labels; using it as is")
+        ctx.log("the teacher is used as it is (teacher.finetune)")
+        check_splits(ctx, tokenizer)
         ctx.commit()
     teacher.eval().requires_grad_(False)
     if dist.is_main():
@@ -212,105 +215,81 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
 # stage 2: teacher outputs
 
 
-def transfer_set(splits: Splits) -> Examples:
-    """Everything the student learns from: labeled training rows, then unlabeled rows (label -100)."""
-    return splits.train if splits.unlabeled is None else concat(splits.train, splits.unlabeled)
-
-
-def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Store:
-    """Stored teacher logits for the transfer set: reused when teacher, data and tokenisation are unchanged."""
-    cfg = ctx.cfg
-    examples = transfer_set(ctx.splits)
+def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Any:
+    """Stored teacher outputs for the transfer set: reused when teacher, data and settings are unchanged."""
+    cfg, task = ctx.cfg, ctx.task
+    examples = task.transfer_set(ctx.splits)
     keys = examples.keys()
-    fp = fingerprint(teacher, tokenizer, cfg.data.max_length, keys, cfg.precision)
+    # The main process decides, and its store is shared: the default cache is under $HOME, which on several
+    # machines is a different folder on each. The teacher folder was saved on the main process.
+    fp = dist.from_main(lambda: fingerprint(teacher_folder(ctx), tokenizer, task.store_settings(cfg), keys))
     cache = Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else default_cache_dir()
     cached = cache / f"{fp}.safetensors"
-    # The main process's cache decides, and its store is shared: the default cache is under $HOME, which
-    # on several machines is a different folder on each.
     if dist.from_main(cached.is_file):
         ctx.log(f"reusing stored teacher outputs {cached}")
-        store = dist.from_main(lambda: read_store(cached))
     else:
         start = time.perf_counter()
         items = task.encode(examples, tokenizer, cfg.data.max_length)
-        logits = compute_logits(teacher, items, task.make_collate(tokenizer), ctx.device, cfg.precision,
-                                progress=cfg.progress)
+        rows = compute(teacher, items, task.make_collate(tokenizer), ctx.device, cfg.precision, task.summarise(cfg),
+                       batch_size=cfg.distill.batch_size, progress=cfg.progress)
         if dist.is_main():
-            write_store(cached, keys, logits, ctx.splits.label_names, fingerprint=fp)
-        store = dist.from_main(lambda: read_store(cached))  # read back: checked as any store is
+            task.write_outputs(cached, keys, rows, ctx.splits, cfg, fp)
+        dist.barrier()
         ctx.log(f"teacher outputs for {len(keys)} examples in {time.perf_counter() - start:.1f} s -> {cached}")
+    store = dist.from_main(lambda: read_store(cached))  # read back: checked as any store is
     if dist.is_main():
         shutil.copyfile(cached, ctx.run_dir / "teacher_outputs.safetensors")
     return store
+
+
+def teacher_folder(ctx: Context) -> Path:
+    """The teacher whose outputs are stored: the run's saved teacher, else the folder `teacher.model` names."""
+    saved = ctx.run_dir / "teacher"
+    return saved if saved.is_dir() else Path(ctx.task.teacher_path(ctx.cfg))
+
+
+def task_weights(cfg: RunConfig, alpha: float, beta: float) -> LossWeights:
+    loss = cfg.loss
+    return LossWeights(alpha, beta, loss.temperature, divergence=loss.divergence, jsd_beta=loss.jsd_beta,
+                       chunk_rows=loss.chunk_rows if cfg.task == "causal_lm" else None, tail=loss.topk_tail)
 
 
 # ---------------------------------------------------------------------------------------------------
 # stage 3: the student
 
 
-def check_store_labels(store: Store, label_names: list[str]) -> None:
-    if store.label_names != label_names:
-        raise HybridFTError(f"the teacher outputs are for labels {store.label_names}, but the data has labels "
-                            f"{label_names}; set data.labels to the teacher's order or recompute the outputs")
-
-
-def pseudo_label(examples: Examples, logits: torch.Tensor, threshold: Optional[float]) -> tuple[Examples, int]:
-    """Unlabeled rows whose teacher confidence reaches the threshold take the teacher's argmax as label."""
-    if threshold is None:
-        return examples, 0
-    probs = logits.softmax(-1)
-    conf, pred = probs.max(-1)
-    labels = list(examples.labels)
-    n = 0
-    for i, y in enumerate(labels):
-        if y == -100 and conf[i] >= threshold:
-            labels[i] = int(pred[i])
-            n += 1
-    out = examples.subset(list(range(len(examples))))
-    out.labels = labels
-    return out, n
-
-
-def distill(ctx: Context, store: Optional[Store], teacher: Optional[nn.Module], teacher_tokenizer: Any) -> tuple[nn.Module, Any]:
-    """Train the student from stored logits (or, online, from the live teacher)."""
-    cfg, s = ctx.cfg, ctx.splits
-    student, tokenizer = task.build_student(cfg, teacher, teacher_tokenizer, s.label_names)
-    examples = transfer_set(s)
-    logits = None
-    if store is not None:
-        check_store_labels(store, s.label_names)
-        logits = store.lookup(examples.keys(), examples.source)
-        examples, n_pseudo = pseudo_label(examples, logits, cfg.loss.pseudo_label_threshold)
-        if n_pseudo:
-            ctx.log(f"{n_pseudo} unlabeled rows got a hard pseudo-label (confidence >= "
-                    f"{cfg.loss.pseudo_label_threshold})")
+def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_tokenizer: Any) -> tuple[nn.Module, Any]:
+    """Train the student from stored outputs (or, online, from the live teacher)."""
+    cfg, s, task = ctx.cfg, ctx.splits, ctx.task
+    student, tokenizer = task.build_student(cfg, teacher, teacher_tokenizer, s)
     online = teacher if cfg.distill.online else None
-    train_items = task.encode(examples, tokenizer, cfg.data.max_length, teacher_logits=None if online else logits)
+    examples, targets = task.training_examples(s, None if online else store, cfg, ctx.log)
+    train_items = task.encode(examples, tokenizer, cfg.data.max_length, targets)
     val_items = task.encode(s.validation, tokenizer, cfg.data.max_length)
     check_test_split(ctx, tokenizer)
     ctx.commit()
     collate = task.make_collate(tokenizer)
     loss = cfg.loss
-    common = dict(collate=collate, label_names=s.label_names, device=ctx.device, precision=cfg.precision,
+    common = dict(task=task, collate=collate, device=ctx.device, precision=cfg.precision,
                   seed=cfg.seed, writer=ctx.writer, progress=cfg.progress, teacher=online, resume=ctx.resume)
     checkpoints = ctx.run_dir / "checkpoints"
     ctx.log(f"distilling a {task.count_params(student)['params'] / 1e6:.1f}M-parameter student on "
             f"{len(train_items)} examples ({loss.strategy}, alpha={loss.alpha}, beta={loss.beta}, T={loss.temperature})")
     if loss.strategy == "joint":
         result = fit(student, train_items, val_items, tc=cfg.student.train,
-                     weights=LossWeights(loss.alpha, loss.beta, loss.temperature), stage="student",
+                     weights=task_weights(cfg, loss.alpha, loss.beta), stage="student",
                      checkpoint_dir=checkpoints / "student", **common)
     else:
         # Phase 1 learns from the teacher alone (all rows); phase 2 fine-tunes on the true labels only.
         student = fit(student, train_items, val_items, tc=cfg.student.train,
-                      weights=LossWeights(max(loss.alpha, 1e-12), 0.0, loss.temperature), stage="student-kd",
+                      weights=task_weights(cfg, max(loss.alpha, 1e-12), 0.0), stage="student-kd",
                       checkpoint_dir=checkpoints / "student-kd", **common).model
-        labeled = [it for it in train_items if it["labels"] != -100]
+        labeled = [it for it in train_items if it["labels"] != IGNORE_INDEX]
         tc = replace(cfg.student.train, epochs=loss.sequential_ce_epochs)
-        result = fit(student, labeled, val_items, tc=tc, weights=LossWeights(0.0, max(loss.beta, 1e-12)),
+        result = fit(student, labeled, val_items, tc=tc, weights=task_weights(cfg, 0.0, max(loss.beta, 1e-12)),
                      stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
     student = result.model  # a fresh unwrapped copy under FSDP
-    ctx.log(f"student: validation accuracy {result.best_metric:.4f} ({result.seconds:.0f} s)")
+    ctx.log(f"student: validation {task.BEST[0]} {result.best_metric:.4f} ({result.seconds:.0f} s)")
     if dist.is_main():
         task.save_model(student, tokenizer, ctx.run_dir / "student")
     dist.barrier()
@@ -323,29 +302,24 @@ def distill(ctx: Context, store: Optional[Store], teacher: Optional[nn.Module], 
 
 def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]]) -> dict[str, Any]:
     """Measure each model on the test split (validation if there is none) and write summary.json."""
-    from hybridft.evaluate import evaluate_model
-
-    cfg, s = ctx.cfg, ctx.splits
+    cfg, s, task = ctx.cfg, ctx.splits, ctx.task
     split_name, examples = ("test", s.test) if s.test is not None else ("validation", s.validation)
-    summary: dict[str, Any] = {"split": split_name, "examples": len(examples), "labels": s.label_names,
-                               "device": str(ctx.device)}
+    summary: dict[str, Any] = {"task": cfg.task, "split": split_name, "examples": len(examples),
+                               "labels": s.label_names, "device": str(ctx.device)}
     for name, (model, tokenizer) in models.items():
-        items = task.encode(examples, tokenizer, cfg.data.max_length)
-        summary[name] = evaluate_model(model, items, task.make_collate(tokenizer), s.label_names, ctx.device,
-                                       folder=ctx.run_dir / name, batch_size=cfg.eval.batch_size,
-                                       speed_batches=cfg.eval.speed_batches, latency_samples=cfg.eval.latency_samples)
+        summary[name] = task.report(model, tokenizer, examples, s, cfg, ctx.device, folder=ctx.run_dir / name)
     if "teacher" in summary and "student" in summary:
-        t, st = summary["teacher"], summary["student"]
-        summary["comparison"] = {
-            "accuracy_retained": round(st["accuracy"] / t["accuracy"], 4) if t["accuracy"] else None,
-            "speedup": round(st["throughput_samples_per_s"] / t["throughput_samples_per_s"], 2),
-            "latency_speedup": round(t["latency_ms_batch1"] / st["latency_ms_batch1"], 2),
-            "non_embedding_param_ratio": round(st["params_non_embedding"] / t["params_non_embedding"], 4),
-        }
-    tmp = ctx.run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    os.replace(tmp, ctx.run_dir / "summary.json")
+        summary["comparison"] = task.compare(summary["teacher"], summary["student"])
+    for name in models:  # working values a report hands to `compare` (e.g. per-token predictions)
+        summary[name] = {k: v for k, v in summary[name].items() if not k.startswith("_")}
+    write_summary(ctx.run_dir, summary)
     return summary
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    os.replace(tmp, run_dir / "summary.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,7 +327,7 @@ def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]]) -> dict[str
 
 
 def split_logits(ctx: Context, model: nn.Module, tokenizer: Any, examples: Examples) -> tuple[torch.Tensor, torch.Tensor]:
-    from hybridft.train import predict_examples
+    from hybridft.tasks.classification import predict_examples
 
     return predict_examples(model, tokenizer, examples, ctx.cfg.data.max_length, ctx.cfg.eval.batch_size, ctx.device)
 
@@ -396,7 +370,7 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
     start = time.perf_counter()
     pred = model.predict(test.texts, test.pairs, batch_size=cfg.eval.batch_size)
     throughput = len(test) / (time.perf_counter() - start)
-    metrics = task.compute_metrics(pred.probs, torch.tensor(test.labels), s.label_names, full=True)
+    metrics = ctx.task.compute_metrics(pred.probs, torch.tensor(test.labels), s.label_names, full=True)
     model.save(ctx.run_dir / "hybrid")
 
     student_acc, teacher_acc = accuracy(st, yt), accuracy(tt, yt)
@@ -448,7 +422,7 @@ def export(ctx: Context, student: nn.Module, tokenizer: Any) -> Optional[dict[st
         return None
     s, cfg = ctx.splits, ctx.cfg
     examples = s.test if s.test is not None else s.validation
-    items = task.encode(examples, tokenizer, cfg.data.max_length)
+    items = ctx.task.encode(examples, tokenizer, cfg.data.max_length)
     result = export_student(student, tokenizer, ctx.run_dir / "export", items, s.label_names, ctx.device,
                             opset=cfg.export.opset, batch_size=cfg.eval.batch_size,
                             speed_batches=cfg.eval.speed_batches, latency_samples=cfg.eval.latency_samples)
@@ -464,8 +438,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
     ctx = prepare(cfg, overwrite, resume=resume, force=force)
     models: dict[str, tuple[nn.Module, Any]] = {}
     if cfg.distill.teacher_logits:
-        store: Optional[Store] = read_store(cfg.distill.teacher_logits)
-        check_store_labels(store, ctx.splits.label_names)
+        store = read_store(cfg.distill.teacher_logits)
+        ctx.task.check_store(store, ctx.splits, cfg)
         shutil.copyfile(cfg.distill.teacher_logits, ctx.run_dir / "teacher_outputs.safetensors")
         teacher, teacher_tok = (None, None) if cfg.student.model else load_teacher(ctx)[:2]
     else:
@@ -476,14 +450,15 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
     if not dist.is_main():  # evaluation, the hybrid and the export run once, on the main process
         return {}
     summary = evaluate(ctx, models)
-    if cfg.hybrid.enabled and "teacher" in models:
+    classification = cfg.task == "classification"  # the cascade and the ONNX export are classifier deliverables
+    if classification and cfg.hybrid.enabled and "teacher" in models:
         summary["hybrid"] = build_hybrid(ctx, models["teacher"], models["student"])
-    if cfg.export.enabled:
+    if classification and cfg.export.enabled:
         exported = export(ctx, *models["student"])
         if exported is not None:
             summary["export"] = exported
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["launch"] = dist.describe()  # how training ran: processes, engine, precision
     summary["config"] = to_dict(cfg)
-    (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_summary(ctx.run_dir, summary)
     return summary

@@ -70,6 +70,8 @@ class PredictReport:
     """Input columns renamed because their name is a prediction column, e.g. `label` -> `input_label`."""
     dropped_columns: list[str] = field(default_factory=list)
     """JSONL -> CSV/TSV only: keys absent from the first row, so without a column in the output."""
+    columns: tuple[str, ...] = PREDICTION_COLUMNS
+    """The output columns added to each row."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,8 +88,9 @@ class PredictReport:
         """One line for the CLI, e.g. `wrote 998 rows to out.csv (teacher 12%); skipped 2 bad rows: ...`."""
         answered = sum(self.answered_by.values())
         teacher = self.answered_by.get("teacher", 0) / answered if answered else 0.0
-        line = (f"wrote {self.rows_written} rows to {self.output} in {self.seconds:.1f}s "
-                f"(teacher answered {teacher:.0%})")
+        line = f"wrote {self.rows_written} rows to {self.output} in {self.seconds:.1f}s"
+        if answered:
+            line += f" (teacher answered {teacher:.0%})"
         if self.skipped:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_by_reason.items()))
             more = ", ..." if self.skipped > len(self.skipped_lines) else ""
@@ -331,12 +334,12 @@ def _text_value(row: dict[str, Any], column: str, what: str) -> tuple[Optional[s
     return text, None, ""
 
 
-def _clash_renames(names: list[str]) -> dict[str, str]:
+def _clash_renames(names: list[str], columns: tuple[str, ...] = PREDICTION_COLUMNS) -> dict[str, str]:
     """Input columns named like a prediction column become `input_<name>`, so neither is lost."""
-    clashes = [n for n in names if n in PREDICTION_COLUMNS]
+    clashes = [n for n in names if n in columns]
     if not clashes:
         return {}
-    taken = set(names) | set(PREDICTION_COLUMNS)
+    taken = set(names) | set(columns)
     renames = {}
     for name in clashes:
         new = f"input_{name}"
@@ -348,15 +351,13 @@ def _clash_renames(names: list[str]) -> dict[str, str]:
 
 
 def _output_row(row: dict[str, Any], prediction: dict[str, Any], report: PredictReport) -> dict[str, Any]:
-    renames = _clash_renames(list(row))
+    renames = _clash_renames(list(row), report.columns)
     report.renamed_columns.update(renames)
     out = {renames.get(k, k): v for k, v in row.items()}
-    for name in PREDICTION_COLUMNS:
+    for name in report.columns:
         if name not in prediction:
             raise ValueError(f"predict_batch returned a row without '{name}': {prediction!r}")
-    out["label"] = prediction["label"]
-    out["probability"] = float(prediction["probability"])
-    out["answered_by"] = prediction["answered_by"]
+        out[name] = float(prediction[name]) if name == "probability" else prediction[name]
     return out
 
 
@@ -394,8 +395,8 @@ class _OutputWriter:
 
     def set_columns(self, input_columns: list[str]) -> None:
         """Fix the CSV/TSV header (the input's columns, renamed where they clash, then the predictions)."""
-        renames = _clash_renames(input_columns)
-        self.fieldnames = [renames.get(c, c) for c in input_columns] + list(PREDICTION_COLUMNS)
+        renames = _clash_renames(input_columns, self.report.columns)
+        self.fieldnames = [renames.get(c, c) for c in input_columns] + list(self.report.columns)
         if self._csv is not None:
             self._csv.writerow(self.fieldnames)
 
@@ -405,7 +406,7 @@ class _OutputWriter:
             self._fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         else:
             if self.fieldnames is None and rows:  # JSONL input: the first row's keys are the columns
-                self.set_columns([k for k in rows[0] if k not in PREDICTION_COLUMNS])
+                self.set_columns([k for k in rows[0] if k not in self.report.columns])
             assert self.fieldnames is not None
             known = set(self.fieldnames)
             for r in rows:
@@ -505,7 +506,8 @@ def _run_batch(predict_batch: PredictBatch, batch: list[tuple[dict[str, Any], st
     rows = [_output_row(row, p, report) for (row, _, _), p in zip(batch, predictions)]
     writer.write(rows)
     for p in predictions:
-        report.answered_by[p["answered_by"]] = report.answered_by.get(p["answered_by"], 0) + 1
+        if "answered_by" in p:
+            report.answered_by[p["answered_by"]] = report.answered_by.get(p["answered_by"], 0) + 1
     report.rows_written += len(rows)
 
 
@@ -513,7 +515,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                  text_column: str = "text", text_pair_column: Optional[str] = None,
                  delimiter: Optional[str] = None, column_names: Optional[list[str]] = None,
                  batch_size: int = 256, skip_bad_rows: bool = False, progress: bool = True,
-                 write_report: bool = True) -> PredictReport:
+                 write_report: bool = True, columns: tuple[str, ...] = PREDICTION_COLUMNS) -> PredictReport:
     """Predict every row of a CSV, TSV or JSONL file and write the rows with their predictions.
 
     At most `batch_size` rows are held (and passed to `predict_batch`) at a time, whatever the file size.
@@ -530,6 +532,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         skip_bad_rows: Skip and count bad rows instead of stopping at the first one.
         progress: Show a progress bar (in bytes of input read) on stderr.
         write_report: Also write the report as `<output>.report.json`.
+        columns: The output columns `predict_batch` fills (`hybridft generate` writes `("generation",)`).
 
     Returns:
         The `PredictReport` of the run.
@@ -545,7 +548,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
     out_delimiter = _check_paths(src, dst)
     if batch_size < 1:
         raise HybridFTError(f"batch size must be at least 1, got {batch_size}")
-    report = PredictReport(input=str(src), output=str(dst))
+    report = PredictReport(input=str(src), output=str(dst), columns=tuple(columns))
     with open(src, "rb") as fh:
         lines = _Lines(fh)
         # The reader comes first: a delimited file's header is checked before anything is created.

@@ -1,14 +1,14 @@
-"""The teacher-output store: the teacher runs once over the training text, its logits go to disk, and the
-student trains from them (classification logits are tiny: 4 bytes x classes per example).
+"""The teacher-output store: the teacher runs once over the training text, a summary of what it said goes to
+disk, and the student trains from it. See docs/teacher_outputs.md for the format.
 
-Format (version 1), one safetensors file:
-    tensors  `logits` float32 [N, C]   raw teacher logits (before temperature), classes in `label_names` order
-             `keys`   uint8   [N, 16]  blake2b-128 digest of the UTF-8 text, or of text + "\\x1f" + pair for
-                                       sentence pairs (`hybridft.data.example_key`)
-    metadata `format` = "hybridft.teacher_outputs/1", `label_names` = JSON list,
-             `fingerprint` = hex digest of teacher weights + tokenizer settings + data keys (may be "external")
-Rows are looked up by key, so row order and extra rows do not matter. `write_store` writes the file for
-logits computed anywhere else; `distill.teacher_logits=FILE` then distils with no teacher weights at all.
+Three kinds (format version 2; version-1 files, dense only, still read):
+    dense    classification: logits float32 [N, C] per example (4 bytes x classes).
+    topk     causal LMs: per target token, the teacher's top-k log-probabilities (fp16) and ids (int32), the
+             rest of its mass left implicit (1 - sum). 49,152 floats per token become k pairs.
+    sampled  causal LMs: per target token, ids drawn from the teacher's distribution with their counts and
+             log-probabilities ("Random-Sampling KD", Anshumann et al., ACL 2025), an unbiased estimator.
+Rows are looked up by example key (`hybridft.data.example_key`); token stores keep `offsets` [N+1] into the
+token rows, which are read lazily (memory-mapped slices) one batch at a time.
 """
 
 from __future__ import annotations
@@ -16,56 +16,145 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from hybridft.errors import HybridFTError
+from hybridft.losses import SparseTargets
 
-FORMAT = "hybridft.teacher_outputs/1"
+FORMAT_V1 = "hybridft.teacher_outputs/1"
+FORMAT = "hybridft.teacher_outputs/2"
+KINDS = ("dense", "topk", "sampled")
+
+
+def _key_bytes(keys: list[str]) -> torch.Tensor:
+    return torch.tensor([list(bytes.fromhex(k)) for k in keys], dtype=torch.uint8).reshape(len(keys), 16)
 
 
 @dataclass
 class Store:
+    """A dense store: one row of logits per example."""
+
     logits: torch.Tensor  # [N, C] float32
     keys: list[str]
     label_names: list[str]
     fingerprint: str
+    kind: str = "dense"
 
     def lookup(self, keys: list[str], source: str) -> torch.Tensor:
         """Logits [len(keys), C] in the order of `keys`; every key must be present."""
-        row = {k: i for i, k in enumerate(self.keys)}
-        missing = [i for i, k in enumerate(keys) if k not in row]
-        if missing:
-            raise HybridFTError(f"the teacher-output store has no logits for {len(missing)} of {len(keys)} "
-                                f"examples of {source} (first: row {missing[0] + 1}); recompute it for this data")
-        return self.logits[torch.tensor([row[k] for k in keys], dtype=torch.long)]
+        return self.logits[torch.tensor(_rows(self.keys, keys, source), dtype=torch.long)]
 
 
-def write_store(path: str | Path, keys: list[str], logits: torch.Tensor, label_names: list[str],
-                fingerprint: str = "external") -> Path:
-    """Write a store atomically (temporary file, then rename)."""
+@dataclass
+class TokenSlice:
+    """One example's rows of a token store, read when its batch is built."""
+
+    store: "TokenStore"
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def read(self) -> SparseTargets:
+        return self.store.read(self.start, self.end)
+
+
+@dataclass
+class TokenStore:
+    """A token store (`topk` or `sampled`): `offsets[i]:offsets[i+1]` are example i's target-token rows."""
+
+    path: Path
+    kind: str
+    keys: list[str]
+    offsets: torch.Tensor  # [N + 1] int64
+    k: int
+    temperature: float
+    fingerprint: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    _file: Any = None
+
+    def lookup(self, keys: list[str], source: str) -> list[TokenSlice]:
+        rows = _rows(self.keys, keys, source)
+        return [TokenSlice(self, int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows]
+
+    def read(self, start: int, end: int) -> SparseTargets:
+        from safetensors import safe_open
+
+        if self._file is None:  # memory-mapped; slices are read from disk on demand
+            self._file = safe_open(str(self.path), framework="pt")
+        ids = self._file.get_slice("ids")[start:end].long()
+        logprobs = self._file.get_slice("logprobs")[start:end].float()
+        counts = self._file.get_slice("counts")[start:end].long() if self.kind == "sampled" else None
+        return SparseTargets(ids, logprobs, counts)
+
+    def __getstate__(self) -> dict[str, Any]:  # the open file handle does not cross processes
+        return {**self.__dict__, "_file": None}
+
+
+def _rows(stored: list[str], wanted: list[str], source: str) -> list[int]:
+    row = {k: i for i, k in enumerate(stored)}
+    missing = [i for i, k in enumerate(wanted) if k not in row]
+    if missing:
+        raise HybridFTError(f"the teacher-output store has no outputs for {len(missing)} of {len(wanted)} "
+                            f"examples of {source} (first: row {missing[0] + 1}); recompute it for this data")
+    return [row[k] for k in wanted]
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    logits = logits.detach().float().cpu().contiguous()
-    if logits.ndim != 2 or logits.shape[0] != len(keys) or logits.shape[1] != len(label_names):
-        raise HybridFTError(f"teacher logits have shape {tuple(logits.shape)}, expected ({len(keys)}, "
-                            f"{len(label_names)}) for {len(keys)} examples and {len(label_names)} labels")
-    key_bytes = torch.tensor([list(bytes.fromhex(k)) for k in keys], dtype=torch.uint8).reshape(len(keys), 16)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"logits": logits, "keys": key_bytes}, str(tmp),
-              metadata={"format": FORMAT, "label_names": json.dumps(label_names), "fingerprint": fingerprint})
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 
 
-def read_store(path: str | Path) -> Store:
+def write_store(path: str | Path, keys: list[str], logits: torch.Tensor, label_names: list[str],
+                fingerprint: str = "external") -> Path:
+    """Write a dense store atomically (temporary file, then rename). logits: [N, C] with C = len(label_names)."""
+    logits = logits.detach().float().cpu().contiguous()
+    if logits.ndim != 2 or logits.shape[0] != len(keys) or logits.shape[1] != len(label_names):
+        raise HybridFTError(f"teacher logits have shape {tuple(logits.shape)}, expected ({len(keys)}, "
+                            f"{len(label_names)}) for {len(keys)} examples and {len(label_names)} labels")
+    return _atomic_save({"logits": logits, "keys": _key_bytes(keys)}, Path(path),
+                        {"format": FORMAT, "kind": "dense", "label_names": json.dumps(label_names),
+                         "fingerprint": fingerprint})
+
+
+def write_token_store(path: str | Path, keys: list[str], rows: list[SparseTargets], kind: str,
+                      temperature: float, fingerprint: str = "external",
+                      meta: Optional[dict[str, Any]] = None) -> Path:
+    """Write a `topk` or `sampled` store: `rows[i]` holds example i's target-token rows ([T_i, k] each).
+
+    Sizes on disk per token and entry: id int32 (4 bytes), log-probability fp16 (2), count int16 (2, sampled
+    only). `temperature` is the one the log-probabilities were taken at (the KD temperature).
+    """
+    if kind not in ("topk", "sampled"):
+        raise ValueError(f"kind must be topk or sampled, got {kind}")
+    if len(rows) != len(keys):
+        raise HybridFTError(f"{len(rows)} rows of teacher outputs for {len(keys)} examples")
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([len(r.ids) for r in rows], dtype=torch.int64), 0)
+    ids = torch.cat([r.ids for r in rows]).to(torch.int32).contiguous()
+    tensors = {"keys": _key_bytes(keys), "offsets": offsets, "ids": ids,
+               "logprobs": torch.cat([r.logprobs for r in rows]).to(torch.float16).contiguous()}
+    if kind == "sampled":
+        tensors["counts"] = torch.cat([r.counts for r in rows]).to(torch.int16).contiguous()  # type: ignore[misc]
+    metadata = {"format": FORMAT, "kind": kind, "k": str(ids.shape[-1]), "temperature": repr(float(temperature)),
+                "fingerprint": fingerprint, "meta": json.dumps(meta or {})}
+    return _atomic_save(tensors, Path(path), metadata)
+
+
+def read_store(path: str | Path) -> Store | TokenStore:
+    """Read a store of any kind. Dense logits are loaded; token rows stay on disk until a batch needs them."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -74,29 +163,75 @@ def read_store(path: str | Path) -> Store:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            logits, key_bytes = f.get_tensor("logits"), f.get_tensor("keys")
+            names = set(f.keys())
+            kind = meta.get("kind", "dense")
+            key_bytes = f.get_tensor("keys")
+            if kind == "dense":
+                logits = f.get_tensor("logits")
+            else:
+                offsets = f.get_tensor("offsets")
     except (SafetensorError, OSError, KeyError) as e:
         raise HybridFTError(f"{path} is not a teacher-output store ({e}); see docs/teacher_outputs.md") from None
-    if meta.get("format") != FORMAT:
-        raise HybridFTError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; "
+    if meta.get("format") not in (FORMAT, FORMAT_V1) or kind not in KINDS:
+        raise HybridFTError(f"{path} has format {meta.get('format')!r} (kind {kind!r}), expected {FORMAT!r}; "
                             f"see docs/teacher_outputs.md")
-    if not torch.isfinite(logits).all():
-        bad = int((~torch.isfinite(logits)).any(-1).sum())
-        raise HybridFTError(f"{path}: {bad} rows of teacher logits are NaN or infinite; recompute them")
     keys = [bytes(row).hex() for row in key_bytes.tolist()]
-    return Store(logits=logits.float(), keys=keys, label_names=json.loads(meta["label_names"]),
-                 fingerprint=meta.get("fingerprint", ""))
+    if kind == "dense":
+        if not torch.isfinite(logits).all():
+            bad = int((~torch.isfinite(logits)).any(-1).sum())
+            raise HybridFTError(f"{path}: {bad} rows of teacher logits are NaN or infinite; recompute them")
+        return Store(logits=logits.float(), keys=keys, label_names=json.loads(meta["label_names"]),
+                     fingerprint=meta.get("fingerprint", ""))
+    needed = {"ids", "logprobs"} | ({"counts"} if kind == "sampled" else set())
+    if not needed <= names or len(offsets) != len(keys) + 1:
+        raise HybridFTError(f"{path}: a {kind} store needs tensors {sorted(needed)} and offsets for every key; "
+                            f"recompute it")
+    return TokenStore(path=path, kind=kind, keys=keys, offsets=offsets, k=int(meta["k"]),
+                      temperature=float(meta["temperature"]), fingerprint=meta.get("fingerprint", ""),
+                      meta=json.loads(meta.get("meta", "{}")))
 
 
-def fingerprint(teacher: nn.Module, tokenizer: Any, max_length: int, keys: list[str], precision: str) -> str:
-    """What the stored logits depend on: teacher weights, tokenisation settings, the examples and precision."""
+# ---------------------------------------------------------------------------------------------------
+# fingerprint and cache
+
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime) within the process."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _file_hashes:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _file_hashes[memo] = h.hexdigest()
+    return _file_hashes[memo]
+
+
+def folder_digest(folder: str | Path) -> str:
+    """What a saved model folder holds: the names and SHA-256 of its files (weights, config, tokenizer).
+
+    Hashing the files costs a read at disk speed; hashing the tensors would convert every weight to float32
+    first. A folder that is not on disk (a hub id) is identified by its name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"name:{folder}"
     h = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{f.relative_to(folder)}={file_sha256(f)};".encode())
+    return h.hexdigest()
+
+
+def fingerprint(teacher_folder: str | Path, tokenizer: Any, settings: str, keys: list[str]) -> str:
+    """What the stored outputs depend on: the teacher folder's files, the tokenizer, the settings that change
+    the outputs (max_length, precision, kind, k, temperature, ...) and the examples, in order."""
+    h = hashlib.sha256()
+    h.update(folder_digest(teacher_folder).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
-    h.update(f"max_length={max_length};precision={precision};labels={teacher.config.id2label}".encode())
+    h.update(settings.encode())
     for k in keys:
         h.update(k.encode())
     return h.hexdigest()[:32]
@@ -106,17 +241,22 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HYBRIDFT_CACHE", Path.home() / ".cache" / "hybridft")) / "teacher_outputs"
 
 
+# ---------------------------------------------------------------------------------------------------
+# running the teacher once
+
+
 @torch.no_grad()
-def compute_logits(teacher: nn.Module, items: list[dict[str, Any]], collate: Any, device: torch.device,
-                   precision: str, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Teacher logits [N, C] for the items, in item order. Items are batched by length so that dynamic
-    padding wastes little work. Under several processes each computes every `world`-th batch and all
-    processes receive the merged result."""
+def compute(teacher: nn.Module, items: list[dict[str, Any]], collate: Any, device: torch.device, precision: str,
+            summarise: Callable[[nn.Module, dict[str, Any]], list[Any]], batch_size: int = 64,
+            progress: bool = False) -> list[Any]:
+    """The teacher's summary of every item, in item order: `summarise(teacher, batch)` returns one object per
+    row of the batch (a logits row, or a token summary). Items are batched by length so that dynamic padding
+    wastes little work. Under several processes each computes every `world`-th batch and all processes
+    receive the merged result."""
     from tqdm.auto import tqdm
 
     from hybridft import dist
-    from hybridft.train import autocast, to_device
-    from hybridft.tasks.classification import logits_for_loss
+    from hybridft.batching import to_device
 
     rank, world = dist.rank_and_world()
     teacher.to(device).eval()
@@ -124,20 +264,27 @@ def compute_logits(teacher: nn.Module, items: list[dict[str, Any]], collate: Any
     # whole length-sorted batches per process, so each process pads as little as one process would
     order = [i for b, start in enumerate(range(0, len(by_length), batch_size)) if b % world == rank
              for i in by_length[start:start + batch_size]]
-    out = torch.empty(len(items), teacher.config.num_labels)
+    out: list[Any] = [None] * len(items)
     batches = DataLoader([items[i] for i in order], batch_size=batch_size, collate_fn=collate)
     done = 0
     for batch in tqdm(batches, desc="teacher outputs", disable=not progress, leave=False):
         batch = to_device(batch, device)
-        with autocast(device, precision):
-            logits = logits_for_loss(teacher, batch).float().cpu()
-        idx = torch.tensor(order[done: done + len(logits)])
-        out[idx] = logits
-        done += len(logits)
+        with dist.autocast(device, precision):
+            rows = summarise(teacher, batch)
+        for j, row in enumerate(rows):
+            out[order[done + j]] = row
+        done += len(rows)
     if world > 1:
-        merged = torch.empty_like(out)
-        for part_order, part in dist.gather_objects((order, out[torch.tensor(order, dtype=torch.long)])):
-            if part_order:
-                merged[torch.tensor(part_order, dtype=torch.long)] = part
-        out = merged
+        for part_order, part in dist.gather_objects((order, [out[i] for i in order])):
+            for i, row in zip(part_order, part):
+                out[i] = row
     return out
+
+
+def compute_logits(teacher: nn.Module, items: list[dict[str, Any]], collate: Any, device: torch.device,
+                   precision: str, summarise: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
+                   batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Dense teacher logits [N, C] for the items, in item order (`summarise` returns [B, C] per batch)."""
+    rows = compute(teacher, items, collate, device, precision, lambda t, b: list(summarise(t, b).float().cpu()),
+                   batch_size, progress)
+    return torch.stack(rows) if rows else torch.empty(0, 0)

