@@ -43,9 +43,12 @@ some of them for backward. With ``chunk_rows=c`` each loss processes c rows at a
 ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward frees each chunk's float32
 intermediates before the next, and the backward recomputes one chunk at a time, so the extra memory is
 O(c x V) instead of O(N x V). The result and the gradients are those of the unchunked computation (up to
-float32 summation order). The only [N, V] tensor created is the gradient of ``student_logits``, in its own
-dtype. TRL's SFTTrainer computes its chunked cross-entropy the same way, 256 rows per checkpointed chunk
-(``_CHUNKED_LM_HEAD_CHUNK_SIZE`` in trl/trainer/sft_trainer.py).
+float32 summation order). What remains N x V is the gradient of ``student_logits`` in its own dtype (made of
+per-chunk pieces that are concatenated, so briefly twice its size) and, when a mask drops rows, a copy of the
+kept rows. The cost is a second forward pass per chunk in backward. TRL's SFTTrainer computes its chunked
+cross-entropy the same way, 256 rows per checkpointed chunk (``_CHUNKED_LM_HEAD_CHUNK_SIZE`` in
+trl/trainer/sft_trainer.py); a chunked JSD for its DistillationTrainer was, at the time of writing, on a
+branch only.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def _divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, 
 def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dim, -inf for an all -inf row with a zero (not nan) gradient there.
 
-    torch.logsumexp's backward is exp(x - out) = exp(-inf + inf) = nan on such a row; here the log's input is
+    torch.logsumexp's backward is exp(x - out) = exp(-inf - (-inf)) = nan on such a row; here the log's input is
     replaced by 1 where the sum is 0 (the "double where"), so no nan reaches the gradient.
     """
     top = x.amax(dim=-1, keepdim=True)
@@ -162,7 +165,7 @@ def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
 def _select_rows(mask: Optional[torch.Tensor], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The rows where mask is True. Indexing (not multiplying by the mask) keeps nan/inf in ignored rows,
     e.g. padding positions with garbage teacher logits, out of the loss and out of the gradient; the ignored
-    rows of student_logits get an exact 0 gradient."""
+    rows of student_logits get an exact 0 gradient. It costs a copy of the kept rows, in the inputs' dtypes."""
     if mask is None or bool(mask.all()):
         return tensors
     return tuple(t[mask] for t in tensors)
