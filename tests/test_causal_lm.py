@@ -110,7 +110,7 @@ def test_labels_are_the_next_response_token_and_prompt_and_padding_are_masked(tm
                                   {"prompt": "one", "response": "two three four"}]), tok, 32)
     batch = task.make_collate(tok)(items)
     ids = batch["input_ids"]
-    assert ids.shape == (2, 5) and batch["labels"].shape == (2, 4)
+    assert ids.shape == (2, 5) and batch["labels"].shape == (2, 4) and batch["logit_positions"].tolist() == [0, 1, 2, 3]
     v = tok.convert_tokens_to_ids
     eos = tok.eos_token_id
     # row 0: red green | green red </s>: positions 1..3 predict green, red, </s>; position 0 predicts a prompt token
@@ -121,6 +121,12 @@ def test_labels_are_the_next_response_token_and_prompt_and_padding_are_masked(tm
     short = task.make_collate(tok)(task.encode(examples([{"prompt": "red", "response": "blue"}]), tok, 32) + items[:1])
     assert short["labels"][0].tolist() == [v("blue"), eos, IGNORE_INDEX, IGNORE_INDEX]  # padding: no loss
     assert short["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]
+    # position 0 predicts a prompt token in every row: it never reaches the output layer
+    two = task.make_collate(tok)(task.encode(examples([{"prompt": "red green", "response": "blue"},
+                                                       {"prompt": "red green pink", "response": "blue red"}]), tok, 32))
+    assert two["logit_positions"].tolist() == [1, 2, 3, 4]
+    assert two["labels"].tolist() == [[v("blue"), eos, IGNORE_INDEX, IGNORE_INDEX],
+                                      [IGNORE_INDEX, v("blue"), v("red"), eos]]
 
 
 def test_prompt_and_padding_rows_take_no_loss(tmp_path: Path):
@@ -151,7 +157,12 @@ def test_logits_are_shifted_against_the_labels(tmp_path: Path):
         def forward(self, input_ids, attention_mask):  # the logits at t put their mass on the token at t + 1
             return type("Out", (), {"logits": torch.cat([full[:, 1:], full[:, :1]], 1)})
 
+    class KeepingOracle(torch.nn.Module):  # the same through transformers' `logits_to_keep`
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            return type("Out", (), {"logits": torch.cat([full[:, 1:], full[:, :1]], 1)[:, logits_to_keep]})
+
     logits = task.logits_for_loss(Oracle(), batch)
+    assert torch.equal(logits, task.logits_for_loss(KeepingOracle(), batch))
     labels = batch["labels"].reshape(-1)
     keep = labels != IGNORE_INDEX
     assert torch.equal(logits[keep].argmax(-1), labels[keep])
@@ -318,6 +329,9 @@ def test_stored_outputs_are_reused_and_a_gpt2_without_pad_token_distils(tmp_path
     assert main(_run_args(tmp_path, folder, lm_data, "g3", "student.num_layers=1", "student.train.epochs=1",
                           "distill.top_k=4")) == 0
     assert calls == [1, 1]
+    assert main(_run_args(tmp_path, folder, lm_data, "g4", "student.num_layers=1", "student.train.epochs=1",
+                          "distill.store=sampled", "distill.draws=16")) == 0
+    assert calls == [1, 1, 1] and read_store(tmp_path / "g4" / "teacher_outputs.safetensors").kind == "sampled"
 
 
 @pytest.mark.parametrize("case", ["no_response_column", "empty_response", "long_prompt", "gguf", "pickle_only"])

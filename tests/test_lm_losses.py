@@ -85,8 +85,10 @@ def test_jsd_endpoints_and_symmetry() -> None:
     s, t = _logits(6, 11)
     fkl = divergence_sum(s, t, temperature=1.5, divergence="forward_kl")
     rkl = divergence_sum(s, t, temperature=1.5, divergence="reverse_kl")
-    assert divergence_sum(s, t, temperature=1.5, divergence="jsd", jsd_beta=0.0).item() == pytest.approx(fkl.item(), rel=1e-6)
-    assert divergence_sum(s, t, temperature=1.5, divergence="jsd", jsd_beta=1.0).item() == pytest.approx(rkl.item(), rel=1e-6)
+    jsd_0 = divergence_sum(s, t, temperature=1.5, divergence="jsd", jsd_beta=0.0)
+    jsd_1 = divergence_sum(s, t, temperature=1.5, divergence="jsd", jsd_beta=1.0)
+    assert jsd_0.item() == pytest.approx(fkl.item(), rel=1e-6)
+    assert jsd_1.item() == pytest.approx(rkl.item(), rel=1e-6)
     assert fkl.item() != pytest.approx(rkl.item(), rel=1e-3)  # the two ends really differ on this example
     jsd_st = divergence_sum(s, t, divergence="jsd", jsd_beta=0.5)
     jsd_ts = divergence_sum(t, s, divergence="jsd", jsd_beta=0.5)
@@ -101,7 +103,8 @@ def test_jsd_endpoints_and_symmetry() -> None:
 @pytest.mark.parametrize("divergence,beta", SETTINGS)
 def test_zero_on_equal_inputs_nonnegative_and_t2_scaling(divergence: str, beta: float) -> None:
     s, t = _logits(8, 13, scale=3.0)
-    assert divergence_sum(s, s.clone(), temperature=2.0, divergence=divergence, jsd_beta=beta).item() == pytest.approx(0.0, abs=1e-5)
+    same = divergence_sum(s, s.clone(), temperature=2.0, divergence=divergence, jsd_beta=beta)
+    assert same.item() == pytest.approx(0.0, abs=1e-5)
     per_row = [divergence_sum(s[i:i + 1], t[i:i + 1], divergence=divergence, jsd_beta=beta).item() for i in range(8)]
     assert min(per_row) > 0
     for temperature in (0.5, 2.0, 4.0):
@@ -418,3 +421,20 @@ def test_errors() -> None:
         topk_summary(t, 6)
     with pytest.raises(ValueError, match="draws"):
         sample_summary(t, 0)
+
+
+def test_reverse_kl_stays_finite_when_the_stored_topk_hold_all_the_mass_after_rounding():
+    """A peaked teacher whose fp16 top-k log-probs sum to 1: the tail is floored, not 0, so no +inf."""
+    from hybridft.lm_losses import TAIL_FLOOR, topk_divergence_sum
+
+    teacher_logprobs = torch.tensor([[0.0, -30.0]]).half().float()  # sums to 1 after rounding
+    ids = torch.tensor([[0, 1]])
+    student = torch.tensor([[2.0, 0.0, 1.0, 1.0]], requires_grad=True)
+    value = topk_divergence_sum(student, teacher_logprobs, ids, divergence="reverse_kl", tail=True)
+    assert torch.isfinite(value)
+    value.backward()
+    assert torch.isfinite(student.grad).all()
+    # the student's tail mass p faces the floor: its term is p * log(p / TAIL_FLOOR)
+    p = torch.softmax(student.detach(), -1)[0]
+    tail = float(p[2:].sum())
+    assert value.item() >= tail * math.log(tail / TAIL_FLOOR) - 1e-3

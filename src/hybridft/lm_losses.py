@@ -98,7 +98,8 @@ def _check_rows(name: str, tensor: torch.Tensor, n_rows: int, width: Optional[in
 
 def _check_logits(student_logits: torch.Tensor) -> tuple[int, int]:
     if student_logits.dim() != 2:
-        raise ValueError(f"student_logits must be 2-D [N, V] (flatten batch and time), got {list(student_logits.shape)}")
+        raise ValueError("student_logits must be 2-D [N, V] (flatten batch and time), "
+                         f"got {list(student_logits.shape)}")
     return student_logits.shape[0], student_logits.shape[1]
 
 
@@ -305,6 +306,12 @@ def tail_logmass(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.where(s > -math.log(2.0), torch.log(-torch.expm1(s)), torch.log1p(-torch.exp(s)))
 
 
+TAIL_FLOOR = 1e-6
+"""The smallest teacher tail `topk_divergence_sum` uses. A softmax never gives an id exactly 0, so a tail that
+rounds to 0 (a peaked teacher, log-probs stored in fp16) is a small unknown mass, not an impossible event:
+without the floor, reverse KL and the JSD's student side would be +inf on such rows and stop training."""
+
+
 def _topk_chunk(student: torch.Tensor, teacher_logprobs: torch.Tensor, ids: torch.Tensor, *, temperature: float,
                 divergence: str, jsd_beta: float, tail: bool) -> torch.Tensor:
     z = student.float() / temperature  # [c, V]
@@ -312,7 +319,7 @@ def _topk_chunk(student: torch.Tensor, teacher_logprobs: torch.Tensor, ids: torc
     log_p = z.gather(1, ids) - log_norm  # [c, k]: full-vocabulary log-probs at the stored ids
     log_q = teacher_logprobs.float()  # [c, k]
     if tail:
-        log_q_tail = tail_logmass(log_q)
+        log_q_tail = tail_logmass(log_q).clamp(min=math.log(TAIL_FLOOR))
     else:
         # DistillKit's "zero" handling: the teacher is its k entries, renormalised; nothing elsewhere.
         log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
@@ -436,7 +443,8 @@ def sample_summary(
         first[:, 1:] = sampled[:, 1:] != sampled[:, :-1]
         slot = first.cumsum(dim=-1) - 1  # [b, draws]: the column of each draw's unique id
         ids = torch.full_like(sampled, -1).scatter_(1, slot, sampled)  # duplicates write the same value
-        counts = torch.zeros_like(sampled, dtype=torch.int32).scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.int32))
+        ones = torch.ones_like(slot, dtype=torch.int32)
+        counts = torch.zeros_like(sampled, dtype=torch.int32).scatter_add_(1, slot, ones)
         valid = ids >= 0
         logprobs = torch.where(valid, log_q.gather(1, ids.clamp(min=0)), 0.0)
         out_ids.append(ids)

@@ -7,7 +7,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
@@ -124,6 +124,14 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
         student.config.layer_types = [student.config.layer_types[i] for i in sorted(layers)]
     student.requires_grad_(True)
     return student
+
+
+def layer_cut_student(teacher: Optional[nn.Module], layers: Optional[list[int]], num_layers: int) -> nn.Module:
+    """The default student: `layers` of the teacher, or `num_layers` evenly spaced ones (first and last kept)."""
+    if teacher is None:
+        raise HybridFTError("student.model is not set and there is no teacher to copy layers from; set "
+                            "student.model to a pretrained model or config")
+    return student_from_teacher(teacher, layers or evenly_spaced_layers(teacher.config.num_hidden_layers, num_layers))
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:

@@ -89,10 +89,23 @@ class TokenStore:
 
         if self._file is None:  # memory-mapped; slices are read from disk on demand
             self._file = safe_open(str(self.path), framework="pt")
-        ids = self._file.get_slice("ids")[start:end].long()
-        logprobs = self._file.get_slice("logprobs")[start:end].float()
-        counts = self._file.get_slice("counts")[start:end].long() if self.kind == "sampled" else None
-        return SparseTargets(ids, logprobs, counts)
+        if self.kind == "topk":
+            ids = self._file.get_slice("ids")[start:end].long()
+            return SparseTargets(ids, self._file.get_slice("logprobs")[start:end].float())
+        # sampled: each token's distinct ids are stored without padding; rows are padded here, per batch
+        bounds = self._file.get_slice("entry_offsets")[start:end + 1]
+        first, last = int(bounds[0]), int(bounds[-1])
+        flat = {name: self._file.get_slice(name)[first:last] for name in ("ids", "counts", "logprobs")}
+        sizes = (bounds[1:] - bounds[:-1]).tolist()
+        width = max(sizes, default=0) or 1
+        out = {"ids": torch.full((len(sizes), width), -1, dtype=torch.long),
+               "counts": torch.zeros((len(sizes), width), dtype=torch.long),
+               "logprobs": torch.zeros((len(sizes), width))}
+        rows = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+        cols = torch.arange(last - first) - torch.repeat_interleave(bounds[:-1] - first, torch.tensor(sizes))
+        for name, values in flat.items():
+            out[name][rows, cols] = values.to(out[name].dtype)
+        return SparseTargets(out["ids"], out["logprobs"], out["counts"])
 
     def __getstate__(self) -> dict[str, Any]:  # the open file handle does not cross processes
         return {**self.__dict__, "_file": None}
@@ -134,8 +147,9 @@ def write_token_store(path: str | Path, keys: list[str], rows: list[SparseTarget
                       meta: Optional[dict[str, Any]] = None) -> Path:
     """Write a `topk` or `sampled` store: `rows[i]` holds example i's target-token rows ([T_i, k] each).
 
-    Sizes on disk per token and entry: id int32 (4 bytes), log-probability fp16 (2), count int16 (2, sampled
-    only). `temperature` is the one the log-probabilities were taken at (the KD temperature).
+    Sizes on disk per entry: id int32 (4 bytes), log-probability fp16 (2), count int16 (2, sampled only). A
+    sampled row keeps only the distinct ids drawn (padding dropped; `entry_offsets` [sum T_i + 1] marks each
+    token's entries). `temperature` is the one the log-probabilities were taken at (the KD temperature).
     """
     if kind not in ("topk", "sampled"):
         raise ValueError(f"kind must be topk or sampled, got {kind}")
@@ -143,12 +157,19 @@ def write_token_store(path: str | Path, keys: list[str], rows: list[SparseTarget
         raise HybridFTError(f"{len(rows)} rows of teacher outputs for {len(keys)} examples")
     offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor([len(r.ids) for r in rows], dtype=torch.int64), 0)
-    ids = torch.cat([r.ids for r in rows]).to(torch.int32).contiguous()
-    tensors = {"keys": _key_bytes(keys), "offsets": offsets, "ids": ids,
-               "logprobs": torch.cat([r.logprobs for r in rows]).to(torch.float16).contiguous()}
+    ids = torch.cat([r.ids for r in rows])
+    logprobs = torch.cat([r.logprobs for r in rows])
+    k = ids.shape[-1]
+    tensors = {"keys": _key_bytes(keys), "offsets": offsets}
     if kind == "sampled":
-        tensors["counts"] = torch.cat([r.counts for r in rows]).to(torch.int16).contiguous()  # type: ignore[misc]
-    metadata = {"format": FORMAT, "kind": kind, "k": str(ids.shape[-1]), "temperature": repr(float(temperature)),
+        counts = torch.cat([r.counts for r in rows])  # type: ignore[misc]
+        keep = counts > 0  # padding (id -1, count 0) is not written
+        entry_offsets = torch.zeros(len(ids) + 1, dtype=torch.int64)
+        entry_offsets[1:] = torch.cumsum(keep.sum(-1), 0)
+        ids, logprobs = ids[keep], logprobs[keep]
+        tensors.update(entry_offsets=entry_offsets, counts=counts[keep].to(torch.int16).contiguous())
+    tensors.update(ids=ids.to(torch.int32).contiguous(), logprobs=logprobs.to(torch.float16).contiguous())
+    metadata = {"format": FORMAT, "kind": kind, "k": str(k), "temperature": repr(float(temperature)),
                 "fingerprint": fingerprint, "meta": json.dumps(meta or {})}
     return _atomic_save(tensors, Path(path), metadata)
 
@@ -182,7 +203,7 @@ def read_store(path: str | Path) -> Store | TokenStore:
             raise HybridFTError(f"{path}: {bad} rows of teacher logits are NaN or infinite; recompute them")
         return Store(logits=logits.float(), keys=keys, label_names=json.loads(meta["label_names"]),
                      fingerprint=meta.get("fingerprint", ""))
-    needed = {"ids", "logprobs"} | ({"counts"} if kind == "sampled" else set())
+    needed = {"ids", "logprobs"} | ({"counts", "entry_offsets"} if kind == "sampled" else set())
     if not needed <= names or len(offsets) != len(keys) + 1:
         raise HybridFTError(f"{path}: a {kind} store needs tensors {sorted(needed)} and offsets for every key; "
                             f"recompute it")

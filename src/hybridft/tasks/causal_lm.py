@@ -1,9 +1,11 @@
 """Causal language models: token-level distillation of a causal LM teacher into a smaller student.
 
 The same seam as `tasks.classification`, so the training loop, checkpoints, resume and Accelerate are shared.
-A batch holds `input_ids`/`attention_mask` [B, T] and, already shifted by one, `labels` [B, T-1] (the next
-token, -100 on prompt and padding positions) and `kd_mask` [B, T-1] (the same positions: KD and CE cover
-the response tokens only). `logits_for_loss` returns [B * (T-1), V], one row per label.
+A batch holds `input_ids`/`attention_mask` [B, T], `logit_positions` [K] (the sequence positions whose next
+token is a target in some row of the batch: prompt positions shared by every row are never turned into
+vocabulary logits) and, already shifted by one, `labels` [B, K] (the next token, -100 on prompt and padding
+positions) and `kd_mask` [B, K] (the same positions: KD and CE cover the response tokens only).
+`logits_for_loss` returns [B * K, V], one row per label.
 
 Rows are prompt -> response pairs (the loss covers the response; the tokenizer's chat template wraps them when
 it has one and `data.chat_template` allows it), or plain texts (the loss covers every token; texts longer than
@@ -28,8 +30,8 @@ from hybridft.data import Examples, Splits, read_rows
 from hybridft.dist import autocast
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, SparseTargets
-from hybridft.models import (check_model_folder, count_params, evenly_spaced_layers, load_tokenizer,  # noqa: F401
-                             quiet_transformers, save_model, student_from_teacher)
+from hybridft.models import (check_model_folder, count_params, layer_cut_student, load_tokenizer,  # noqa: F401
+                             quiet_transformers, save_model)
 
 BEST = ("loss", "min")
 """The validation metric that picks the best checkpoint: the mean cross-entropy per response token."""
@@ -185,11 +187,7 @@ def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenize
     values and tokenizer; or `student.model`, a causal LM folder or a config.json (random initialisation)."""
     s = cfg.student
     if s.model is None:
-        if teacher is None:
-            raise HybridFTError("student.model is not set and there is no teacher to copy layers from; "
-                                "set student.model to a causal LM folder or config")
-        layers = s.layers or evenly_spaced_layers(teacher.config.num_hidden_layers, s.num_layers)
-        student = student_from_teacher(teacher, layers)
+        student = layer_cut_student(teacher, s.layers, s.num_layers)
         if hasattr(student, "hybridft_vocab_limit"):
             del student.hybridft_vocab_limit
         return student, teacher_tokenizer
@@ -363,22 +361,25 @@ def chunk_texts(examples: Examples, tokenizer: Any, max_length: int) -> Examples
 
 
 def make_collate(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    """Right-padded batches with the labels already shifted: `labels[b, t]` is the token at t + 1, so position
-    t of the logits is scored on the next token (the shift happens here, and nowhere else)."""
+    """Right-padded batches with the labels already shifted: `labels[b, j]` is the token at
+    `logit_positions[j] + 1`, so the logits at a position are scored on the next token (the shift happens here,
+    and nowhere else). Positions where no row has a target are dropped before the output layer."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         width = max(len(it["input_ids"]) for it in items)
         input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(items), width), dtype=torch.long)
-        labels = torch.full((len(items), width - 1), IGNORE_INDEX, dtype=torch.long)
+        shifted = torch.full((len(items), width - 1), IGNORE_INDEX, dtype=torch.long)
         for b, it in enumerate(items):
             ids = torch.tensor(it["input_ids"], dtype=torch.long)
             input_ids[b, :len(ids)], attention[b, :len(ids)] = ids, 1
             first = max(it["prompt_length"] - 1, 0)  # the last prompt position predicts the first response token
-            labels[b, first:len(ids) - 1] = ids[first + 1:]
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                                 "kd_mask": labels != IGNORE_INDEX,
+            shifted[b, first:len(ids) - 1] = ids[first + 1:]
+        positions = (shifted != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # [K]
+        labels = shifted[:, positions]
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, "logit_positions": positions,
+                                 "labels": labels, "kd_mask": labels != IGNORE_INDEX,
                                  "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
         if "teacher" in items[0]:
             batch.update(_stored_batch([it["teacher"] for it in items], batch["kd_mask"]))
@@ -388,21 +389,23 @@ def make_collate(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, A
 
 
 def _stored_batch(slices: list[Any], kd_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The stored rows of each example, placed at its target positions: [B, T-1, k] (zeros elsewhere)."""
+    """The stored rows of each example, placed at its target positions: [B, K, k] (zeros elsewhere)."""
     rows = [s.read() for s in slices]
-    k = rows[0].ids.shape[-1]
-    ids = torch.zeros(*kd_mask.shape, k, dtype=torch.long)
+    sampled = rows[0].counts is not None
+    k = max(r.ids.shape[-1] for r in rows)  # sampled rows hold as many entries as distinct ids were drawn
+    ids = torch.full((*kd_mask.shape, k), -1 if sampled else 0, dtype=torch.long)
     logprobs = torch.zeros(*kd_mask.shape, k)
-    counts = torch.zeros(*kd_mask.shape, k, dtype=torch.long) if rows[0].counts is not None else None
+    counts = torch.zeros(*kd_mask.shape, k, dtype=torch.long) if sampled else None
     for b, r in enumerate(rows):
         where = kd_mask[b].nonzero().squeeze(-1)
         if len(where) != len(r.ids):
             raise HybridFTError(f"the teacher-output store has {len(r.ids)} token rows for an example with "
                                 f"{len(where)} target tokens; it was made with other tokenisation settings: "
                                 f"recompute it (remove distill.teacher_logits)")
-        ids[b, where], logprobs[b, where] = r.ids, r.logprobs
+        width = r.ids.shape[-1]
+        ids[b, where, :width], logprobs[b, where, :width] = r.ids, r.logprobs
         if counts is not None:
-            counts[b, where] = r.counts  # type: ignore[index]
+            counts[b, where, :width] = r.counts  # type: ignore[index]
     out = {"teacher_ids": ids, "teacher_logprobs": logprobs}
     if counts is not None:
         out["teacher_counts"] = counts
@@ -413,27 +416,40 @@ MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 def _limit(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    limit = getattr(model, "hybridft_vocab_limit", None)
+    limit = getattr(getattr(model, "module", model), "hybridft_vocab_limit", None)
     return logits if limit is None else logits[..., :limit]
 
 
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    inner = getattr(model, "module", model)  # DDP's wrapper forwards keyword arguments to the model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def logits_for_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """[B * (T-1), V]: position t's logits score the token at t + 1 (`labels` was shifted in the collate; as
-    in TRL, the last position predicts nothing and is dropped)."""
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits[:, :-1]
+    """[B * K, V]: the logits at `logit_positions`, each scored on the token that follows it (`labels` was
+    shifted in the collate). Through the model's own forward (so DDP and FSDP see it), asking transformers
+    for those positions only (`logits_to_keep`), so the output layer skips the shared prompt positions."""
+    positions = batch["logit_positions"]
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    if _takes_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=positions).logits
+    else:
+        logits = model(**inputs).logits[:, positions]
     logits = _limit(model, logits)
     return logits.reshape(-1, logits.shape[-1])
 
 
 def teacher_targets(teacher: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Online distillation: the frozen teacher's dense logits [B * (T-1), V]."""
+    """Online distillation: the frozen teacher's dense logits [B * K, V]."""
     return logits_for_loss(teacher, batch)
 
 
 def target_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Logits [n, V] at the target positions only (kd_mask), in row-major order: the hidden states of the
-    other positions never meet the vocabulary-sized output layer."""
-    hidden = model.base_model(**{k: batch[k] for k in MODEL_INPUTS}).last_hidden_state[:, :-1]
+    """Logits [n, V] at the target tokens only (`kd_mask`), in row-major order, in chunks: for inference and
+    the store, where nothing needs the [B * K, V] block at once."""
+    hidden = model.base_model(**{k: batch[k] for k in MODEL_INPUTS}).last_hidden_state[:, batch["logit_positions"]]
     rows = hidden[batch["kd_mask"]]
     head = model.get_output_embeddings()
     return _limit(model, torch.cat([head(rows[i:i + LOGIT_CHUNK]) for i in range(0, len(rows), LOGIT_CHUNK)]))
@@ -445,7 +461,8 @@ def target_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 def store_settings(cfg: RunConfig) -> str:
     dist = cfg.distill
-    amount = f"k={dist.top_k}" if dist.store == "topk" else f"draws={dist.draws};seed={cfg.seed}"
+    # the draws depend on the seed and on which rows share a batch (one generator per batch)
+    amount = f"k={dist.top_k}" if dist.store == "topk" else f"draws={dist.draws};seed={cfg.seed};batch={dist.batch_size}"
     return (f"causal_lm;kind={dist.store};{amount};temperature={cfg.loss.temperature};max_length={cfg.data.max_length};"
             f"precision={cfg.precision};chat_template={cfg.data.chat_template};student={cfg.student.model}")
 
@@ -461,7 +478,7 @@ def summarise(cfg: RunConfig) -> Callable[[nn.Module, dict[str, Any]], list[Spar
         if d.store == "topk":
             logprobs, ids = lm_losses.topk_summary(logits, min(d.top_k, logits.shape[-1]), temperature)
             counts = None
-        else:  # seeded by the first example's index: the same draws whatever the batching and process count
+        else:  # seeded by the batch's first example: the same draws whatever the number of processes
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(batch["index"][0]))
             ids, counts, logprobs = lm_losses.sample_summary(logits.cpu(), d.draws, temperature, generator)
         sizes = batch["kd_mask"].sum(-1).tolist()

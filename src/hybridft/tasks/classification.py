@@ -18,8 +18,9 @@ from hybridft.dist import autocast
 from hybridft.data import Examples, Splits, concat
 from hybridft.data import load_splits as _load_splits
 from hybridft.errors import HybridFTError
-from hybridft.models import (check_model_folder, count_params, evenly_spaced_layers, load_tokenizer,  # noqa: F401
-                             quiet_transformers, read_config, resolve_model_path, save_model, student_from_teacher)
+from hybridft.models import (check_model_folder, count_params, evenly_spaced_layers, layer_cut_student,  # noqa: F401
+                             load_tokenizer, quiet_transformers, read_config, resolve_model_path, save_model,
+                             student_from_teacher)
 
 
 def classifier_labels(path: str) -> Optional[list[str]]:
@@ -62,11 +63,7 @@ def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenize
     label_names = splits.label_names
     s = cfg.student
     if s.model is None:
-        if teacher is None:
-            raise HybridFTError("student.model is not set and there is no teacher to copy layers from; "
-                                "set student.model to a pretrained model or config")
-        layers = s.layers or evenly_spaced_layers(teacher.config.num_hidden_layers, s.num_layers)
-        return student_from_teacher(teacher, layers), teacher_tokenizer
+        return layer_cut_student(teacher, s.layers, s.num_layers), teacher_tokenizer
     path = resolve_model_path(s.model)
     if path.endswith(".json"):  # a config: a randomly initialised student of that shape
         folder = str(Path(path).parent)
