@@ -372,3 +372,41 @@ def test_bad_causal_lm_input_is_one_line_and_exit_2(tmp_path: Path, tiny_lm_dir:
         assert main(["generate", "--model", str(teacher), "--input", str(prompts), "--output",
                      str(tmp_path / "o.jsonl")]) == 2
         assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_plain_texts_train_on_every_token_and_long_ones_are_cut_into_chunks(tmp_path: Path, tiny_lm_dir: Path, capsys):
+    from hybridft.cli import main
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choices(LM_WORDS, k=n)) for n in [5, 9, 70, 12, 8, 6, 40, 7] * 3]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in texts])
+    cfg = load_config(None, ["task=causal_lm", f"data.train={train}", f"teacher.model={tiny_lm_dir}",
+                             "data.max_length=16", "data.validation_fraction=0.25"])
+    splits = task.load_splits(cfg, 0)
+    tok = _tokenizer(tiny_lm_dir)
+    chunks = splits.train.texts + splits.validation.texts
+    # every chunk fits in max_length, and together they hold every word of every text, in order
+    assert all(len(tok(c)["input_ids"]) <= 16 for c in chunks) and len(chunks) > len(texts)
+    assert sorted(" ".join(chunks).split()) == sorted(" ".join(texts).split())
+    batch = task.make_collate(tok)(task.encode(splits.train, tok, 16)[:4])
+    lengths = batch["attention_mask"].sum(-1)
+    assert torch.equal(batch["kd_mask"].sum(-1), lengths - 1)  # every token after the first is a target
+    assert main(["run", "task=causal_lm", f"data.train={train}", f"teacher.model={tiny_lm_dir}", "data.max_length=16",
+                 "student.num_layers=1", "student.train.epochs=1", "eval.max_new_tokens=2",
+                 f"output_dir={tmp_path / 'run'}", "progress=false"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["split"] == "validation"
+
+
+def test_version_1_classification_stores_still_read(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from hybridft.data import example_key
+
+    keys = [example_key("a good film"), example_key("a dull film")]
+    logits = torch.tensor([[-1.0, 2.0], [1.5, -0.5]])
+    save_file({"logits": logits, "keys": torch.tensor([list(bytes.fromhex(k)) for k in keys], dtype=torch.uint8)},
+              str(tmp_path / "v1.safetensors"),
+              metadata={"format": "hybridft.teacher_outputs/1", "label_names": '["neg", "pos"]', "fingerprint": "x"})
+    store = read_store(tmp_path / "v1.safetensors")
+    assert store.kind == "dense" and store.label_names == ["neg", "pos"]
+    assert torch.equal(store.lookup(keys[::-1], "rows"), logits.flip(0))
