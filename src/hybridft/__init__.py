@@ -3,18 +3,21 @@ alpha * KD + beta * CE, from stored teacher outputs."""
 
 from hybridft.config import RunConfig, load_config
 from hybridft.errors import HybridFTError
-from hybridft.losses import LossParts, hybrid_loss, kd_loss
-from hybridft.teacher_outputs import read_store, write_store
+from hybridft.losses import LossParts, LossWeights, SparseTargets, hybrid_loss, kd_loss
+from hybridft.teacher_outputs import read_store, write_store, write_token_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HybridFTError",
     "LossParts",
+    "LossWeights",
     "RunConfig",
+    "SparseTargets",
     "hybrid_loss",
     "kd_loss",
     "load_config",
     "read_store",
     "write_store",
+    "write_token_store",
 ]

@@ -139,8 +139,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             teacher, tok, needs_finetune = pipeline.load_teacher(ctx)
             if needs_finetune:
-                raise HybridFTError(f"teacher.model {cfg.teacher.model} is not a classifier for labels "
-                                    f"{ctx.splits.label_names}; run `hybridft teacher` first or use `hybridft run`")
+                what = (f"is not a classifier for labels {ctx.splits.label_names}" if cfg.task == "classification"
+                        else "is to be fine-tuned first (teacher.finetune=always)")
+                raise HybridFTError(f"teacher.model {cfg.teacher.model} {what}; run `hybridft teacher` first or use "
+                                    f"`hybridft run`")
             store = None if cfg.distill.online else pipeline.teacher_outputs(ctx, teacher, tok)
         pipeline.distill(ctx, store, teacher, tok)
         print(f"student saved to {ctx.run_dir / 'student'}")

@@ -28,7 +28,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "causal_lm": {
         "teacher": {"model": DEFAULT_LM_TEACHER, "finetune": "never",
                     "train": {"epochs": 1.0, "lr": 2e-5, "batch_size": 8}},
-        "student": {"num_layers": 8, "train": {"epochs": 3.0, "lr": 5e-4, "batch_size": 8, "eval_every": None}},
+        "student": {"num_layers": 8, "train": {"epochs": 3.0, "lr": 5e-4, "batch_size": 8}},
         "data": {"max_length": 256},
         "loss": {"temperature": 1.0},
         "hybrid": {"enabled": False},

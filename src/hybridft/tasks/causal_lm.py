@@ -460,10 +460,10 @@ def target_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def store_settings(cfg: RunConfig) -> str:
-    dist = cfg.distill
+    d = cfg.distill
     # the draws depend on the seed and on which rows share a batch (one generator per batch)
-    amount = f"k={dist.top_k}" if dist.store == "topk" else f"draws={dist.draws};seed={cfg.seed};batch={dist.batch_size}"
-    return (f"causal_lm;kind={dist.store};{amount};temperature={cfg.loss.temperature};max_length={cfg.data.max_length};"
+    amount = f"k={d.top_k}" if d.store == "topk" else f"draws={d.draws};seed={cfg.seed};batch={d.batch_size}"
+    return (f"causal_lm;kind={d.store};{amount};temperature={cfg.loss.temperature};max_length={cfg.data.max_length};"
             f"precision={cfg.precision};chat_template={cfg.data.chat_template};student={cfg.student.model}")
 
 
