@@ -410,3 +410,88 @@ def test_version_1_classification_stores_still_read(tmp_path: Path):
     store = read_store(tmp_path / "v1.safetensors")
     assert store.kind == "dense" and store.label_names == ["neg", "pos"]
     assert torch.equal(store.lookup(keys[::-1], "rows"), logits.flip(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# cases a new user hit (each kind, where it enters)
+
+
+def test_a_folder_that_is_not_a_causal_lm_is_refused_as_teacher_and_by_generate(tmp_path: Path, lm_data, capsys):
+    from conftest import make_bert, make_tokenizer
+
+    from hybridft.cli import main
+
+    folder = tmp_path / "classifier"
+    make_tokenizer(folder)
+    make_bert().save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(_run_args(tmp_path, folder, lm_data, "run")) == 2
+    assert "not a causal language model" in capsys.readouterr().err and not any(out.iterdir())
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "red"}])
+    assert main(["generate", "--model", str(folder), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "not a causal language model" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+    missing = main(["generate", "--model", str(tmp_path / "models" / "nope"), "--input", str(prompts),
+                    "--output", str(tmp_path / "o.jsonl")])
+    assert missing == 2 and "is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["student.layers=[0,35]", "student.num_layers=9", "student.model=MISSING"])
+def test_bad_student_settings_stop_before_an_overwritten_run_is_touched(tmp_path: Path, tiny_lm_dir: Path, lm_data,
+                                                                        capsys, bad: str):
+    from hybridft.cli import main
+
+    assert main(_run_args(tmp_path, tiny_lm_dir, lm_data, "run", "student.train.epochs=1")) == 0
+    run = tmp_path / "run"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    bad = bad.replace("MISSING", str(tmp_path / "no-such-student"))
+    assert main(_run_args(tmp_path, tiny_lm_dir, lm_data, "run", bad, "--overwrite")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "student." in err[0], err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_jsonl_with_unescaped_line_separators_and_a_byte_order_mark_reads(tmp_path: Path, tiny_lm_dir: Path):
+    rows = [{"prompt": "red\u2028green", "response": "blue\u0085pink"}, {"prompt": "one", "response": "two"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = load_config(None, ["task=causal_lm", f"data.train={path}", f"data.validation={path}",
+                             f"teacher.model={tiny_lm_dir}"])
+    train = task.load_splits(cfg, 0).train
+    assert train.texts == ["red\u2028green", "one"] and train.pairs == ["blue\u0085pink", "two"]
+    assert train.lines == [1, 2]
+
+
+def test_a_named_student_formats_prompts_with_the_teachers_tokenizer(tmp_path: Path, lm_data):
+    """Same vocabulary, but only the teacher's tokenizer has a chat template: the student trains on the
+    teacher's format (the stored rows match), and its saved folder keeps it."""
+    from transformers import AutoTokenizer
+
+    from hybridft.cli import main
+
+    teacher, student = tmp_path / "t", tmp_path / "s"
+    tok = make_lm_tokenizer(teacher, template=True)
+    make_llama(len(tok)).save_pretrained(teacher)
+    make_lm_tokenizer(student)
+    make_llama(len(tok), layers=1, seed=3).save_pretrained(student)
+    assert main(_run_args(tmp_path, teacher, lm_data, "run", f"student.model={student}",
+                          "student.train.epochs=1")) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "student").chat_template == tok.chat_template
+
+
+def test_an_external_store_made_with_other_settings_is_refused(tmp_path: Path, tiny_lm_dir: Path, lm_data, capsys):
+    from hybridft.cli import main
+
+    assert main(_run_args(tmp_path, tiny_lm_dir, lm_data, "a", "student.train.epochs=1")) == 0
+    store = tmp_path / "a" / "teacher_outputs.safetensors"
+    for extra, needle in (("data.max_length=24", "data.max_length=32"), ("distill.store=sampled", "topk store")):
+        code = main(_run_args(tmp_path, tiny_lm_dir, lm_data, "b", f"distill.teacher_logits={store}", extra,
+                              "--overwrite"))
+        assert code == 2 and needle in capsys.readouterr().err
+
+
+def test_responses_cut_at_max_length_are_counted(tmp_path: Path, capsys):
+    tok = make_lm_tokenizer(tmp_path / "tok")
+    items = task.encode(examples([{"prompt": "red", "response": " ".join(LM_WORDS)},
+                                  {"prompt": "red", "response": "blue"}]), tok, 8)
+    assert [len(it["input_ids"]) for it in items] == [8, 3]
+    assert "1 of 2 responses are cut at data.max_length=8" in capsys.readouterr().err

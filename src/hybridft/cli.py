@@ -178,6 +178,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise HybridFTError("--max-new-tokens and --batch-size must be at least 1")
+    if not Path(args.model).is_dir():
+        raise HybridFTError(f"--model {args.model} is not a folder; give a causal LM folder (e.g. OUTPUT_DIR/student "
+                            f"of a causal_lm run)")
     device = pick_device(args.device)
     model, tokenizer = causal_lm.load_model(args.model, None, "--model")  # type: ignore[arg-type]
 
@@ -187,7 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     report = predict_file(generate_batch, args.input, args.output, text_column=args.prompt_column,
                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet,
-                          columns=("generation",))
+                          columns=("generation",), text_option="prompt_column")
     print(report.summary())
     return 0
 

@@ -334,6 +334,10 @@ def validate(cfg: RunConfig) -> None:
             _fail("loss.topk_tail", "reverse KL needs the tail bucket (the teacher gives zero mass outside its top-k)")
         if loss.strategy != "joint":
             _fail("loss.strategy", "causal_lm trains jointly (KD and CE on the same tokens); use loss.strategy=joint")
+        for key, on in (("hybrid.enabled", cfg.hybrid.enabled), ("export.enabled", cfg.export.enabled)):
+            if on:
+                _fail(key, "the cascade and the ONNX export are for classifiers; a causal_lm run has neither (set it "
+                           "to false)")
         if loss.pseudo_label_threshold is not None or d.unlabeled or d.label_fraction < 1:
             _fail("loss.pseudo_label_threshold" if loss.pseudo_label_threshold is not None else
                   ("data.unlabeled" if d.unlabeled else "data.label_fraction"),

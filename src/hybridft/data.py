@@ -132,7 +132,7 @@ def _read_jsonl(path: Path, role: str) -> tuple[list[dict[str, Any]], list[int],
     import json
 
     _check_utf8(path, role)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first object
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -140,7 +140,9 @@ def _read_jsonl(path: Path, role: str) -> tuple[list[dict[str, Any]], list[int],
             raise HybridFTError(f"data.{role} file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
         return rows, list(range(1, len(rows) + 1)), str(path)
     rows, lines = [], []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends records at "\n" only: str.splitlines would also cut at U+2028, U+0085 and other characters
+    # that json.dumps(ensure_ascii=False) writes unescaped inside strings
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -126,6 +126,27 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     return student
 
 
+def check_student(layers: Optional[list[int]], num_layers: int, teacher_folder: str,
+                  student_path: Optional[str]) -> None:
+    """The student's settings against the teacher folder, before anything is written: a named student folder
+    must be loadable, and teacher layers must exist. Raises HybridFTError naming the key."""
+    if student_path is not None:
+        if student_path.endswith(".json"):
+            if not Path(student_path).is_file():
+                raise HybridFTError(f"student.model: config file not found: {student_path}; check the path")
+        else:
+            check_model_folder(student_path, "student.model")
+        return
+    n = read_config(teacher_folder).get("num_hidden_layers") or read_config(teacher_folder).get("n_layer")
+    if not isinstance(n, int):
+        return  # not a local folder (or an unusual config): checked when the layers are copied
+    if layers is not None and max(layers) >= n:
+        raise HybridFTError(f"student.layers {layers}: the teacher has only {n} layers (0..{n - 1})")
+    if layers is None and num_layers > n:
+        raise HybridFTError(f"student.num_layers={num_layers}, but the teacher has only {n} layers; choose at most "
+                            f"{n} (fewer make the student smaller and faster)")
+
+
 def layer_cut_student(teacher: Optional[nn.Module], layers: Optional[list[int]], num_layers: int) -> nn.Module:
     """The default student: `layers` of the teacher, or `num_layers` evenly spaced ones (first and last kept)."""
     if teacher is None:

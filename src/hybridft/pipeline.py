@@ -28,6 +28,7 @@ from hybridft.data import Examples, Splits
 from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, LossWeights
+from hybridft.models import check_student
 from hybridft.runlog import MetricsWriter
 from hybridft.tasks import TASKS
 from hybridft.teacher_outputs import compute, default_cache_dir, fingerprint, read_store
@@ -149,7 +150,12 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
-    splits = TASKS[cfg.task].load_splits(cfg, cfg.seed)
+    task = TASKS[cfg.task]
+    splits = task.load_splits(cfg, cfg.seed)
+    if fresh and stage != "evaluate":  # the student's settings fail now, not after the teacher stage wrote files
+        student = cfg.student
+        check_student(student.layers, student.num_layers, task.teacher_path(cfg),
+                      task.resolve_model_path(student.model) if student.model else None)
     return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits,
                    writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
                    fresh=fresh, resume=resume, task=TASKS[cfg.task])
@@ -183,7 +189,7 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
     cfg, s, task = ctx.cfg, ctx.splits, ctx.task
     done = ctx.run_dir / "teacher"
     if ctx.resume and (done / "model.safetensors").is_file():
-        ctx.log(f"resuming: the teacher was already fine-tuned ({done})")
+        ctx.log(f"resuming: the teacher stage is done ({done})")
         teacher, tokenizer = task.load_model(str(done), s, "teacher")
         return teacher.eval().requires_grad_(False), tokenizer
     teacher, tokenizer, needs_finetune = load_teacher(ctx)

@@ -170,15 +170,16 @@ def _missing_column(path: Path, name: str, columns: list[str], key: str, delimit
     hint = ""
     if delimiter is not None and len(columns) == 1 and any(s in columns[0] for s in ",\t;|"):
         hint = f"; the header has a single column, so the delimiter {delimiter!r} may be wrong (set data.delimiter)"
-    return HybridFTError(f"{path} has no column '{name}' (columns found: {found}); rename the column or set "
-                         f"data.{key}{hint}")
+    option = "--" + key.replace("_", "-")
+    return HybridFTError(f"{path} has no column '{name}' (columns found: {found}); rename the column or pass "
+                         f"{option}{hint}")
 
 
 def _require_columns(path: Path, columns: list[str], text_column: str, pair_column: Optional[str],
-                     delimiter: Optional[str] = None) -> None:
+                     delimiter: Optional[str] = None, text_option: str = "text_column") -> None:
     """A missing text column is a whole-file problem, so it stops the run even with --skip-bad-rows."""
     if text_column not in columns:
-        raise _missing_column(path, text_column, columns, "text_column", delimiter)
+        raise _missing_column(path, text_column, columns, text_option, delimiter)
     if pair_column is not None and pair_column not in columns:
         raise _missing_column(path, pair_column, columns, "text_pair_column", delimiter)
 
@@ -186,7 +187,9 @@ def _require_columns(path: Path, columns: list[str], text_column: str, pair_colu
 class _JsonlReader:
     """One JSON object per line; blank lines are ignored."""
 
-    def __init__(self, path: Path, lines: _Lines, text_column: str, pair_column: Optional[str]):
+    def __init__(self, path: Path, lines: _Lines, text_column: str, pair_column: Optional[str],
+                 text_option: str = "text_column"):
+        self.text_option = text_option
         self.path, self.lines = path, lines
         self.text_column, self.pair_column = text_column, pair_column
         self.blank_lines = 0
@@ -213,7 +216,8 @@ class _JsonlReader:
                 continue
             if not checked:
                 # The first object stands in for a header: a wrong column name must not skip every row.
-                _require_columns(self.path, list(row), self.text_column, self.pair_column)
+                _require_columns(self.path, list(row), self.text_column, self.pair_column,
+                                 text_option=self.text_option)
                 checked = True
             yield _Item(line, row=row)
 
@@ -225,7 +229,7 @@ class _TableReader:
     """
 
     def __init__(self, path: Path, lines: _Lines, delimiter: str, column_names: Optional[list[str]],
-                 text_column: str, pair_column: Optional[str]):
+                 text_column: str, pair_column: Optional[str], text_option: str = "text_column"):
         self.path, self.lines, self.delimiter = path, lines, delimiter
         # strict=True makes an unclosed quote at the end of the file, or text after a closing quote, an
         # error instead of a silently mangled row.
@@ -236,7 +240,7 @@ class _TableReader:
             self.columns = _unique_names(list(column_names))
         else:
             self.columns = self._read_header()
-        _require_columns(path, self.columns, text_column, pair_column, delimiter)
+        _require_columns(path, self.columns, text_column, pair_column, delimiter, text_option)
 
     def _read_header(self) -> list[str]:
         try:
@@ -458,11 +462,12 @@ def _check_paths(src: Path, dst: Path) -> Optional[str]:
 
 
 def _open_reader(src: Path, lines: _Lines, text_column: str, pair_column: Optional[str],
-                 delimiter: Optional[str], column_names: Optional[list[str]]) -> Union[_JsonlReader, _TableReader]:
+                 delimiter: Optional[str], column_names: Optional[list[str]],
+                 text_option: str = "text_column") -> Union[_JsonlReader, _TableReader]:
     if src.suffix.lower() in JSONL_SUFFIXES:
-        return _JsonlReader(src, lines, text_column, pair_column)
+        return _JsonlReader(src, lines, text_column, pair_column, text_option)
     sep = delimiter or INPUT_DELIMITERS[src.suffix.lower()]
-    return _TableReader(src, lines, sep, column_names, text_column, pair_column)
+    return _TableReader(src, lines, sep, column_names, text_column, pair_column, text_option)
 
 
 def _progress_bar(path: Path, enabled: bool) -> Any:
@@ -515,7 +520,8 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                  text_column: str = "text", text_pair_column: Optional[str] = None,
                  delimiter: Optional[str] = None, column_names: Optional[list[str]] = None,
                  batch_size: int = 256, skip_bad_rows: bool = False, progress: bool = True,
-                 write_report: bool = True, columns: tuple[str, ...] = PREDICTION_COLUMNS) -> PredictReport:
+                 write_report: bool = True, columns: tuple[str, ...] = PREDICTION_COLUMNS,
+                 text_option: str = "text_column") -> PredictReport:
     """Predict every row of a CSV, TSV or JSONL file and write the rows with their predictions.
 
     At most `batch_size` rows are held (and passed to `predict_batch`) at a time, whatever the file size.
@@ -533,6 +539,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         progress: Show a progress bar (in bytes of input read) on stderr.
         write_report: Also write the report as `<output>.report.json`.
         columns: The output columns `predict_batch` fills (`hybridft generate` writes `("generation",)`).
+        text_option: The command-line option naming the text column, for messages (`--text-column`).
 
     Returns:
         The `PredictReport` of the run.
@@ -552,7 +559,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
     with open(src, "rb") as fh:
         lines = _Lines(fh)
         # The reader comes first: a delimited file's header is checked before anything is created.
-        reader = _open_reader(src, lines, text_column, text_pair_column, delimiter, column_names)
+        reader = _open_reader(src, lines, text_column, text_pair_column, delimiter, column_names, text_option)
         with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress) as bar:
             if isinstance(reader, _TableReader):
                 writer.set_columns(reader.columns)

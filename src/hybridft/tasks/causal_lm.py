@@ -90,16 +90,33 @@ def teacher_path(cfg: RunConfig) -> str:
     return resolve_model_path(cfg.teacher.model)
 
 
+CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
 def _load_lm(path: str, key: str) -> nn.Module:
+    """A causal LM folder, refused when it holds another kind of model: transformers would otherwise load a
+    classifier or an encoder with a new, random language-model head, and every output would be noise."""
     from transformers import AutoModelForCausalLM
+
+    from hybridft.models import read_config
 
     quiet_transformers()
     check_model_folder(path, key)
+    architectures = read_config(path).get("architectures") or []
+    if architectures and not any(a.endswith(CAUSAL_LM_ARCHITECTURES) for a in architectures):
+        raise HybridFTError(f"{key}: {path} holds a {architectures[0]}, not a causal language model; give a folder "
+                            f"saved from an AutoModelForCausalLM (its config.json names a ...ForCausalLM)")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32,
+                                                           output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise HybridFTError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}); give a "
                             f"folder saved with save_pretrained (AutoModelForCausalLM)") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise HybridFTError(f"{key}: {path} lacks {len(missing)} weights of a causal LM (first: {missing[0]}); "
+                            f"give a complete folder saved from an AutoModelForCausalLM")
+    return model
 
 
 def follow_template_setting(tokenizer: Any, cfg: RunConfig) -> Any:
@@ -152,6 +169,10 @@ def _student_vocabulary(name: str) -> tuple[Any, int]:
 
     path = resolve_model_path(name)
     folder = str(Path(path).parent) if path.endswith(".json") else path
+    if not path.endswith(".json"):
+        check_model_folder(path, "student.model")
+    elif not Path(path).is_file():
+        raise HybridFTError(f"student.model: config file not found: {path}; check the path")
     try:
         vocab = int(AutoConfig.from_pretrained(path).vocab_size)
     except (OSError, ValueError) as e:
@@ -202,9 +223,13 @@ def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenize
         student, tokenizer = _load_lm(path, "student.model"), load_tokenizer(path, "student.model")
     _ensure_pad(student, tokenizer)
     follow_template_setting(tokenizer, cfg)
-    if teacher is not None:
-        check_vocabularies(teacher_tokenizer, _vocab_size(teacher), tokenizer, _vocab_size(student))
-    return student, tokenizer
+    if teacher is None:
+        return student, tokenizer
+    check_vocabularies(teacher_tokenizer, _vocab_size(teacher), tokenizer, _vocab_size(student))
+    # The same vocabulary, so the teacher's tokenizer serves both: prompts are formatted (chat template,
+    # special tokens) exactly as in the teacher's stored outputs, and the student's folder keeps that format.
+    student.config.pad_token_id = teacher_tokenizer.pad_token_id
+    return student, teacher_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,7 +343,7 @@ def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optiona
     `follow_template_setting`). Raises HybridFTError for a prompt that leaves no room for a response."""
     use_template = uses_template(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    items = []
+    items, truncated = [], 0
     for i, text in enumerate(examples.texts):
         line = examples.lines[i] if examples.lines else i + 1
         if examples.pairs is not None:
@@ -329,6 +354,7 @@ def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optiona
                                     f"data.max_length or shorten the prompt")
             response = list(tokenizer(examples.pairs[i], add_special_tokens=False)["input_ids"]) + eos
             ids, prompt_length = (prompt + response)[:max_length], len(prompt)
+            truncated += len(prompt) + len(response) > max_length
         else:
             ids, prompt_length = list(tokenizer(text)["input_ids"])[:max_length], 0
             if len(ids) < 2:
@@ -338,6 +364,10 @@ def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optiona
         if targets is not None:
             item["teacher"] = targets[i]
         items.append(item)
+    if truncated:
+        print(f"hybridft: {examples.source}: {truncated} of {len(items)} responses are cut at data.max_length="
+              f"{max_length} tokens (their end-of-sequence token with them); raise data.max_length to keep them whole",
+              file=sys.stderr)
     return items
 
 
@@ -511,6 +541,14 @@ def check_store(store: Any, splits: Splits, cfg: RunConfig) -> None:
                             f"loss.temperature={cfg.loss.temperature}; use that temperature or recompute the store")
     if kind == "sampled" and cfg.loss.divergence != "forward_kl":
         raise HybridFTError("a sampled store estimates forward KL only; set loss.divergence=forward_kl")
+    if kind != cfg.distill.store:
+        raise HybridFTError(f"the teacher-output store is a {kind} store, but distill.store={cfg.distill.store}; "
+                            f"set distill.store={kind} or recompute the store")
+    for key in ("chat_template", "max_length"):
+        made, now = store.meta.get(key), getattr(cfg.data, key)
+        if made is not None and made != now:
+            raise HybridFTError(f"the teacher-output store was made with data.{key}={made}, but this run has "
+                                f"data.{key}={now}; use the store's setting or recompute the store")
 
 
 def training_examples(splits: Splits, store: Any, cfg: RunConfig, log: Any) -> tuple[Examples, Any]:
