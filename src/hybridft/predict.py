@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional, Union
+from typing import IO, Any, Callable, Iterator, Optional, Sequence, Union
 
 from hybridft.errors import HybridFTError
 
@@ -70,7 +70,7 @@ class PredictReport:
     """Input columns renamed because their name is a prediction column, e.g. `label` -> `input_label`."""
     dropped_columns: list[str] = field(default_factory=list)
     """JSONL -> CSV/TSV only: keys absent from the first row, so without a column in the output."""
-    columns: tuple[str, ...] = PREDICTION_COLUMNS
+    columns: list[str] = field(default_factory=lambda: list(PREDICTION_COLUMNS))
     """The output columns added to each row."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,7 +338,7 @@ def _text_value(row: dict[str, Any], column: str, what: str) -> tuple[Optional[s
     return text, None, ""
 
 
-def _clash_renames(names: list[str], columns: tuple[str, ...] = PREDICTION_COLUMNS) -> dict[str, str]:
+def _clash_renames(names: list[str], columns: Sequence[str] = PREDICTION_COLUMNS) -> dict[str, str]:
     """Input columns named like a prediction column become `input_<name>`, so neither is lost."""
     clashes = [n for n in names if n in columns]
     if not clashes:
@@ -555,7 +555,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
     out_delimiter = _check_paths(src, dst)
     if batch_size < 1:
         raise HybridFTError(f"batch size must be at least 1, got {batch_size}")
-    report = PredictReport(input=str(src), output=str(dst), columns=tuple(columns))
+    report = PredictReport(input=str(src), output=str(dst), columns=list(columns))
     with open(src, "rb") as fh:
         lines = _Lines(fh)
         # The reader comes first: a delimited file's header is checked before anything is created.
