@@ -470,11 +470,11 @@ def _open_reader(src: Path, lines: _Lines, text_column: str, pair_column: Option
     return _TableReader(src, lines, sep, column_names, text_column, pair_column, text_option)
 
 
-def _progress_bar(path: Path, enabled: bool) -> Any:
+def _progress_bar(path: Path, enabled: bool, desc: str = "predict") -> Any:
     """Progress in bytes of input read: the row count is unknown up front, the file size is not."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=path.stat().st_size, desc="predict", unit="B", unit_scale=True, unit_divisor=1024,
+    return tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not enabled, dynamic_ncols=True)
 
 
@@ -560,7 +560,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         lines = _Lines(fh)
         # The reader comes first: a delimited file's header is checked before anything is created.
         reader = _open_reader(src, lines, text_column, text_pair_column, delimiter, column_names, text_option)
-        with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress) as bar:
+        with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress, "generate" if "generation" in columns else "predict") as bar:
             if isinstance(reader, _TableReader):
                 writer.set_columns(reader.columns)
             batch: list[tuple[dict[str, Any], str, Optional[str]]] = []
