@@ -560,7 +560,8 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         lines = _Lines(fh)
         # The reader comes first: a delimited file's header is checked before anything is created.
         reader = _open_reader(src, lines, text_column, text_pair_column, delimiter, column_names, text_option)
-        with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress, "generate" if "generation" in columns else "predict") as bar:
+        desc = "generate" if "generation" in columns else "predict"
+        with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress, desc) as bar:
             if isinstance(reader, _TableReader):
                 writer.set_columns(reader.columns)
             batch: list[tuple[dict[str, Any], str, Optional[str]]] = []
