@@ -53,6 +53,8 @@ class DataConfig:
     """Test file, used only for the final report."""
     unlabeled: Optional[str] = None
     """Text-only file: the teacher labels it (soft targets) and the student learns from those labels."""
+    unlabeled_text_column: Optional[str] = None
+    """The unlabeled file's text column, when it is named differently; default `text_column`."""
     text_column: str = "text"
     """Classification: the text. causal_lm: plain text trained on every token (when there is no prompt column)."""
     prompt_column: str = "prompt"

@@ -193,14 +193,33 @@ def _column(rows: list[dict[str, Any]], name: str, source: str, role: str, key: 
         raise HybridFTError(f"data.{role} file {source} has no rows; give a file with at least one example")
     if name not in rows[0]:
         cols = ", ".join(map(str, rows[0].keys()))
+        own = " (or data.unlabeled_text_column for this file alone)" if role == "unlabeled" else ""
         raise HybridFTError(f"data.{role} file {source} has no column '{name}' (columns: {cols}); "
-                            f"set data.{key} or, for a file without a header, data.column_names")
+                            f"set data.{key}{own} or, for a file without a header, data.column_names")
     return [r.get(name) for r in rows]
+
+
+def text_problem(value: Any) -> Optional[str]:
+    """Why a cell cannot be one text, or None: a list or mapping (several texts or labels), or a string with a
+    lone UTF-16 surrogate (a half emoji, common in scraped text; `json.loads` accepts "\\ud83d", and the
+    tokenizer and every UTF-8 writer then fail)."""
+    if isinstance(value, (list, tuple, dict)):
+        return f"holds a {type(value).__name__} ({str(value)[:40]}), not one text: hybridft reads one text per row"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"holds a lone UTF-16 surrogate ({value[e.start:e.end]!r} at character {e.start}), which is not "
+                    f"valid Unicode; fix or drop the half character")
+    return None
 
 
 def _texts(values: list[Any], lines: list[int], source: str, what: str) -> list[str]:
     out = []
     for v, line in zip(values, lines):
+        problem = text_problem(v)
+        if problem:
+            raise HybridFTError(f"{source} line {line}: the {what} {problem}")
         if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip():
             raise HybridFTError(f"{source} line {line}: empty {what}; remove the row or fill in its text")
         out.append(str(v))
@@ -230,7 +249,10 @@ def read_examples(path: str, cfg: DataConfig, role: str, label_names: Optional[l
     rows, lines, source = _read_rows(path, cfg, role)
     if limit is not None:
         rows, lines = rows[:limit], lines[:limit]
-    texts = _texts(_column(rows, cfg.text_column, source, role, "text_column"), lines, source, "text")
+    text_column, key = cfg.text_column, "text_column"
+    if role == "unlabeled" and cfg.unlabeled_text_column:
+        text_column, key = cfg.unlabeled_text_column, "unlabeled_text_column"
+    texts = _texts(_column(rows, text_column, source, role, key), lines, source, "text")
     pairs = None
     if cfg.text_pair_column:
         pairs = _texts(_column(rows, cfg.text_pair_column, source, role, "text_pair_column"), lines, source,
@@ -238,6 +260,9 @@ def read_examples(path: str, cfg: DataConfig, role: str, label_names: Optional[l
     raw: list[str] = []
     if labeled:
         for v, line in zip(_column(rows, cfg.label_column, source, role, "label_column"), lines):
+            if isinstance(v, (list, tuple, dict)):
+                raise HybridFTError(f"{source} line {line}: the label is a {type(v).__name__} ({str(v)[:40]}); "
+                                    f"hybridft trains single-label classifiers: give one label per row")
             label = _raw_label(v)
             if label is None:
                 raise HybridFTError(f"{source} line {line}: missing label; fill it in, or move the row to "
@@ -338,6 +363,9 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
             validation, _ = read_examples(cfg.validation, cfg, "validation", label_names, limit=cfg.max_eval_samples)
         else:
             keep, held = stratified_split(train.labels, cfg.validation_fraction, seed)
+            if not held:  # every label has a single row: nothing can be held out without losing a label
+                raise HybridFTError(f"data.train {train.source} has one row per label ({len(train)} rows), too few to "
+                                    f"hold out a validation split; give data.validation=FILE")
             train, validation = train.subset(keep), train.subset(held)
         if cfg.test:
             test, _ = read_examples(cfg.test, cfg, "test", label_names, limit=cfg.max_eval_samples)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Optional, Sequence, Union
 
+from hybridft.data import text_problem
 from hybridft.errors import HybridFTError
 
 PREDICTION_COLUMNS = ("label", "probability", "answered_by")
@@ -332,6 +333,9 @@ def _text_value(row: dict[str, Any], column: str, what: str) -> tuple[Optional[s
         return None, f"missing_{what}", f"no value for column '{column}'"
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return None, f"{what}_not_a_string", f"column '{column}' holds a {type(value).__name__}, not text"
+    problem = text_problem(value)
+    if problem:  # a lone surrogate: the same check as the training files
+        return None, "bad_encoding", f"column '{column}' {problem}"
     text = value if isinstance(value, str) else str(value)
     if not text.strip():
         return None, f"empty_{what}", f"empty text in column '{column}'"

@@ -26,7 +26,7 @@ from torch import nn
 
 from hybridft.batching import length_sorted_loader, to_device
 from hybridft.config import DEFAULT_LM_TEACHER, RunConfig
-from hybridft.data import Examples, Splits, read_rows
+from hybridft.data import Examples, Splits, read_rows, text_problem
 from hybridft.dist import autocast
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, SparseTargets
@@ -305,6 +305,9 @@ def _from_rows(rows: list[dict[str, Any]], source: str, cfg: RunConfig, prompts:
         values = []
         for name in fields:
             value = row.get(name)
+            problem = text_problem(value)
+            if problem:
+                raise HybridFTError(f"data.{role} {source} line {line}: the {name} column {problem}")
             if not isinstance(value, str) or not value.strip():
                 what = "response" if name == d.response_column else ("prompt" if prompts else "text")
                 raise HybridFTError(f"data.{role} {source} line {line}: the {what} is empty or not text "

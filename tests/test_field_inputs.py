@@ -1,0 +1,125 @@
+"""Inputs from the field (issue 9): each case made small, checked where its kind can enter (training files,
+the unlabeled file, `predict`, the Python API). Cases done so far: 2 (lone UTF-16 surrogates), 3 (multi-label
+rows), 9 (one training row per class and no validation file), 11 (the unlabeled file's own text column)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import sentiment_rows, tiny_overrides, write_csv
+from hybridft.cli import main
+from hybridft.config import DataConfig
+from hybridft.data import load_splits
+from hybridft.errors import HybridFTError
+from hybridft.predict import predict_file
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")  # ensure_ascii: "\ud83d" stays
+    return path
+
+
+def _rows(n: int = 24) -> list[dict]:
+    return [{"text": t, "label": y} for t, y in sentiment_rows(n, seed=4)]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+# case 2: a lone surrogate ("... \ud83d", a cut emoji in scraped tweets)
+
+
+@pytest.mark.parametrize("role", ["train", "unlabeled"])
+def test_a_lone_surrogate_in_a_training_or_unlabeled_file_is_one_line_with_file_and_line(
+        tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys, role: str):
+    rows = _rows()
+    rows[4]["text"] = "great movie \ud83d"
+    bad = _jsonl(tmp_path / f"{role}.jsonl", rows)
+    data = dict(tiny_data, **({"train": bad} if role == "train" else {}))
+    extra = [f"data.unlabeled={bad}"] if role == "unlabeled" else []
+    out = tmp_path / "run"
+    assert main(["run", *tiny_overrides(tiny_teacher_dir, data, out), *extra]) == 2
+    line = _one_error_line(capsys)
+    assert f"{bad} line 5" in line and "surrogate" in line
+    assert not (out / "config.yaml").exists()
+
+
+def test_a_lone_surrogate_in_predict_stops_at_its_line_or_is_skipped_and_counted(tmp_path: Path):
+    rows = [{"text": "fine"}, {"text": "broken \ud83d"}, {"text": "good"}]
+    src = _jsonl(tmp_path / "in.jsonl", rows)
+
+    def predict_batch(texts, pairs):
+        for t in texts:
+            t.encode("utf-8")  # a real model's tokenizer fails the same way on a surrogate
+        return [{"label": "pos", "probability": 0.9, "answered_by": "student"} for _ in texts]
+
+    with pytest.raises(HybridFTError, match="line 2: .*surrogate"):
+        predict_file(predict_batch, src, tmp_path / "out.jsonl", progress=False)
+    report = predict_file(predict_batch, src, tmp_path / "out.jsonl", skip_bad_rows=True, progress=False)
+    assert report.rows_written == 2 and report.skipped_by_reason == {"bad_encoding": 1}
+    assert report.skipped_lines == [2]
+
+
+# case 3: multi-label rows
+
+
+@pytest.mark.parametrize("label", [["sports", "politics"], [1, 0, 1]])
+def test_a_list_label_is_refused_as_multi_label(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys, label):
+    rows = _rows()
+    rows[2]["label"] = label
+    data = dict(tiny_data, train=_jsonl(tmp_path / "train.jsonl", rows))
+    assert main(["run", *tiny_overrides(tiny_teacher_dir, data, tmp_path / "run")]) == 2
+    line = _one_error_line(capsys)
+    assert "line 3" in line and "single-label" in line
+
+
+@pytest.mark.parametrize("role", ["train", "unlabeled"])
+def test_a_list_as_the_text_is_refused(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys, role: str):
+    rows = _rows()
+    rows[0]["text"] = ["a good film", "a bad one"]
+    bad = _jsonl(tmp_path / f"{role}.jsonl", rows)
+    data = dict(tiny_data, **({"train": bad} if role == "train" else {}))
+    extra = [f"data.unlabeled={bad}"] if role == "unlabeled" else []
+    assert main(["run", *tiny_overrides(tiny_teacher_dir, data, tmp_path / "run"), *extra]) == 2
+    line = _one_error_line(capsys)
+    assert "line 1" in line and "one text per row" in line
+
+
+def test_the_python_api_raises_the_same_for_a_list_label(tmp_path: Path):
+    rows = _rows()
+    rows[1]["label"] = ["pos", "neg"]
+    with pytest.raises(HybridFTError, match="line 2: the label is a list"):
+        load_splits(DataConfig(train=str(_jsonl(tmp_path / "t.jsonl", rows))), seed=0)
+
+
+# case 9: one training row per class, no validation file
+
+
+def test_one_row_per_class_without_a_validation_file_names_data_validation(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                          tiny_data, capsys):
+    train = write_csv(tmp_path / "tiny.csv", [("a great film", "pos"), ("a dull film", "neg")])
+    overrides = [o for o in tiny_overrides(tiny_teacher_dir, dict(tiny_data, train=train), tmp_path / "run")
+                 if not o.startswith("data.validation=")]
+    assert main(["run", *overrides]) == 2
+    line = _one_error_line(capsys)
+    assert "one row per label" in line and "data.validation" in line
+
+
+# case 11: the unlabeled file names its text column differently
+
+
+def test_the_unlabeled_file_may_name_its_own_text_column(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys):
+    unlabeled = _jsonl(tmp_path / "unlabeled.jsonl", [{"review": t} for t, _ in sentiment_rows(8, seed=9)])
+    base = tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "a") + [f"data.unlabeled={unlabeled}"]
+    assert main(["run", *base, "hybrid.enabled=false", "export.enabled=false"]) == 2
+    assert "data.unlabeled_text_column" in _one_error_line(capsys)
+    cfg = DataConfig(train=str(tiny_data["train"]), unlabeled=str(unlabeled), unlabeled_text_column="review")
+    splits = load_splits(cfg, seed=0)
+    assert len(splits.unlabeled) == 8 and splits.unlabeled.texts[0] == sentiment_rows(8, seed=9)[0][0]
+    assert len(splits.train) + len(splits.validation) == 48  # the training file still reads its own column
