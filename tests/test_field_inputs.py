@@ -123,3 +123,67 @@ def test_the_unlabeled_file_may_name_its_own_text_column(tmp_path: Path, tiny_te
     splits = load_splits(cfg, seed=0)
     assert len(splits.unlabeled) == 8 and splits.unlabeled.texts[0] == sentiment_rows(8, seed=9)[0][0]
     assert len(splits.train) + len(splits.validation) == 48  # the training file still reads its own column
+
+
+# case 5: data.max_length above the model's position table
+
+
+def test_max_length_above_the_position_table_stops_before_the_run_folder(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                         tiny_data, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *tiny_overrides(tiny_teacher_dir, tiny_data, out), "data.max_length=128"]) == 2
+    line = _one_error_line(capsys)
+    assert "data.max_length=128" in line and "64 positions" in line
+    assert not (out / "config.yaml").exists()
+
+
+# case 6: a GPT-2-style teacher whose tokenizer has no pad token
+
+
+def test_a_gpt2_classifier_whose_tokenizer_has_no_pad_token_trains(tmp_path: Path, tiny_data):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    from conftest import WORDS
+
+    folder = tmp_path / "gpt2"
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<|endoftext|>", *WORDS])},
+                                      unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|endoftext|>")
+    assert tok.pad_token is None
+    tok.save_pretrained(folder)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                             num_labels=2)).save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(["run", *tiny_overrides(folder, tiny_data, out), "student.num_layers=1", "export.enabled=false"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"]["accuracy"] > 0.8  # batches of several rows: the padded rows were read right
+    saved = json.loads((out / "student" / "config.json").read_text())
+    assert saved["pad_token_id"] == tok.convert_tokens_to_ids("<|endoftext|>")
+
+
+# case 10: a teacher-output store holding probabilities instead of logits
+
+
+def test_a_store_of_probabilities_is_refused(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from hybridft.data import load_splits as read_splits
+    from hybridft.teacher_outputs import write_store
+
+    splits = read_splits(DataConfig(train=str(tiny_data["train"]), validation=str(tiny_data["validation"])), seed=0)
+    probs = torch.tensor([[0.1, 0.9] if y == 1 else [0.8, 0.2] for y in splits.train.labels])
+    with pytest.raises(HybridFTError, match="probabilities, not logits"):
+        write_store(tmp_path / "p.safetensors", splits.train.keys(), probs, splits.label_names)
+    keys = torch.tensor([list(bytes.fromhex(k)) for k in splits.train.keys()], dtype=torch.uint8)
+    save_file({"logits": probs, "keys": keys}, str(tmp_path / "p.safetensors"),  # written by other code
+              metadata={"format": "hybridft.teacher_outputs/2", "kind": "dense", "fingerprint": "external",
+                        "label_names": json.dumps(splits.label_names)})
+    out = tmp_path / "run"
+    assert main(["run", *tiny_overrides(tiny_teacher_dir, tiny_data, out),
+                 f"distill.teacher_logits={tmp_path / 'p.safetensors'}"]) == 2
+    assert "probabilities, not logits" in _one_error_line(capsys)
+    assert torch.log(probs).shape == probs.shape  # the fix the message names is accepted
+    write_store(tmp_path / "ok.safetensors", splits.train.keys(), torch.log(probs), splits.label_names)

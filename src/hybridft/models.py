@@ -147,6 +147,30 @@ def check_student(layers: Optional[list[int]], num_layers: int, teacher_folder: 
                             f"{n} (fewer make the student smaller and faster)")
 
 
+def check_max_length(max_length: int, folder: str, key: str) -> None:
+    """data.max_length must fit the model's position table (BERT: 512), checked before any file is written;
+    otherwise the first forward pass fails with an index error deep in the embeddings."""
+    cfg = read_config(folder)
+    positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    if isinstance(positions, int) and max_length > positions:
+        raise HybridFTError(f"data.max_length={max_length} is longer than {key}'s position table ({positions} "
+                            f"positions in {folder}); set data.max_length to at most {positions}")
+
+
+def ensure_pad_token(model: nn.Module, tokenizer: Any) -> None:
+    """Batches need a pad token: tokenizers without one (GPT-2, Llama) reuse end-of-sequence (or unknown), and
+    the model's config learns its id (a GPT-2 classifier finds each row's last real token by it)."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise HybridFTError("the tokenizer has no pad, end-of-sequence or unknown token to pad batches with; "
+                                "add a pad token to the tokenizer files")
+        tokenizer.pad_token = fallback
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def layer_cut_student(teacher: Optional[nn.Module], layers: Optional[list[int]], num_layers: int) -> nn.Module:
     """The default student: `layers` of the teacher, or `num_layers` evenly spaced ones (first and last kept)."""
     if teacher is None:

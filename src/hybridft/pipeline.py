@@ -28,7 +28,7 @@ from hybridft.data import Examples, Splits
 from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, LossWeights
-from hybridft.models import check_student
+from hybridft.models import check_max_length, check_student
 from hybridft.runlog import MetricsWriter
 from hybridft.tasks import TASKS
 from hybridft.teacher_outputs import compute, default_cache_dir, fingerprint, read_store
@@ -154,8 +154,13 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     splits = task.load_splits(cfg, cfg.seed)
     if fresh and stage != "evaluate":  # the student's settings fail now, not after the teacher stage wrote files
         student = cfg.student
-        check_student(student.layers, student.num_layers, task.teacher_path(cfg),
-                      task.resolve_model_path(student.model) if student.model else None)
+        student_path = task.resolve_model_path(student.model) if student.model else None
+        check_student(student.layers, student.num_layers, task.teacher_path(cfg), student_path)
+        if not cfg.distill.teacher_logits or not student_path:  # the teacher's weights will be loaded
+            check_max_length(cfg.data.max_length, task.teacher_path(cfg), "teacher.model")
+        if student_path:
+            check_max_length(cfg.data.max_length, str(Path(student_path).parent) if student_path.endswith(".json")
+                             else student_path, "student.model")
     return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits,
                    writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
                    fresh=fresh, resume=resume, task=TASKS[cfg.task])

@@ -130,10 +130,21 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     return path
 
 
+def check_not_probabilities(logits: torch.Tensor, source: str) -> None:
+    """Refuse softmax outputs given as logits: every row in [0, 1] and summing to 1. Read as logits they are a
+    near-uniform teacher (softmax of values in [0, 1]), and the student learns almost nothing from them."""
+    if len(logits) and logits.shape[-1] > 1 and bool((logits >= 0).all()) and bool(
+            torch.allclose(logits.sum(-1), torch.ones(len(logits)), atol=1e-3)):
+        raise HybridFTError(f"{source}: every row of the teacher outputs is in [0, 1] and sums to 1: probabilities, "
+                            f"not logits; store logits, or torch.log(probabilities)")
+
+
 def write_store(path: str | Path, keys: list[str], logits: torch.Tensor, label_names: list[str],
                 fingerprint: str = "external") -> Path:
-    """Write a dense store atomically (temporary file, then rename). logits: [N, C] with C = len(label_names)."""
+    """Write a dense store atomically (temporary file, then rename). logits: [N, C] with C = len(label_names).
+    Raises HybridFTError for a wrong shape, or for probabilities given as logits."""
     logits = logits.detach().float().cpu().contiguous()
+    check_not_probabilities(logits, "write_store")
     if logits.ndim != 2 or logits.shape[0] != len(keys) or logits.shape[1] != len(label_names):
         raise HybridFTError(f"teacher logits have shape {tuple(logits.shape)}, expected ({len(keys)}, "
                             f"{len(label_names)}) for {len(keys)} examples and {len(label_names)} labels")
@@ -201,6 +212,7 @@ def read_store(path: str | Path) -> Store | TokenStore:
         if not torch.isfinite(logits).all():
             bad = int((~torch.isfinite(logits)).any(-1).sum())
             raise HybridFTError(f"{path}: {bad} rows of teacher logits are NaN or infinite; recompute them")
+        check_not_probabilities(logits, str(path))
         return Store(logits=logits.float(), keys=keys, label_names=json.loads(meta["label_names"]),
                      fingerprint=meta.get("fingerprint", ""))
     needed = {"ids", "logprobs"} | ({"counts", "entry_offsets"} if kind == "sampled" else set())

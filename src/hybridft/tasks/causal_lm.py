@@ -30,8 +30,8 @@ from hybridft.data import Examples, Splits, read_rows, text_problem
 from hybridft.dist import autocast
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, SparseTargets
-from hybridft.models import (check_model_folder, count_params, layer_cut_student, load_tokenizer,  # noqa: F401
-                             quiet_transformers, save_model)
+from hybridft.models import (check_model_folder, count_params, ensure_pad_token, layer_cut_student,  # noqa: F401
+                             load_tokenizer, quiet_transformers, save_model)
 
 BEST = ("loss", "min")
 """The validation metric that picks the best checkpoint: the mean cross-entropy per response token."""
@@ -127,22 +127,9 @@ def follow_template_setting(tokenizer: Any, cfg: RunConfig) -> Any:
     return tokenizer
 
 
-def _ensure_pad(model: nn.Module, tokenizer: Any) -> None:
-    """Batches need a pad token: tokenizers without one (GPT-2, Llama) reuse end-of-sequence (padding is
-    masked everywhere, so the choice does not change any loss)."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise HybridFTError("the tokenizer has neither a pad nor an end-of-sequence token; add one to the "
-                                "tokenizer files")
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
 def load_model(folder: str, splits: Splits, key: str) -> tuple[nn.Module, Any]:
     model, tokenizer = _load_lm(folder, key), load_tokenizer(folder, key)
-    _ensure_pad(model, tokenizer)
+    ensure_pad_token(model, tokenizer)
     return model, tokenizer
 
 
@@ -221,7 +208,7 @@ def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenize
         tokenizer = load_tokenizer(str(Path(path).parent), "student.model")
     else:
         student, tokenizer = _load_lm(path, "student.model"), load_tokenizer(path, "student.model")
-    _ensure_pad(student, tokenizer)
+    ensure_pad_token(student, tokenizer)
     follow_template_setting(tokenizer, cfg)
     if teacher is None:
         return student, tokenizer

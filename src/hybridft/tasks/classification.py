@@ -18,8 +18,8 @@ from hybridft.dist import autocast
 from hybridft.data import Examples, Splits, concat
 from hybridft.data import load_splits as _load_splits
 from hybridft.errors import HybridFTError
-from hybridft.models import (check_model_folder, count_params, evenly_spaced_layers, layer_cut_student,  # noqa: F401
-                             load_tokenizer, quiet_transformers, read_config, resolve_model_path, save_model,
+from hybridft.models import (check_model_folder, count_params, ensure_pad_token, evenly_spaced_layers,  # noqa: F401
+                             layer_cut_student, load_tokenizer, quiet_transformers, read_config, resolve_model_path, save_model,
                              student_from_teacher)
 
 
@@ -73,8 +73,11 @@ def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenize
                                               label2id={n: i for i, n in enumerate(label_names)})
         except (OSError, ValueError) as e:
             raise HybridFTError(f"student.model: cannot read config {path} ({str(e).splitlines()[0]})") from None
-        return AutoModelForSequenceClassification.from_config(mcfg), load_tokenizer(folder, "student.model")
-    return load_classifier(path, label_names, "student.model"), load_tokenizer(path, "student.model")
+        student, tokenizer = AutoModelForSequenceClassification.from_config(mcfg), load_tokenizer(folder, "student.model")
+    else:
+        student, tokenizer = load_classifier(path, label_names, "student.model"), load_tokenizer(path, "student.model")
+    ensure_pad_token(student, tokenizer)
+    return student, tokenizer
 
 
 def load_splits(cfg: RunConfig, seed: int) -> Splits:
@@ -93,6 +96,7 @@ def load_teacher(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Any, bool]:
     needs_finetune = cfg.teacher.finetune == "always" or (cfg.teacher.finetune == "auto" and existing != labels)
     tokenizer = load_tokenizer(path, "teacher.model")
     model = load_classifier(path, labels, "teacher.model")
+    ensure_pad_token(model, tokenizer)
     return model, tokenizer, needs_finetune
 
 
@@ -107,7 +111,9 @@ def load_model(folder: str, splits: Splits, key: str) -> tuple[nn.Module, Any]:
     if classifier_labels(folder) != labels:
         raise HybridFTError(f"{folder} predicts labels {classifier_labels(folder)}, but the data has {labels}; "
                             f"use it with the data it was trained on")
-    return load_classifier(folder, labels, key), load_tokenizer(folder, key)
+    model, tokenizer = load_classifier(folder, labels, key), load_tokenizer(folder, key)
+    ensure_pad_token(model, tokenizer)
+    return model, tokenizer
 
 
 def transfer_set(splits: Splits) -> Examples:
