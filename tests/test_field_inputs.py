@@ -187,3 +187,50 @@ def test_a_store_of_probabilities_is_refused(tmp_path: Path, tiny_teacher_dir: P
     assert "probabilities, not logits" in _one_error_line(capsys)
     assert torch.log(probs).shape == probs.shape  # the fix the message names is accepted
     write_store(tmp_path / "ok.safetensors", splits.train.keys(), torch.log(probs), splits.label_names)
+
+
+# case 7: a teacher fine-tuned elsewhere with default label names (LABEL_0/LABEL_1, or no id2label at all)
+
+
+@pytest.mark.parametrize("names", ["LABEL_i", "none"])
+def test_a_teacher_with_unnamed_labels_maps_output_i_to_label_i(tmp_path: Path, tiny_data, capsys, names: str):
+    from conftest import make_bert, make_tokenizer
+
+    folder = tmp_path / "elsewhere"
+    make_tokenizer(folder)
+    make_bert().save_pretrained(folder)  # id2label {0: LABEL_0, 1: LABEL_1}, as transformers names them
+    if names == "none":
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("id2label", None), config.pop("label2id", None)
+        (folder / "config.json").write_text(json.dumps(config))
+    rows = [(t, "1" if y == "pos" else "0") for t, y in sentiment_rows(24, seed=1)]
+    data = {k: write_csv(tmp_path / f"{k}.csv", rows) for k in ("train", "validation", "test")}
+    out = tmp_path / "run"
+    assert main(["distill", *tiny_overrides(folder, data, tmp_path / "auto")]) == 2  # unnamed may mean untrained
+    assert "teacher.finetune=never" in _one_error_line(capsys)
+    args = ["distill", *tiny_overrides(folder, data, out), "teacher.finetune=never"]
+    assert main(args) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "LABEL_0=0, LABEL_1=1" in err
+    assert json.loads((out / "student" / "config.json").read_text())["id2label"] == {"0": "0", "1": "1"}
+
+
+# case 8: --resume after the training file changed (a class added)
+
+
+def test_resume_after_the_training_file_gained_a_class_names_what_changed(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                        tiny_data, capsys):
+    base = tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "r") + ["hybrid.enabled=false",
+                                                                         "export.enabled=false"]
+    assert main(["run", *base]) == 0
+    capsys.readouterr()
+    summary = (tmp_path / "r" / "summary.json").read_bytes()
+    with tiny_data["train"].open("a", encoding="utf-8") as f:
+        f.write("a plot that was the story,meh\n")
+    assert main(["run", *base, "--resume"]) == 2
+    assert "labels are now ['meh', 'neg', 'pos']" in _one_error_line(capsys)
+    rows = tiny_data["train"].read_text().splitlines()
+    tiny_data["train"].write_text("\n".join(rows[:-2]) + "\n")  # same labels, fewer rows
+    assert main(["run", *base, "--resume"]) == 2
+    assert "data.train (" in _one_error_line(capsys)
+    assert (tmp_path / "r" / "summary.json").read_bytes() == summary

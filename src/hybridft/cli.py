@@ -139,8 +139,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             teacher, tok, needs_finetune = pipeline.load_teacher(ctx)
             if needs_finetune:
-                what = (f"is not a classifier for labels {ctx.splits.label_names}" if cfg.task == "classification"
-                        else "is to be fine-tuned first (teacher.finetune=always)")
+                what = (f"is not a classifier for labels {ctx.splits.label_names} (if it was fine-tuned with unnamed "
+                        f"labels LABEL_0, LABEL_1, ..., pass teacher.finetune=never to read output i as label i)"
+                        if cfg.task == "classification" else "is to be fine-tuned first (teacher.finetune=always)")
                 raise HybridFTError(f"teacher.model {cfg.teacher.model} {what}; run `hybridft teacher` first or use "
                                     f"`hybridft run`")
             store = None if cfg.distill.online else pipeline.teacher_outputs(ctx, teacher, tok)

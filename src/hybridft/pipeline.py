@@ -34,7 +34,7 @@ from hybridft.tasks import TASKS
 from hybridft.teacher_outputs import compute, default_cache_dir, fingerprint, read_store
 from hybridft.train import fit, lr_key  # noqa: F401
 
-RUN_MARKERS = ("config.yaml", "summary.json", "teacher", "student", "metrics.jsonl")
+RUN_MARKERS = ("config.yaml", "summary.json", "teacher", "student", "metrics.jsonl", "data.json")
 
 
 @dataclass
@@ -64,7 +64,45 @@ class Context:
         if metrics.exists() and self.stage in ("run", "teacher"):
             metrics.unlink()  # --overwrite: a new run starts a new history
         save_config(self.cfg, self.run_dir / ("config.yaml" if self.stage == "run" else f"config.{self.stage}.yaml"))
+        if self.stage == "run":  # what --resume checks the data against
+            (self.run_dir / DATA_RECORD).write_text(json.dumps(data_record(self.splits), indent=1), encoding="utf-8")
         self.committed = True
+
+
+DATA_RECORD = "data.json"
+
+
+def data_record(splits: Splits) -> dict[str, Any]:
+    """The label names and a digest of every split's rows (texts, pairs and labels), in order."""
+    import hashlib
+
+    record: dict[str, Any] = {"labels": splits.label_names}
+    for name in ("train", "validation", "test", "unlabeled"):
+        examples = getattr(splits, name)
+        if examples is not None:
+            h = hashlib.sha256()
+            for key, label in zip(examples.keys(), examples.labels):
+                h.update(f"{key}:{label};".encode())
+            record[name] = {"rows": len(examples), "sha256": h.hexdigest()}
+    return record
+
+
+def check_resume_data(run_dir: Path, splits: Splits) -> None:
+    """A resume keeps the finished stages, so the data must be the data they were trained on: a class added to
+    the training file would otherwise meet a teacher with a fresh random head, and the summary would compare
+    the student with it."""
+    saved_file = run_dir / DATA_RECORD
+    if not saved_file.is_file():
+        return  # a run from before this record existed: nothing to compare with
+    saved, now = json.loads(saved_file.read_text(encoding="utf-8")), data_record(splits)
+    if saved.get("labels") != now["labels"]:
+        raise HybridFTError(f"--resume: the data's labels are now {now['labels']}, but the run was trained on "
+                            f"{saved.get('labels')}; start a new run (another output_dir, or --overwrite)")
+    changed = [f"data.{name} ({saved.get(name, {}).get('rows', 0)} -> {now.get(name, {}).get('rows', 0)} rows)"
+               for name in ("train", "validation", "test", "unlabeled") if saved.get(name) != now.get(name)]
+    if changed:
+        raise HybridFTError(f"--resume: the rows of {', '.join(changed)} differ from the ones the run started "
+                            f"with; resume with the same data, or start a new run")
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -152,6 +190,8 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     seed_everything(cfg.seed)
     task = TASKS[cfg.task]
     splits = task.load_splits(cfg, cfg.seed)
+    if resume:
+        check_resume_data(run_dir, splits)
     if fresh and stage != "evaluate":  # the student's settings fail now, not after the teacher stage wrote files
         student = cfg.student
         student_path = task.resolve_model_path(student.model) if student.model else None

@@ -6,6 +6,7 @@ rows without a label), which is all `hybridft.losses` needs to know.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +30,14 @@ def classifier_labels(path: str) -> Optional[list[str]]:
     if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
         return None
     id2label = cfg.get("id2label") or {}
+    if not id2label:  # transformers leaves id2label out of config.json for its default two labels
+        return [f"LABEL_{i}" for i in range(int(cfg.get("num_labels") or 2))]
     return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def has_default_names(names: list[str]) -> bool:
+    """LABEL_0, LABEL_1, ...: the names transformers gives a head nobody named."""
+    return names == [f"LABEL_{i}" for i in range(len(names))]
 
 
 def load_classifier(path: str, label_names: list[str], key: str) -> nn.Module:
@@ -90,6 +98,14 @@ def load_teacher(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Any, bool]:
     path = resolve_model_path(cfg.teacher.model)
     check_model_folder(path, "teacher.model")
     existing = classifier_labels(path) if Path(path).exists() else None
+    unnamed = existing is not None and has_default_names(existing) and len(existing) == len(labels)
+    if unnamed and existing != labels and cfg.teacher.finetune == "never":
+        # Fine-tuned elsewhere without label names: output i is the data's i-th label (the order data.labels
+        # sets). Only when the user says it is fine-tuned: an untrained head has the same default names.
+        print(f"hybridft: teacher.model has unnamed labels ({', '.join(existing)}); reading its output i as the "
+              f"data's label i: {', '.join(f'{a}={b}' for a, b in zip(existing, labels))} (set data.labels to "
+              f"change the order)", file=sys.stderr)
+        existing = labels
     if cfg.teacher.finetune == "never" and existing is not None and existing != labels:
         raise HybridFTError(f"teacher.model {path} was fine-tuned for labels {existing}, but the data has labels "
                             f"{labels}; fine-tune it (teacher.finetune=always) or fix data.labels")
