@@ -186,16 +186,25 @@ def test_run_exports_the_student_with_parity(tmp_path: Path, tiny_teacher_dir: P
     assert (out / "export" / "model.onnx").exists() and (out / "export" / "model_int8.onnx").exists()
 
 
-def test_teacher_budget_caps_every_call_at_its_least_confident_rows(pair):
+def test_teacher_budget_is_a_running_quota_over_the_stream_whatever_the_call_size(pair):
+    """Issue 9, case 12: calls of one input each get the same answers as one call, and the budget holds."""
     student, teacher, tok = pair
     model = _model(pair, threshold=2.0)  # the threshold alone would send every row
     model.teacher_budget = 0.25
     counter = RowCounter(teacher)
-    pred = model.predict(TEXTS)
-    assert pred.answered_by.count("teacher") == counter.rows == int(0.25 * len(TEXTS))
-    conf = hy.confidence(model._logits(student, tok, TEXTS, None, 32), 0.05, "max_prob")
-    sent = {i for i, who in enumerate(pred.answered_by) if who == "teacher"}
-    assert max(conf[list(sent)]) <= min(conf[[i for i in range(len(TEXTS)) if i not in sent]])
+    whole = model.predict(TEXTS)
+    assert whole.answered_by.count("teacher") == counter.rows == int(0.25 * len(TEXTS))
+    model.reset_budget()
+    one_by_one = [model.predict([t]) for t in TEXTS]
+    assert [p.answered_by[0] for p in one_by_one] == whole.answered_by
+    assert torch.equal(torch.cat([p.label_ids for p in one_by_one]), whole.label_ids)
+    # at every point of the stream the teacher has answered at most a quarter of the rows so far
+    sent = [who == "teacher" for who in whole.answered_by]
+    assert all(sum(sent[:n]) <= 0.25 * n + 1e-9 for n in range(1, len(sent) + 1))
+    assert model.rows_seen == len(TEXTS) and model.teacher_rows == sum(sent)
+    model.teacher_budget = 0.0
+    model.reset_budget()
+    assert model.predict(TEXTS).answered_by.count("teacher") == 0
 
 
 def test_predict_with_the_exported_onnx_student_matches_pytorch(pair, tmp_path: Path):

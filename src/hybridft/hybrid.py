@@ -147,8 +147,12 @@ class HybridPrediction:
 class HybridModel:
     """Student first; the rows whose calibrated student confidence is below `threshold` go to the teacher.
 
-    With `teacher_budget`, at most that fraction of the rows of each `predict` call go to the teacher (the
-    least confident ones), whatever the threshold says.
+    With `teacher_budget`, the teacher answers at most that fraction of the rows seen so far, over the whole
+    stream of calls (a running quota: a row below the threshold goes to the teacher only while
+    `teacher rows + 1 <= budget x rows seen`), whatever the threshold says. Rows are decided one by one in input
+    order, so the same stream gets the same answers whether it comes in calls of 1 or of 256 rows; a serving
+    process that takes requests one at a time keeps its budget. The teacher fraction never exceeds the budget
+    (teacher rows <= budget x rows seen at every row). `reset_budget()` starts a new stream.
 
     `student` may be any callable with the HF classifier interface (`model(**inputs).logits`), including an
     exported ONNX student (`hybridft.export.OnnxClassifier`).
@@ -170,6 +174,7 @@ class HybridModel:
         self.max_length = max_length
         self.teacher_budget = teacher_budget
         self.device = device or torch.device("cpu")
+        self.rows_seen = self.teacher_rows = 0  # the running quota's counts (see `reset_budget`)
         for model in (student, teacher):
             if isinstance(model, nn.Module):
                 model.to(self.device).eval()
@@ -185,13 +190,18 @@ class HybridModel:
         probs = (s_logits / self.student_temperature).softmax(-1)
         conf = confidence(s_logits, self.student_temperature, self.confidence_kind)  # [N]
         defer = conf < self.threshold
-        cap = None if self.teacher_budget is None else int(self.teacher_budget * len(texts))
-        if cap is not None and int(defer.sum()) > cap:
-            # The budget holds on every call even when the inputs are harder than validation (a threshold alone
-            # sends more rows to the teacher under such a shift): only the `cap` least confident rows go.
-            keep = conf.masked_fill(~defer, float("inf")).argsort()[:cap]
-            defer = torch.zeros_like(defer)
-            defer[keep] = True
+        if self.teacher_budget is not None:
+            # The budget holds over the stream even when the inputs are harder than validation (a threshold
+            # alone sends more rows to the teacher under such a shift), and does not depend on how the stream
+            # is cut into calls: each row may use the teacher only while the quota allows.
+            for i, wants in enumerate(defer.tolist()):
+                self.rows_seen += 1
+                if wants and self.teacher_rows + 1 <= self.teacher_budget * self.rows_seen + 1e-9:
+                    self.teacher_rows += 1
+                else:
+                    defer[i] = False
+        else:
+            self.rows_seen += len(texts)
         idx = defer.nonzero().flatten().tolist()
         if idx:  # the teacher sees only the deferred rows, as a batch of their own
             t_logits = self._logits(self.teacher, self.teacher_tokenizer, [texts[i] for i in idx],
@@ -199,6 +209,10 @@ class HybridModel:
             probs[defer] = (t_logits / self.teacher_temperature).softmax(-1)
         return HybridPrediction(label_ids=probs.argmax(-1), probs=probs,
                                 answered_by=["teacher" if d else "student" for d in defer.tolist()])
+
+    def reset_budget(self) -> None:
+        """Start a new stream: the running teacher quota counts rows from zero again."""
+        self.rows_seen = self.teacher_rows = 0
 
     def predict_batch(self, texts: list[str], pairs: Optional[list[str]] = None) -> list[dict[str, Any]]:
         """Rows for `hybridft predict`: label name, its probability and which model answered."""

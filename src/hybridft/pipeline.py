@@ -422,6 +422,16 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
     pred = model.predict(test.texts, test.pairs, batch_size=cfg.eval.batch_size)
     throughput = len(test) / (time.perf_counter() - start)
     metrics = ctx.task.compute_metrics(pred.probs, torch.tensor(test.labels), s.label_names, full=True)
+    by_call_size = {}  # a serving process sees the test rows in calls of some size: the answers must not change
+    for size in (1, 256):
+        model.reset_budget()
+        parts = [model.predict(test.texts[i:i + size], None if test.pairs is None else test.pairs[i:i + size])
+                 for i in range(0, len(test), size)]
+        labels = torch.cat([p.label_ids for p in parts])
+        by_call_size[f"calls_of_{size}"] = {
+            "accuracy": float((labels == torch.tensor(test.labels)).float().mean()),
+            "teacher_fraction": sum(p.answered_by.count("teacher") for p in parts) / max(len(test), 1)}
+    model.reset_budget()
     model.save(ctx.run_dir / "hybrid")
 
     student_acc, teacher_acc = accuracy(st, yt), accuracy(tt, yt)
@@ -429,7 +439,7 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
     result = {
         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
         "teacher_fraction": pred.answered_by.count("teacher") / max(len(test), 1),
-        "threshold": chosen["threshold"], "confidence": h.confidence, "goal": goal,
+        "threshold": chosen["threshold"], "confidence": h.confidence, "goal": goal, **by_call_size,
         "throughput_samples_per_s": round(throughput, 1),
         "student_temperature": round(t_s, 4), "teacher_temperature": round(t_t, 4),
         "gap_closed": round((metrics["accuracy"] - student_acc) / gap, 4) if gap > 0 else None,
