@@ -49,7 +49,6 @@ def test_smollm2_teacher_and_eight_layer_student_on_the_builtin_chat_data(tmp_pa
     pytest.importorskip("chatterbot_corpus", reason="needs the chatterbot-corpus package (pip install --no-deps)")
     import json
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hybridft.cli import main

@@ -62,12 +62,11 @@ class SparseTargets(NamedTuple):
 
 
 Targets = Union[torch.Tensor, SparseTargets]
-SPARSE_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_counts")
 
 
 def stored_targets(batch: dict[str, Any]) -> Optional[Targets]:
     """The teacher outputs a batch carries, flattened to one row per loss row: dense `teacher_logits`
-    [B, C] (classification), sparse `teacher_ids`/`teacher_logprobs`(/`teacher_counts`) [B, T-1, k] (causal
+    [B, C] (classification), sparse `teacher_ids`/`teacher_logprobs`(/`teacher_counts`) [B, K, k] (causal
     LMs), or None."""
     if "teacher_logits" in batch:
         logits: torch.Tensor = batch["teacher_logits"]

@@ -137,7 +137,8 @@ def check_student(layers: Optional[list[int]], num_layers: int, teacher_folder: 
         else:
             check_model_folder(student_path, "student.model")
         return
-    n = read_config(teacher_folder).get("num_hidden_layers") or read_config(teacher_folder).get("n_layer")
+    config = read_config(teacher_folder)
+    n = config.get("num_hidden_layers") or config.get("n_layer")
     if not isinstance(n, int):
         return  # not a local folder (or an unusual config): checked when the layers are copied
     if layers is not None and max(layers) >= n:

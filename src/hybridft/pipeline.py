@@ -32,7 +32,7 @@ from hybridft.models import check_max_length, check_student
 from hybridft.runlog import MetricsWriter
 from hybridft.tasks import TASKS
 from hybridft.teacher_outputs import compute, default_cache_dir, fingerprint, read_store
-from hybridft.train import fit, lr_key  # noqa: F401
+from hybridft.train import fit
 
 RUN_MARKERS = ("config.yaml", "summary.json", "teacher", "student", "metrics.jsonl", "data.json")
 
@@ -45,11 +45,14 @@ class Context:
     splits: Splits
     writer: MetricsWriter
     stage: str = "run"
-    task: Any = None
-    """The task module, `TASKS[cfg.task]`: the only place the pipeline learns which task it runs."""
     fresh: bool = True
     resume: bool = False
     committed: bool = False
+
+    @property
+    def task(self) -> Any:
+        """The task module, `TASKS[cfg.task]`: the only place the pipeline learns which task it runs."""
+        return TASKS[self.cfg.task]
 
     def log(self, message: str) -> None:
         if self.cfg.progress:  # off on all but the main process (prepare)
@@ -193,17 +196,17 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     if resume:
         check_resume_data(run_dir, splits)
     if fresh and stage != "evaluate":  # the student's settings fail now, not after the teacher stage wrote files
-        student = cfg.student
+        student, teacher_path = cfg.student, task.teacher_path(cfg)
         student_path = task.resolve_model_path(student.model) if student.model else None
-        check_student(student.layers, student.num_layers, task.teacher_path(cfg), student_path)
+        check_student(student.layers, student.num_layers, teacher_path, student_path)
         if not cfg.distill.teacher_logits or not student_path:  # the teacher's weights will be loaded
-            check_max_length(cfg.data.max_length, task.teacher_path(cfg), "teacher.model")
+            check_max_length(cfg.data.max_length, teacher_path, "teacher.model")
         if student_path:
             check_max_length(cfg.data.max_length, str(Path(student_path).parent) if student_path.endswith(".json")
                              else student_path, "student.model")
     return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits,
                    writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
-                   fresh=fresh, resume=resume, task=TASKS[cfg.task])
+                   fresh=fresh, resume=resume)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -312,12 +312,3 @@ def compute(teacher: nn.Module, items: list[dict[str, Any]], collate: Any, devic
             for i, row in zip(part_order, part):
                 out[i] = row
     return out
-
-
-def compute_logits(teacher: nn.Module, items: list[dict[str, Any]], collate: Any, device: torch.device,
-                   precision: str, summarise: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
-                   batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Dense teacher logits [N, C] for the items, in item order (`summarise` returns [B, C] per batch)."""
-    rows = compute(teacher, items, collate, device, precision, lambda t, b: list(summarise(t, b).float().cpu()),
-                   batch_size, progress)
-    return torch.stack(rows) if rows else torch.empty(0, 0)

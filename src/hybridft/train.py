@@ -78,7 +78,7 @@ def fit(
 ) -> FitResult:
     """Train `model` and return it (`FitResult.model`) holding the weights with the best validation metric.
 
-    `task` is a task module (`hybridft.tasks`): the loop calls only its `logits_for_loss`, `teacher_targets`,
+    `task` is the task module the pipeline picked: the loop calls only its `logits_for_loss`, `teacher_targets`,
     `validate` and `BEST` (the metric and "max" or "min"), and reads the batch contract: `labels` and
     `kd_mask` with one entry per loss row, stored teacher targets under `teacher_*` keys.
 

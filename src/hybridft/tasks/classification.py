@@ -19,8 +19,8 @@ from hybridft.dist import autocast
 from hybridft.data import Examples, Splits, concat
 from hybridft.data import load_splits as _load_splits
 from hybridft.errors import HybridFTError
-from hybridft.models import (check_model_folder, count_params, ensure_pad_token, evenly_spaced_layers,  # noqa: F401
-                             layer_cut_student, load_tokenizer, quiet_transformers, read_config, resolve_model_path, save_model,
+from hybridft.models import (check_model_folder, count_params, ensure_pad_token, layer_cut_student,  # noqa: F401
+                             load_tokenizer, quiet_transformers, read_config, resolve_model_path, save_model,
                              student_from_teacher)
 
 
