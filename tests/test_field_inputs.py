@@ -1,6 +1,9 @@
 """Inputs from the field (issue 9): each case made small, checked where its kind can enter (training files,
-the unlabeled file, `predict`, the Python API). Cases done so far: 2 (lone UTF-16 surrogates), 3 (multi-label
-rows), 9 (one training row per class and no validation file), 11 (the unlabeled file's own text column)."""
+the unlabeled file, `predict`, the Python API). Every case of the issue has a test here: 1 (TSV quotes), 2 (lone
+UTF-16 surrogates), 3 (multi-label rows), 4 (ClassLabel folders with -1 rows), 5 (max_length), 6 (no pad
+token), 7 (unnamed teacher labels), 8 (resume after the data changed), 9 (one row per class), 10 (a store of
+probabilities), 11 (the unlabeled file's own text column); 12 and 13 (the hybrid's budget) are in
+test_hybrid.py."""
 
 from __future__ import annotations
 
@@ -234,3 +237,140 @@ def test_resume_after_the_training_file_gained_a_class_names_what_changed(tmp_pa
     assert main(["run", *base, "--resume"]) == 2
     assert "data.train (" in _one_error_line(capsys)
     assert (tmp_path / "r" / "summary.json").read_bytes() == summary
+
+
+# case 1: a TSV text with an unclosed double quote (GLUE and MNLI files have them)
+
+
+def _tsv_with_an_open_quote(path: Path, n: int = 40) -> tuple[Path, list[str]]:
+    texts = [t for t, _ in sentiment_rows(n, seed=5)]
+    texts[4] = '"' + texts[4]  # row 5 starts with a quote that never closes
+    labels = ["pos" if i % 2 == 0 else "neg" for i in range(n)]
+    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels)), encoding="utf-8")
+    return path, texts
+
+
+def _echo(texts, pairs):
+    return [{"label": t, "probability": 1.0, "answered_by": "student"} for t in texts]
+
+
+def test_a_tsv_quote_is_a_literal_character_in_training_unlabeled_and_predict(tmp_path: Path):
+    tsv, texts = _tsv_with_an_open_quote(tmp_path / "glue.tsv")
+    cfg = DataConfig(train=str(tsv), validation=str(tsv), unlabeled=str(tsv))
+    splits = load_splits(cfg, seed=0)
+    assert len(splits.validation) == 40 and splits.validation.texts == texts  # nothing merged
+    assert splits.unlabeled.texts == texts and len(splits.train) == 40
+    assert splits.validation.texts[4].startswith('"')
+    report = predict_file(_echo, tsv, tmp_path / "out.jsonl", progress=False)
+    written = [json.loads(line)["label"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert report.rows_written == 40 and written == texts  # predict reads exactly what training read
+
+
+def test_csv_quoting_of_a_tsv_is_asked_for_and_an_unclosed_quote_is_then_an_error_not_a_merge(tmp_path: Path):
+    tsv, _ = _tsv_with_an_open_quote(tmp_path / "glue.tsv")
+    with pytest.raises(HybridFTError, match=r"glue\.tsv line 6: malformed CSV .*runs to line 41"):
+        load_splits(DataConfig(train=str(tsv), quoting="csv"), seed=0)
+    with pytest.raises(HybridFTError, match="line 6: malformed CSV"):
+        predict_file(_echo, tsv, tmp_path / "out.jsonl", progress=False, quoting="csv")
+
+
+def test_a_tsv_written_with_csv_quoting_is_read_literally_with_a_note_or_unquoted_when_asked(tmp_path: Path):
+    import csv
+
+    rows = [(t, y) for t, y in sentiment_rows(12, seed=6)]
+    rows[3] = ('she said "wow" twice', rows[3][1])
+    path = tmp_path / "pandas.tsv"
+    with path.open("w", encoding="utf-8", newline="") as f:  # what pandas.to_csv(sep="\t") writes
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    literal = load_splits(DataConfig(train=str(path), validation=str(path)), seed=0)
+    assert literal.validation.texts[3] == '"she said ""wow"" twice"'
+    assert any("line 5" in n and "data.quoting=csv" in n for n in literal.notes)
+    quoted = load_splits(DataConfig(train=str(path), validation=str(path), quoting="csv"), seed=0)
+    assert quoted.validation.texts[3] == 'she said "wow" twice' and not quoted.notes
+    report = predict_file(_echo, path, tmp_path / "out.csv", progress=False)
+    assert any("--quoting csv" in n for n in report.notes) and "--quoting csv" in report.summary()
+
+
+def test_a_csv_row_spanning_several_lines_is_read_whole_and_reported(tmp_path: Path):
+    path = tmp_path / "multi.csv"
+    path.write_text('text,label\n"a great\nfilm",pos\na dull film,neg\n"fine",pos\nbad one,neg\n', encoding="utf-8")
+    splits = load_splits(DataConfig(train=str(path), validation=str(path)), seed=0)
+    assert splits.validation.texts == ["a great\nfilm", "a dull film", "fine", "bad one"]
+    assert splits.validation.lines == [2, 4, 5, 6]
+    assert any("1 rows have a quoted text that spans several lines (first at line 2)" in n for n in splits.notes)
+    report = predict_file(_echo, path, tmp_path / "out.jsonl", progress=False)
+    assert report.rows_written == 4 and any("line 2" in n for n in report.notes)
+
+
+def test_the_run_says_the_data_notes_and_keeps_them_in_the_summary(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                   tiny_data, capsys):
+    rows = sentiment_rows(48, seed=1)
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f'"{t}\nmore",{y}\n' if i == 0 else f"{t},{y}\n"
+                                              for i, (t, y) in enumerate(rows)), encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["run", *tiny_overrides(tiny_teacher_dir, dict(tiny_data, train=train), out), "hybrid.enabled=false",
+            "export.enabled=false", "teacher.train.epochs=1", "student.train.epochs=1"]
+    assert main(args) == 0
+    assert "spans several lines (first at line 2)" in capsys.readouterr().err
+    assert "first at line 2" in json.loads((out / "summary.json").read_text())["data_notes"][0]
+
+
+# case 4: a `datasets` folder whose label is a ClassLabel, with -1 rows (no gold label)
+
+NLI = ["entailment", "neutral", "contradiction"]
+
+
+def _nli_dataset(tmp_path: Path, train_labels: list[int], validation_labels: list[int]):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=NLI)})
+
+    def split(labels: list[int], seed: int):
+        texts = [t for t, _ in sentiment_rows(len(labels), seed=seed)]
+        return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+    return datasets.DatasetDict(train=split(train_labels, 7), validation=split(validation_labels, 8))
+
+
+def test_class_label_names_and_ids_are_kept_and_minus_one_rows_are_unlabeled(tmp_path: Path):
+    train_labels = [0, 1, 2, -1, 2, 0, -1, 1, 0, 2]
+    folder = tmp_path / "nli"
+    ds = _nli_dataset(tmp_path, train_labels, [2, -1, 0, 1])
+    ds.save_to_disk(str(folder))
+    splits = load_splits(DataConfig(train=f"{folder}:train", validation=f"{folder}:validation"), seed=0)
+    assert splits.label_names == NLI
+    assert splits.train.labels == [y for y in train_labels if y != -1]  # ids kept, nothing shifted
+    assert splits.train.texts == [t for t, y in zip(ds["train"]["text"], train_labels) if y != -1]
+    assert splits.unlabeled.texts == [t for t, y in zip(ds["train"]["text"], train_labels) if y == -1]
+    assert splits.unlabeled.labels == [-100, -100]
+    assert splits.validation.labels == [2, 0, 1]
+    notes = " | ".join(splits.notes)
+    assert "2 rows have label -1" in notes and "KD only" in notes and "1 rows have label -1" in notes
+    assert "0=entailment, 1=neutral, 2=contradiction" in notes
+
+
+def test_class_label_names_are_kept_without_minus_one_rows_and_from_parquet(tmp_path: Path):
+    ds = _nli_dataset(tmp_path, [0, 2, 0, 2], [2, 0])  # "neutral" never occurs: its id stays 1
+    folder = tmp_path / "nli"
+    ds.save_to_disk(str(folder))
+    splits = load_splits(DataConfig(train=f"{folder}:train", validation=f"{folder}:validation"), seed=0)
+    assert splits.label_names == NLI and splits.train.labels == [0, 2, 0, 2] and splits.unlabeled is None
+    ds["train"].to_parquet(str(tmp_path / "train.parquet"))
+    ds["validation"].to_parquet(str(tmp_path / "val.parquet"))
+    from_parquet = load_splits(DataConfig(train=str(tmp_path / "train.parquet"),
+                                          validation=str(tmp_path / "val.parquet")), seed=0)
+    assert from_parquet.label_names == NLI and from_parquet.train.labels == [0, 2, 0, 2]
+
+
+def test_a_class_label_id_outside_its_names_is_one_line(tmp_path: Path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=NLI)})
+    ds = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features)
+    table = ds.data.table.set_column(1, "label", __import__("pyarrow").array([0, 7], type="int64"))
+    import pyarrow.parquet as pq
+
+    pq.write_table(table.replace_schema_metadata(ds.data.table.schema.metadata), tmp_path / "t.parquet")
+    with pytest.raises(HybridFTError, match="line 2: label id 7 is outside"):
+        load_splits(DataConfig(train=str(tmp_path / "t.parquet")), seed=0)

@@ -265,7 +265,7 @@ def bad_jsonl(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("line,problem", [(2, "not valid JSON"), (3, "empty text"), (4, "not valid UTF-8"),
-                                          (5, "no value for column 'text'"), (6, "a JSON list, not an object"),
+                                          (5, "no value for column 'text'"), (6, r"not a JSON object \(a JSON list\)"),
                                           (7, "column 'text' holds a list, not text")])
 def test_bad_jsonl_row_stops_with_its_line_number(tmp_path: Path, line: int, problem: str):
     src = bad_jsonl(tmp_path)

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-column", default="text")
     pr.add_argument("--text-pair-column", default=None)
     pr.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
+    pr.add_argument("--quoting", choices=["csv", "none"], default=None,
+                    help="csv: quoted fields; none: quotes are literal (default: none for .tsv/.txt, csv otherwise)")
     pr.add_argument("--batch-size", type=int, default=256, help="rows read, predicted and written at a time")
     pr.add_argument("--skip-bad-rows", action="store_true",
                     help="skip rows with empty text or bad encoding, and count them in OUTPUT.report.json")
@@ -60,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--input", required=True, help=".jsonl, .csv or .tsv with a prompt column")
     ge.add_argument("--output", required=True, help=".jsonl, .csv or .tsv; written only when the whole file is done")
     ge.add_argument("--prompt-column", default="prompt")
+    ge.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
+    ge.add_argument("--quoting", choices=["csv", "none"], default=None,
+                    help="csv: quoted fields; none: quotes are literal (default: none for .tsv/.txt, csv otherwise)")
     ge.add_argument("--max-new-tokens", type=int, default=64)
     ge.add_argument("--batch-size", type=int, default=8, help="prompts generated, and rows written, at a time")
     ge.add_argument("--skip-bad-rows", action="store_true",
@@ -167,7 +172,7 @@ def _predict(args: argparse.Namespace) -> int:
         model.student = onnx_student
     report = predict_file(model.predict_batch, args.input, args.output, text_column=args.text_column,
                           text_pair_column=args.text_pair_column, delimiter=args.delimiter,
-                          batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet)
+                          quoting=args.quoting, batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet)
     print(report.summary())
     return 0
 
@@ -190,6 +195,7 @@ def _generate(args: argparse.Namespace) -> int:
         return [{"generation": o} for o in outputs]
 
     report = predict_file(generate_batch, args.input, args.output, text_column=args.prompt_column,
+                          delimiter=args.delimiter, quoting=args.quoting,
                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet,
                           columns=("generation",), text_option="prompt_column")
     print(report.summary())

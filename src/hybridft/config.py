@@ -68,6 +68,10 @@ class DataConfig:
     label_column: str = "label"
     delimiter: Optional[str] = None
     """Field separator for delimited text files; default: tab for .tsv/.txt, comma for .csv."""
+    quoting: Optional[Literal["csv", "none"]] = None
+    """Delimited files: `csv` reads quoted fields (which may hold the separator and newlines), `none` reads quotes
+    as literal characters. Default: none for tab-separated files (GLUE's TSVs hold texts that start with an
+    unclosed quote), csv otherwise. `predict` and `generate` read files the same way (`--quoting`)."""
     column_names: Optional[list[str]] = None
     """Names for the columns of a delimited file that has no header row (e.g. `[text, label]`)."""
     labels: Optional[list[str]] = None

@@ -16,9 +16,12 @@ from typing import Any, Optional
 
 from hybridft.config import DataConfig
 from hybridft.errors import HybridFTError
+from hybridft.rowfiles import DELIMITERS, Lines, malformed_row_message, open_reader, quoting_notes
 
 NO_LABEL = -100
-TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+TABLE_SUFFIXES = DELIMITERS
+NO_GOLD_LABEL = -1
+"""The `datasets` convention for a row without a gold label in a `ClassLabel` column (SNLI, MNLI)."""
 
 
 @dataclass
@@ -63,14 +66,32 @@ class Splits:
     test: Optional[Examples]
     unlabeled: Optional[Examples]
     label_names: list[str]
+    notes: list[str] = field(default_factory=list)
+    """What reading the data changed or found, one line each (logged, and kept in summary.json)."""
+
+
+@dataclass
+class Table:
+    """One file's rows as dicts, their file line numbers and a display name."""
+
+    rows: list[dict[str, Any]]
+    lines: list[int]
+    source: str
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+    """Column -> names, for the columns a `datasets` folder or Parquet file declares as `ClassLabel`."""
+    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------
 # reading one file into raw rows
 
 
-def _read_rows(path_spec: str, cfg: DataConfig, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
-    """Rows as dicts of strings, their file line numbers, and a display name."""
+def read_table(path_spec: str, cfg: DataConfig, role: str) -> Table:
+    """A file's rows (any supported format), with their line numbers and what the file declares about them.
+
+    Raises:
+        HybridFTError: The file is missing, of an unknown format, not UTF-8, empty, or a row is malformed.
+    """
     split_name = None
     path = Path(path_spec)
     if not path.exists() and ":" in path_spec:  # `folder:split` for a saved DatasetDict
@@ -82,19 +103,20 @@ def _read_rows(path_spec: str, cfg: DataConfig, role: str) -> tuple[list[dict[st
     if path.is_dir():
         return _read_saved_dataset(path, split_name, role)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, role)
+    if suffix == ".json":
+        return _read_json(path, role)
     if suffix == ".parquet":
         return _read_parquet(path, role)
-    if suffix in TABLE_SUFFIXES:
-        return _read_delimited(path, cfg, role)
+    if suffix in TABLE_SUFFIXES or suffix == ".jsonl":
+        return _read_records(path, cfg, role)
     raise HybridFTError(f"data.{role} file {path} has an unsupported format '{suffix}'; use .csv, .tsv, .txt, "
                         f".jsonl, .parquet or a folder saved with datasets' save_to_disk")
 
 
 def read_rows(path_spec: str, cfg: DataConfig, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
     """A file's rows as dicts, their file line numbers and a display name (any supported format)."""
-    return _read_rows(path_spec, cfg, role)
+    table = read_table(path_spec, cfg, role)
+    return table.rows, table.lines, table.source
 
 
 def _check_utf8(path: Path, role: str) -> None:
@@ -109,36 +131,39 @@ def _check_utf8(path: Path, role: str) -> None:
         raise HybridFTError(f"data.{role} file {path} is empty; give a file with at least one row")
 
 
-def _read_delimited(path: Path, cfg: DataConfig, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
-    import pandas as pd
-
+def _read_records(path: Path, cfg: DataConfig, role: str) -> Table:
+    """A delimited or JSON Lines file, through the reader `predict` uses, so both see the same rows."""
     _check_utf8(path, role)
-    sep = cfg.delimiter or TABLE_SUFFIXES[path.suffix.lower()]
-    try:
-        frame = pd.read_csv(
-            path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8",
-            header=None if cfg.column_names else "infer", names=cfg.column_names,
-        )
-    except pd.errors.EmptyDataError:
-        raise HybridFTError(f"data.{role} file {path} is empty; give a file with at least one row") from None
-    except pd.errors.ParserError as e:
-        raise HybridFTError(f"data.{role} file {path} could not be parsed with delimiter {sep!r} "
-                            f"({str(e).strip().splitlines()[-1]}); set data.delimiter") from None
-    first_line = 1 if cfg.column_names else 2
-    return frame.to_dict("records"), list(range(first_line, first_line + len(frame))), str(path)
+    rows, lines = [], []
+    with open(path, "rb") as fh:
+        reader = open_reader(path, Lines(fh), None, None, cfg.delimiter, cfg.column_names, quoting=cfg.quoting)
+        for item in reader:
+            if item.row is None:
+                raise HybridFTError(f"data.{role} file " + malformed_row_message(path, item, reader))
+            rows.append(item.row)
+            lines.append(item.line)
+    if not rows:
+        raise HybridFTError(f"data.{role} file {path} has no rows; give a file with at least one example")
+    notes = [n.replace("quoting=", "data.quoting=") for n in quoting_notes(reader, f"data.{role} file {path}")]
+    return Table(rows, lines, str(path), notes=notes)
 
 
-def _read_jsonl(path: Path, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+def _read_json(path: Path, role: str) -> Table:
+    """A `.json` file: one JSON array of objects, or JSON Lines under a .json name."""
     import json
 
     _check_utf8(path, role)
     text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first object
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise HybridFTError(f"data.{role} file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        return rows, list(range(1, len(rows) + 1)), str(path)
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise HybridFTError(f"data.{role} file {path}: item {bad + 1} of the array is not a JSON object; "
+                                f"give an array of objects")
+        return Table(rows, list(range(1, len(rows) + 1)), str(path))
     rows, lines = [], []
     # JSON Lines ends records at "\n" only: str.splitlines would also cut at U+2028, U+0085 and other characters
     # that json.dumps(ensure_ascii=False) writes unescaped inside strings
@@ -154,10 +179,12 @@ def _read_jsonl(path: Path, role: str) -> tuple[list[dict[str, Any]], list[int],
             raise HybridFTError(f"data.{role} file {path} line {i} is not a JSON object; write one object per line")
         rows.append(row)
         lines.append(i)
-    return rows, lines, str(path)
+    return Table(rows, lines, str(path))
 
 
-def _read_parquet(path: Path, role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+def _read_parquet(path: Path, role: str) -> Table:
+    import json
+
     import pyarrow.parquet as pq
 
     try:
@@ -165,10 +192,21 @@ def _read_parquet(path: Path, role: str) -> tuple[list[dict[str, Any]], list[int
     except Exception as e:  # pyarrow raises several unrelated types for a broken file
         raise HybridFTError(f"data.{role} file {path} is not a readable Parquet file ({e})") from None
     rows = table.to_pylist()
-    return rows, list(range(1, len(rows) + 1)), str(path)
+    # A Parquet file written by `datasets` declares its features (ClassLabel names among them) in its metadata.
+    class_names: dict[str, list[str]] = {}
+    meta = (table.schema.metadata or {}).get(b"huggingface")
+    if meta:
+        try:
+            features = json.loads(meta).get("info", {}).get("features", {})
+        except (ValueError, AttributeError):
+            features = {}
+        for name, feature in features.items() if isinstance(features, dict) else ():
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+                class_names[name] = [str(n) for n in feature["names"]]
+    return Table(rows, list(range(1, len(rows) + 1)), str(path), class_names=class_names)
 
 
-def _read_saved_dataset(path: Path, split: Optional[str], role: str) -> tuple[list[dict[str, Any]], list[int], str]:
+def _read_saved_dataset(path: Path, split: Optional[str], role: str) -> Table:
     import datasets
 
     try:
@@ -181,7 +219,10 @@ def _read_saved_dataset(path: Path, split: Optional[str], role: str) -> tuple[li
             raise HybridFTError(f"data.{role}: {path} has splits {list(ds)}, not '{split}'; write {path}:SPLIT")
         ds = ds[split]
     rows = ds.to_list()
-    return rows, list(range(1, len(rows) + 1)), f"{path}" + (f":{split}" if split else "")
+    class_names = {name: [str(n) for n in feature.names] for name, feature in ds.features.items()
+                   if isinstance(feature, datasets.ClassLabel)}
+    return Table(rows, list(range(1, len(rows) + 1)), f"{path}" + (f":{split}" if split else ""),
+                 class_names=class_names)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,9 +285,17 @@ def _label_order(raw: list[str]) -> list[str]:
 
 
 def read_examples(path: str, cfg: DataConfig, role: str, label_names: Optional[list[str]],
-                  labeled: bool = True, limit: Optional[int] = None) -> tuple[Examples, list[str]]:
-    """Read one split. Returns the examples and the raw label strings (empty if unlabeled)."""
-    rows, lines, source = _read_rows(path, cfg, role)
+                  labeled: bool = True, limit: Optional[int] = None) -> tuple[Examples, list[Optional[str]], Table]:
+    """Read one split.
+
+    Returns:
+        The examples; the raw label strings, one per row (empty if unlabeled), None for a row of a `ClassLabel`
+        column marked -1 (no gold label); and the file's `Table` (its `class_names` and `notes`).
+    Raises:
+        HybridFTError: The file, a text or a label is unusable (one line naming the file, line and fix).
+    """
+    table = read_table(path, cfg, role)
+    rows, lines, source = table.rows, table.lines, table.source
     if limit is not None:
         rows, lines = rows[:limit], lines[:limit]
     text_column, key = cfg.text_column, "text_column"
@@ -257,12 +306,16 @@ def read_examples(path: str, cfg: DataConfig, role: str, label_names: Optional[l
     if cfg.text_pair_column:
         pairs = _texts(_column(rows, cfg.text_pair_column, source, role, "text_pair_column"), lines, source,
                        "second text")
-    raw: list[str] = []
+    raw: list[Optional[str]] = []
     if labeled:
+        class_names = table.class_names.get(cfg.label_column)
         for v, line in zip(_column(rows, cfg.label_column, source, role, "label_column"), lines):
             if isinstance(v, (list, tuple, dict)):
                 raise HybridFTError(f"{source} line {line}: the label is a {type(v).__name__} ({str(v)[:40]}); "
                                     f"hybridft trains single-label classifiers: give one label per row")
+            if class_names is not None and isinstance(v, int) and not isinstance(v, bool):
+                raw.append(_class_label(v, class_names, source, line))
+                continue
             label = _raw_label(v)
             if label is None:
                 raise HybridFTError(f"{source} line {line}: missing label; fill it in, or move the row to "
@@ -271,13 +324,36 @@ def read_examples(path: str, cfg: DataConfig, role: str, label_names: Optional[l
     examples = Examples(texts=texts, labels=[NO_LABEL] * len(texts), pairs=pairs, source=source, lines=lines)
     if labeled and label_names is not None:
         examples.labels = encode_labels(raw, lines, label_names, source)
-    return examples, raw
+    return examples, raw, table
 
 
-def encode_labels(raw: list[str], lines: list[int], label_names: list[str], source: str) -> list[int]:
+def _class_label(v: int, names: list[str], source: str, line: int) -> Optional[str]:
+    """A `ClassLabel` id as its name; -1 (no gold label) as None."""
+    if v == NO_GOLD_LABEL:
+        return None
+    if not 0 <= v < len(names):
+        raise HybridFTError(f"{source} line {line}: label id {v} is outside the column's ClassLabel names {names}; "
+                            f"fix the row or use -1 for a row without a gold label")
+    return names[v]
+
+
+def without_gold(examples: Examples, raw: list[Optional[str]]) -> tuple[Examples, Examples, list[str]]:
+    """(rows with a label, rows marked -1 with labels NO_LABEL, the raw labels of the first)."""
+    keep = [i for i, r in enumerate(raw) if r is not None]
+    drop = [i for i, r in enumerate(raw) if r is None]
+    unlabeled = examples.subset(drop)
+    unlabeled.labels = [NO_LABEL] * len(drop)
+    return examples.subset(keep), unlabeled, [r for r in raw if r is not None]
+
+
+def encode_labels(raw: list[Optional[str]], lines: list[int], label_names: list[str], source: str) -> list[int]:
+    """Label ids in `label_names` order; a row without a gold label (None) is NO_LABEL."""
     index = {name: i for i, name in enumerate(label_names)}
     out = []
     for label, line in zip(raw, lines):
+        if label is None:
+            out.append(NO_LABEL)
+            continue
         if label not in index:
             raise HybridFTError(f"{source} line {line}: label '{label}' is not one of the task's labels "
                                 f"{label_names}; fix the row or list every label in data.labels")
@@ -344,6 +420,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """All splits of a run, with one label map, the validation split and the label-fraction pool applied."""
     unlabeled: Optional[Examples] = None
     test: Optional[Examples] = None
+    notes: list[str] = []
     if cfg.dataset == "bbc_news":
         train, validation, test, label_names = load_bbc_news()
         if cfg.labels is not None and cfg.labels != label_names:
@@ -353,14 +430,28 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     else:
         if cfg.train is None:
             raise HybridFTError("no training data: set data.train=FILE (or data.dataset=bbc_news for the demo)")
-        train, raw = read_examples(cfg.train, cfg, "train", None, limit=cfg.max_train_samples)
-        label_names = list(cfg.labels) if cfg.labels else _label_order(raw)
+        train, raw_or_none, table = read_examples(cfg.train, cfg, "train", None, limit=cfg.max_train_samples)
+        notes += table.notes
+        train, no_gold, raw = without_gold(train, raw_or_none)
+        if len(no_gold):
+            notes.append(f"data.train {train.source}: {len(no_gold)} rows have label -1 (no gold label, the datasets "
+                         f"convention); the teacher labels them with the unlabeled pool (KD only)")
+            unlabeled = no_gold
+        class_names = table.class_names.get(cfg.label_column)
+        if cfg.labels:
+            label_names = list(cfg.labels)
+        elif class_names is not None:  # the names, in id order, that the dataset declares: ids are kept
+            label_names = class_names
+            notes.append(f"labels from {train.source}'s ClassLabel column '{cfg.label_column}': "
+                         f"{', '.join(f'{i}={n}' for i, n in enumerate(label_names))}")
+        else:
+            label_names = _label_order(raw)
         if len(label_names) < 2:
             raise HybridFTError(f"data.train {train.source} has only one label ({label_names}); a classifier "
                                 f"needs at least 2")
         train.labels = encode_labels(raw, train.lines, label_names, train.source)
         if cfg.validation:
-            validation, _ = read_examples(cfg.validation, cfg, "validation", label_names, limit=cfg.max_eval_samples)
+            validation = _scored_split(cfg.validation, cfg, "validation", label_names, notes)
         else:
             keep, held = stratified_split(train.labels, cfg.validation_fraction, seed)
             if not held:  # every label has a single row: nothing can be held out without losing a label
@@ -368,17 +459,33 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                                     f"hold out a validation split; give data.validation=FILE")
             train, validation = train.subset(keep), train.subset(held)
         if cfg.test:
-            test, _ = read_examples(cfg.test, cfg, "test", label_names, limit=cfg.max_eval_samples)
+            test = _scored_split(cfg.test, cfg, "test", label_names, notes)
     if cfg.unlabeled:
-        unlabeled, _ = read_examples(cfg.unlabeled, cfg, "unlabeled", None, labeled=False,
-                                     limit=cfg.max_train_samples)
+        from_file, _, table = read_examples(cfg.unlabeled, cfg, "unlabeled", None, labeled=False,
+                                            limit=cfg.max_train_samples)
+        notes += table.notes
+        unlabeled = from_file if unlabeled is None else concat(from_file, unlabeled)
     if cfg.label_fraction < 1:
         keep, moved = stratified_split(train.labels, 1 - cfg.label_fraction, seed)
         pool = train.subset(moved)
         pool.labels = [NO_LABEL] * len(pool)
         train = train.subset(keep)
         unlabeled = pool if unlabeled is None else concat(unlabeled, pool)
-    return Splits(train=train, validation=validation, test=test, unlabeled=unlabeled, label_names=label_names)
+    return Splits(train=train, validation=validation, test=test, unlabeled=unlabeled, label_names=label_names,
+                  notes=notes)
+
+
+def _scored_split(path: str, cfg: DataConfig, role: str, label_names: list[str], notes: list[str]) -> Examples:
+    """A validation or test split; rows without a gold label (-1 in a ClassLabel column) cannot be scored."""
+    examples, raw, table = read_examples(path, cfg, role, label_names, limit=cfg.max_eval_samples)
+    notes += table.notes
+    scored, no_gold, _ = without_gold(examples, raw)
+    if len(no_gold):
+        notes.append(f"data.{role} {examples.source}: {len(no_gold)} rows have label -1 (no gold label) and are "
+                     f"left out of scoring")
+    if not len(scored):
+        raise HybridFTError(f"data.{role} {examples.source} has no row with a gold label; give labelled rows")
+    return scored
 
 
 def concat(a: Examples, b: Examples) -> Examples:

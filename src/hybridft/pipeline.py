@@ -193,6 +193,9 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     seed_everything(cfg.seed)
     task = TASKS[cfg.task]
     splits = task.load_splits(cfg, cfg.seed)
+    if dist.is_main():  # what reading the data changed is said even with --quiet
+        for note in splits.notes:
+            print(f"hybridft: {note}", file=sys.stderr, flush=True)
     if resume:
         check_resume_data(run_dir, splits)
     if fresh and stage != "evaluate":  # the student's settings fail now, not after the teacher stage wrote files
@@ -521,6 +524,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
         exported = export(ctx, *models["student"])
         if exported is not None:
             summary["export"] = exported
+    if ctx.splits.notes:
+        summary["data_notes"] = ctx.splits.notes
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["launch"] = dist.describe()  # how training ran: processes, engine, precision
     summary["config"] = to_dict(cfg)

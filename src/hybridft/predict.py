@@ -13,8 +13,10 @@ model supplies one) and this module does the file work:
   with a `HybridFTError` naming the file and line; with `skip_bad_rows=True` it is skipped and counted in
   the `PredictReport` (also written as `<output>.report.json`).
 
-Line numbers are physical, 1-based file lines, counting the header as line 1; a CSV row whose quoted
-field spans several lines is reported at the line where the row starts.
+Files are read by `hybridft.rowfiles`, the same reader as the training files, with the same quoting rule
+(a TSV's quotes are literal unless `quoting="csv"`). Line numbers are physical, 1-based file lines, counting
+the header as line 1; a CSV row whose quoted field spans several lines is reported at the line where the row
+starts, and such rows are counted in the report's `notes`.
 """
 
 from __future__ import annotations
@@ -25,15 +27,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import IO, Any, Callable, Optional, Sequence, Union
 
 from hybridft.data import text_problem
 from hybridft.errors import HybridFTError
+from hybridft.rowfiles import DELIMITERS, JSONL_SUFFIXES, Item, JsonlReader, Lines, Quoting, TableReader, open_reader, quoting_notes
 
 PREDICTION_COLUMNS = ("label", "probability", "answered_by")
-INPUT_DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
-"""Default field separator per input suffix (the same defaults as `hybridft.data`)."""
-JSONL_SUFFIXES = (".jsonl",)
 OUTPUT_FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 """Output suffix -> field separator; None means one JSON object per line."""
 MAX_SKIPPED_LINES = 20
@@ -73,6 +73,10 @@ class PredictReport:
     """JSONL -> CSV/TSV only: keys absent from the first row, so without a column in the output."""
     columns: list[str] = field(default_factory=lambda: list(PREDICTION_COLUMNS))
     """The output columns added to each row."""
+    notes: list[str] = field(default_factory=list)
+    """Where the quoting rule may have read the file other than its writer meant: rows whose quoted text spans
+    several lines (an unclosed quote merges rows this way), or, with quotes read literally, fields wrapped in
+    quotes as CSV quoting writes them."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +101,8 @@ class PredictReport:
             more = ", ..." if self.skipped > len(self.skipped_lines) else ""
             lines = ", ".join(map(str, self.skipped_lines)) + more
             line += f"; skipped {self.skipped} bad rows ({reasons}) at lines {lines}"
+        for note in self.notes:
+            line += f"; {note.split(': ', 1)[-1]}"
         return line
 
 
@@ -109,217 +115,7 @@ def report_path(output_path: PathLike) -> Path:
 def data_options(data: Any) -> dict[str, Any]:
     """`predict_file` keyword arguments from a `DataConfig`, so prediction reads files the way training did."""
     return {"text_column": data.text_column, "text_pair_column": data.text_pair_column,
-            "delimiter": data.delimiter, "column_names": data.column_names}
-
-
-# ---------------------------------------------------------------------------------------------------
-# reading: one `_Item` per record, good or bad
-
-
-@dataclass
-class _Item:
-    """One input record: its start line, and either its fields or why it is bad."""
-
-    line: int
-    row: Optional[dict[str, Any]] = None
-    reason: Optional[str] = None
-    problem: str = ""
-
-
-class _Lines:
-    """Physical lines of a binary file, decoded one at a time as strict UTF-8.
-
-    A line that does not decode is handed on decoded with replacement characters (so the CSV parser keeps
-    its place in multi-line quoted fields) and remembered in `bad`, for the record that contains it.
-    """
-
-    def __init__(self, fh: IO[bytes]):
-        self._fh = fh
-        self.line_no = 0
-        self.bytes_read = 0
-        self.bad: list[tuple[int, UnicodeDecodeError]] = []
-
-    def __iter__(self) -> "_Lines":
-        return self
-
-    def __next__(self) -> str:
-        raw = next(self._fh)  # splits on b"\n" only, so \r and U+2028 inside a row cannot shift line numbers
-        self.line_no += 1
-        self.bytes_read += len(raw)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            self.bad.append((self.line_no, e))
-            text = raw.decode("utf-8", errors="replace")
-        if self.line_no == 1 and text.startswith("\ufeff"):  # Excel writes a BOM; it is not part of the header
-            text = text[1:]
-        return text
-
-    def take_bad(self) -> list[tuple[int, UnicodeDecodeError]]:
-        bad, self.bad = self.bad, []
-        return bad
-
-
-def _encoding_problem(start: int, bad: list[tuple[int, UnicodeDecodeError]]) -> str:
-    line, e = bad[0]
-    where = "the line" if line == start else f"line {line}, inside this row's quoted field"
-    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of {where})"
-
-
-def _missing_column(path: Path, name: str, columns: list[str], key: str, delimiter: Optional[str]) -> HybridFTError:
-    found = ", ".join(repr(c) for c in columns) or "none"
-    hint = ""
-    if delimiter is not None and len(columns) == 1 and any(s in columns[0] for s in ",\t;|"):
-        hint = f"; the header has a single column, so the delimiter {delimiter!r} may be wrong (set data.delimiter)"
-    option = "--" + key.replace("_", "-")
-    return HybridFTError(f"{path} has no column '{name}' (columns found: {found}); rename the column or pass "
-                         f"{option}{hint}")
-
-
-def _require_columns(path: Path, columns: list[str], text_column: str, pair_column: Optional[str],
-                     delimiter: Optional[str] = None, text_option: str = "text_column") -> None:
-    """A missing text column is a whole-file problem, so it stops the run even with --skip-bad-rows."""
-    if text_column not in columns:
-        raise _missing_column(path, text_column, columns, text_option, delimiter)
-    if pair_column is not None and pair_column not in columns:
-        raise _missing_column(path, pair_column, columns, "text_pair_column", delimiter)
-
-
-class _JsonlReader:
-    """One JSON object per line; blank lines are ignored."""
-
-    def __init__(self, path: Path, lines: _Lines, text_column: str, pair_column: Optional[str],
-                 text_option: str = "text_column"):
-        self.text_option = text_option
-        self.path, self.lines = path, lines
-        self.text_column, self.pair_column = text_column, pair_column
-        self.blank_lines = 0
-
-    def __iter__(self) -> Iterator[_Item]:
-        checked = False
-        for text in self.lines:
-            line = self.lines.line_no
-            bad = self.lines.take_bad()
-            if bad:
-                yield _Item(line, reason="bad_encoding", problem=_encoding_problem(line, bad))
-                continue
-            if not text.strip():
-                self.blank_lines += 1
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield _Item(line, reason="bad_json", problem=f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(row, dict):
-                yield _Item(line, reason="not_an_object",
-                            problem=f"a JSON {type(row).__name__}, not an object")
-                continue
-            if not checked:
-                # The first object stands in for a header: a wrong column name must not skip every row.
-                _require_columns(self.path, list(row), self.text_column, self.pair_column,
-                                 text_option=self.text_option)
-                checked = True
-            yield _Item(line, row=row)
-
-
-class _TableReader:
-    """A delimited file read with the `csv` module, so quoted fields may hold delimiters and newlines.
-
-    The header is read in the constructor, so a missing text column fails before any output is written.
-    """
-
-    def __init__(self, path: Path, lines: _Lines, delimiter: str, column_names: Optional[list[str]],
-                 text_column: str, pair_column: Optional[str], text_option: str = "text_column"):
-        self.path, self.lines, self.delimiter = path, lines, delimiter
-        # strict=True makes an unclosed quote at the end of the file, or text after a closing quote, an
-        # error instead of a silently mangled row.
-        self._reader = csv.reader(lines, delimiter=delimiter, strict=True)
-        self._end = 0  # last physical line consumed so far: the next record starts on the line after it
-        self.blank_lines = 0
-        if column_names is not None:
-            self.columns = _unique_names(list(column_names))
-        else:
-            self.columns = self._read_header()
-        _require_columns(path, self.columns, text_column, pair_column, delimiter, text_option)
-
-    def _read_header(self) -> list[str]:
-        try:
-            return self._first_record()
-        except _CsvProblem as p:
-            raise HybridFTError(f"{self.path} line {p.start}: the header is malformed CSV ({p.message}); "
-                                f"fix its quotes") from None
-
-    def _first_record(self) -> list[str]:
-        for start, fields in self._records():
-            bad = self.lines.take_bad()
-            if bad:
-                raise HybridFTError(f"{self.path} line {start}: the header is {_encoding_problem(start, bad)}; "
-                                    f"re-save the file as UTF-8")
-            if fields:
-                return _unique_names([f.strip() for f in fields])
-            self.blank_lines += 1
-        raise HybridFTError(f"{self.path} is empty; give a file with a header row and at least one row")
-
-    def _records(self) -> Iterator[tuple[int, list[str]]]:
-        """(start line, fields) per record; a malformed record is raised as `_CsvProblem`."""
-        while True:
-            start = self._end + 1
-            try:
-                fields = next(self._reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                end, self._end = self.lines.line_no, self.lines.line_no
-                raise _CsvProblem(start, end, str(e)) from None
-            self._end = self.lines.line_no
-            yield start, fields
-
-    def __iter__(self) -> Iterator[_Item]:
-        width = len(self.columns)
-        while True:
-            try:
-                for start, fields in self._records():
-                    bad = self.lines.take_bad()
-                    if bad:
-                        yield _Item(start, reason="bad_encoding", problem=_encoding_problem(start, bad))
-                    elif not fields:
-                        self.blank_lines += 1
-                    elif len(fields) != width:
-                        yield _Item(start, reason="wrong_column_count",
-                                    problem=f"{len(fields)} fields where the header has {width} (an unquoted "
-                                            f"{self.delimiter!r} or quote in the text?)")
-                    else:
-                        yield _Item(start, row=dict(zip(self.columns, fields)))
-                return
-            except _CsvProblem as p:
-                self.lines.take_bad()
-                if p.end != p.start:
-                    # The parser swallowed several lines; where the next row starts is a guess, so stop.
-                    raise HybridFTError(f"{self.path} line {p.start}: malformed CSV ({p.message}) in a row that "
-                                        f"runs to line {p.end}; close or escape its quotes (this cannot be "
-                                        f"skipped: the rows after it cannot be located)") from None
-                yield _Item(p.start, reason="bad_quoting", problem=f"malformed CSV ({p.message})")
-
-
-class _CsvProblem(Exception):
-    def __init__(self, start: int, end: int, message: str):
-        super().__init__(message)
-        self.start, self.end, self.message = start, end, message
-
-
-def _unique_names(names: list[str]) -> list[str]:
-    """Repeat header names become `name.1`, `name.2` (as pandas does) so rows can be dicts."""
-    seen: set[str] = set()
-    out = []
-    for name in names:
-        new, k = name, 0
-        while new in seen:
-            k += 1
-            new = f"{name}.{k}"
-        seen.add(new)
-        out.append(new)
-    return out
+            "delimiter": data.delimiter, "column_names": data.column_names, "quoting": data.quoting}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,21 +253,12 @@ def _check_paths(src: Path, dst: Path) -> Optional[str]:
         raise HybridFTError(f"input file not found: {src}; check the path (relative paths start at the "
                             f"current directory)")
     in_suffix = src.suffix.lower()
-    if in_suffix not in INPUT_DELIMITERS and in_suffix not in JSONL_SUFFIXES:
+    if in_suffix not in DELIMITERS and in_suffix not in JSONL_SUFFIXES:
         raise HybridFTError(f"input file {src} has an unsupported format '{in_suffix}'; use .csv, .tsv, .txt "
                             f"(delimited) or .jsonl (one JSON object per line)")
     if dst.exists() and dst.resolve() == src.resolve():
         raise HybridFTError(f"output file {dst} is the input file; write the predictions to another file")
     return OUTPUT_FORMATS[out_suffix]
-
-
-def _open_reader(src: Path, lines: _Lines, text_column: str, pair_column: Optional[str],
-                 delimiter: Optional[str], column_names: Optional[list[str]],
-                 text_option: str = "text_column") -> Union[_JsonlReader, _TableReader]:
-    if src.suffix.lower() in JSONL_SUFFIXES:
-        return _JsonlReader(src, lines, text_column, pair_column, text_option)
-    sep = delimiter or INPUT_DELIMITERS[src.suffix.lower()]
-    return _TableReader(src, lines, sep, column_names, text_column, pair_column, text_option)
 
 
 def _progress_bar(path: Path, enabled: bool, desc: str = "predict") -> Any:
@@ -482,7 +269,7 @@ def _progress_bar(path: Path, enabled: bool, desc: str = "predict") -> Any:
                 disable=not enabled, dynamic_ncols=True)
 
 
-def _skip_or_stop(item: _Item, src: Path, skip: bool, report: PredictReport) -> None:
+def _skip_or_stop(item: Item, src: Path, skip: bool, report: PredictReport) -> None:
     if not skip:
         raise HybridFTError(f"{src} line {item.line}: {item.problem}; {SKIP_HINT}")
     assert item.reason is not None
@@ -492,7 +279,7 @@ def _skip_or_stop(item: _Item, src: Path, skip: bool, report: PredictReport) -> 
         report.skipped_lines.append(item.line)
 
 
-def _with_texts(item: _Item, text_column: str, pair_column: Optional[str]) -> tuple[_Item, str, Optional[str]]:
+def _with_texts(item: Item, text_column: str, pair_column: Optional[str]) -> tuple[Item, str, Optional[str]]:
     """The item's text and pair, or the item turned bad when either is unusable."""
     assert item.row is not None
     text, reason, problem = _text_value(item.row, text_column, "text")
@@ -500,7 +287,7 @@ def _with_texts(item: _Item, text_column: str, pair_column: Optional[str]) -> tu
     if reason is None and pair_column is not None:
         pair, reason, problem = _text_value(item.row, pair_column, "text_pair")
     if reason is not None:
-        return _Item(item.line, reason=reason, problem=problem), "", None
+        return Item(item.line, reason=reason, problem=problem), "", None
     assert text is not None
     return item, text, pair
 
@@ -525,7 +312,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                  delimiter: Optional[str] = None, column_names: Optional[list[str]] = None,
                  batch_size: int = 256, skip_bad_rows: bool = False, progress: bool = True,
                  write_report: bool = True, columns: tuple[str, ...] = PREDICTION_COLUMNS,
-                 text_option: str = "text_column") -> PredictReport:
+                 text_option: str = "text_column", quoting: Optional[Quoting] = None) -> PredictReport:
     """Predict every row of a CSV, TSV or JSONL file and write the rows with their predictions.
 
     At most `batch_size` rows are held (and passed to `predict_batch`) at a time, whatever the file size.
@@ -538,6 +325,8 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         text_pair_column: A second text column for sentence-pair tasks; None for single texts.
         delimiter: Input field separator; default comma for .csv, tab for .tsv/.txt.
         column_names: Names for a delimited file without a header row (its first line is then a row).
+        quoting: "csv" (quoted fields) or "none" (quotes are literal); default "none" for tab-separated
+            files and "csv" otherwise, as for training files.
         batch_size: Rows per `predict_batch` call.
         skip_bad_rows: Skip and count bad rows instead of stopping at the first one.
         progress: Show a progress bar (in bytes of input read) on stderr.
@@ -561,12 +350,13 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         raise HybridFTError(f"batch size must be at least 1, got {batch_size}")
     report = PredictReport(input=str(src), output=str(dst), columns=list(columns))
     with open(src, "rb") as fh:
-        lines = _Lines(fh)
+        lines = Lines(fh)
         # The reader comes first: a delimited file's header is checked before anything is created.
-        reader = _open_reader(src, lines, text_column, text_pair_column, delimiter, column_names, text_option)
+        reader = open_reader(src, lines, text_column, text_pair_column, delimiter, column_names, text_option,
+                             quoting)
         desc = "generate" if "generation" in columns else "predict"
         with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress, desc) as bar:
-            if isinstance(reader, _TableReader):
+            if isinstance(reader, TableReader):
                 writer.set_columns(reader.columns)
             batch: list[tuple[dict[str, Any], str, Optional[str]]] = []
 
@@ -590,7 +380,8 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                     flush()
             flush()
             report.blank_lines = reader.blank_lines
-            if isinstance(reader, _JsonlReader) and report.rows_in == 0:
+            report.notes = [n.replace("quoting=", "--quoting ") for n in quoting_notes(reader, str(src))]
+            if isinstance(reader, JsonlReader) and report.rows_in == 0:
                 raise HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
             writer.commit()
     report.seconds = round(time.perf_counter() - started, 3)

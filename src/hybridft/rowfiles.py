@@ -1,0 +1,305 @@
+"""Reading delimited and JSON Lines files one record at a time: the one reader of training files, unlabeled
+files, `predict` and `generate`, so all of them see the same rows.
+
+* Bytes are decoded as strict UTF-8 one physical line at a time, so a badly encoded row is caught at *its*
+  line. Line numbers are physical, 1-based file lines counting the header as line 1; a record whose quoted
+  field spans several lines is reported at the line where it starts.
+* Quoting. `quoting="csv"` reads RFC 4180 quotes: a field in double quotes may hold the delimiter, newlines
+  and doubled quotes. `quoting="none"` reads every quote as a literal character. The default follows the
+  delimiter: CSV quoting for commas and other separators, none for tabs, because TSV files such as GLUE's
+  and MNLI's hold texts that start with an unclosed `"` and are not written with CSV escaping (a CSV reader
+  would merge the rows after such a text into it).
+* Nothing is merged silently: a CSV-quoted record that spans several physical lines is counted
+  (`TableReader.multiline_records`, `first_multiline_line`) for the caller to report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator, Literal, Optional, Union
+
+from hybridft.errors import HybridFTError
+
+DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+"""Default field separator per suffix."""
+JSONL_SUFFIXES = (".jsonl",)
+Quoting = Literal["csv", "none"]
+
+
+def default_quoting(delimiter: str) -> Quoting:
+    """CSV quoting for commas (and other separators), literal quotes for tabs."""
+    return "none" if delimiter == "\t" else "csv"
+
+
+@dataclass
+class Item:
+    """One input record: its start line, and either its fields or why it is bad."""
+
+    line: int
+    row: Optional[dict[str, Any]] = None
+    reason: Optional[str] = None
+    problem: str = ""
+
+
+class Lines:
+    """Physical lines of a binary file, decoded one at a time as strict UTF-8.
+
+    A line that does not decode is handed on decoded with replacement characters (so the CSV parser keeps
+    its place in multi-line quoted fields) and remembered in `bad`, for the record that contains it.
+    """
+
+    def __init__(self, fh: IO[bytes]):
+        self._fh = fh
+        self.line_no = 0
+        self.bytes_read = 0
+        self.bad: list[tuple[int, UnicodeDecodeError]] = []
+
+    def __iter__(self) -> "Lines":
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self._fh)  # splits on b"\n" only, so \r and U+2028 inside a row cannot shift line numbers
+        self.line_no += 1
+        self.bytes_read += len(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.bad.append((self.line_no, e))
+            text = raw.decode("utf-8", errors="replace")
+        if self.line_no == 1 and text.startswith("\ufeff"):  # Excel writes a BOM; it is not part of the header
+            text = text[1:]
+        return text
+
+    def take_bad(self) -> list[tuple[int, UnicodeDecodeError]]:
+        bad, self.bad = self.bad, []
+        return bad
+
+
+def encoding_problem(start: int, bad: list[tuple[int, UnicodeDecodeError]]) -> str:
+    line, e = bad[0]
+    where = "the line" if line == start else f"line {line}, inside this row's quoted field"
+    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of {where})"
+
+
+def _missing_column(path: Path, name: str, columns: list[str], key: str, delimiter: Optional[str]) -> HybridFTError:
+    found = ", ".join(repr(c) for c in columns) or "none"
+    hint = ""
+    if delimiter is not None and len(columns) == 1 and any(s in columns[0] for s in ",\t;|"):
+        hint = f"; the header has a single column, so the delimiter {delimiter!r} may be wrong (set data.delimiter)"
+    option = "--" + key.replace("_", "-")
+    return HybridFTError(f"{path} has no column '{name}' (columns found: {found}); rename the column or pass "
+                         f"{option}{hint}")
+
+
+def _require_columns(path: Path, columns: list[str], text_column: str, pair_column: Optional[str],
+                     delimiter: Optional[str] = None, text_option: str = "text_column") -> None:
+    """A missing text column is a whole-file problem, so it stops the run even with --skip-bad-rows."""
+    if text_column not in columns:
+        raise _missing_column(path, text_column, columns, text_option, delimiter)
+    if pair_column is not None and pair_column not in columns:
+        raise _missing_column(path, pair_column, columns, "text_pair_column", delimiter)
+
+
+class JsonlReader:
+    """One JSON object per line; blank lines are ignored."""
+
+    def __init__(self, path: Path, lines: Lines, text_column: Optional[str], pair_column: Optional[str],
+                 text_option: str = "text_column"):
+        self.text_option = text_option
+        self.path, self.lines = path, lines
+        self.text_column, self.pair_column = text_column, pair_column
+        self.blank_lines = 0
+
+    def __iter__(self) -> Iterator[Item]:
+        checked = self.text_column is None  # None: the caller checks the columns
+        for text in self.lines:
+            line = self.lines.line_no
+            bad = self.lines.take_bad()
+            if bad:
+                yield Item(line, reason="bad_encoding", problem=encoding_problem(line, bad))
+                continue
+            if not text.strip():
+                self.blank_lines += 1
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield Item(line, reason="bad_json", problem=f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(row, dict):
+                yield Item(line, reason="not_an_object",
+                           problem=f"not a JSON object (a JSON {type(row).__name__})")
+                continue
+            if not checked:
+                # The first object stands in for a header: a wrong column name must not skip every row.
+                assert self.text_column is not None
+                _require_columns(self.path, list(row), self.text_column, self.pair_column,
+                                 text_option=self.text_option)
+                checked = True
+            yield Item(line, row=row)
+
+
+class TableReader:
+    """A delimited file read with the `csv` module, so quoted fields may hold delimiters and newlines.
+
+    The header is read in the constructor, so a missing text column fails before any output is written.
+    """
+
+    def __init__(self, path: Path, lines: Lines, delimiter: str, column_names: Optional[list[str]],
+                 text_column: Optional[str], pair_column: Optional[str], text_option: str = "text_column",
+                 quoting: Optional[Quoting] = None):
+        self.path, self.lines, self.delimiter = path, lines, delimiter
+        self.quoting = quoting or default_quoting(delimiter)
+        # strict=True makes an unclosed quote at the end of the file, or text after a closing quote, an
+        # error instead of a silently mangled row.
+        self._reader = csv.reader(lines, delimiter=delimiter, strict=True,
+                                  quoting=csv.QUOTE_NONE if self.quoting == "none" else csv.QUOTE_MINIMAL)
+        self._end = 0  # last physical line consumed so far: the next record starts on the line after it
+        self.blank_lines = 0
+        self.multiline_records = 0
+        """Records whose quoted field spans several physical lines (legitimate, or an unclosed quote)."""
+        self.first_multiline_line: Optional[int] = None
+        self.quoted_looking_records = 0
+        """quoting="none" only: records with a field wrapped in double quotes, as CSV quoting writes them."""
+        self.first_quoted_looking_line: Optional[int] = None
+        if column_names is not None:
+            self.columns = unique_names(list(column_names))
+        else:
+            self.columns = self._read_header()
+        if text_column is not None:  # None: the caller checks the columns with its own message
+            _require_columns(path, self.columns, text_column, pair_column, delimiter, text_option)
+
+    def _read_header(self) -> list[str]:
+        try:
+            return self._first_record()
+        except CsvProblem as p:
+            raise HybridFTError(f"{self.path} line {p.start}: the header is malformed CSV ({p.message}); "
+                                f"fix its quotes") from None
+
+    def _first_record(self) -> list[str]:
+        for start, fields in self._records():
+            bad = self.lines.take_bad()
+            if bad:
+                raise HybridFTError(f"{self.path} line {start}: the header is {encoding_problem(start, bad)}; "
+                                    f"re-save the file as UTF-8")
+            if fields:
+                return unique_names([f.strip() for f in fields])
+            self.blank_lines += 1
+        raise HybridFTError(f"{self.path} is empty; give a file with a header row and at least one row")
+
+    def _records(self) -> Iterator[tuple[int, list[str]]]:
+        """(start line, fields) per record; a malformed record is raised as `CsvProblem`."""
+        while True:
+            start = self._end + 1
+            try:
+                fields = next(self._reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                end, self._end = self.lines.line_no, self.lines.line_no
+                raise CsvProblem(start, end, str(e)) from None
+            self._end = self.lines.line_no
+            if self._end > start:
+                self.multiline_records += 1
+                if self.first_multiline_line is None:
+                    self.first_multiline_line = start
+            yield start, fields
+
+    def __iter__(self) -> Iterator[Item]:
+        width = len(self.columns)
+        while True:
+            try:
+                for start, fields in self._records():
+                    bad = self.lines.take_bad()
+                    if bad:
+                        yield Item(start, reason="bad_encoding", problem=encoding_problem(start, bad))
+                    elif not fields:
+                        self.blank_lines += 1
+                    elif len(fields) != width:
+                        yield Item(start, reason="wrong_column_count",
+                                    problem=f"{len(fields)} fields where the header has {width} (an unquoted "
+                                            f"{self.delimiter!r} or quote in the text?)")
+                    else:
+                        if self.quoting == "none" and any(len(f) > 1 and f[0] == f[-1] == '"' for f in fields):
+                            self.quoted_looking_records += 1
+                            if self.first_quoted_looking_line is None:
+                                self.first_quoted_looking_line = start
+                        yield Item(start, row=dict(zip(self.columns, fields)))
+                return
+            except CsvProblem as p:
+                self.lines.take_bad()
+                if p.end != p.start:
+                    # The parser swallowed several lines; where the next row starts is a guess, so stop.
+                    raise HybridFTError(f"{self.path} line {p.start}: malformed CSV ({p.message}) in a row that "
+                                        f"runs to line {p.end}; close or escape its quotes (this cannot be "
+                                        f"skipped: the rows after it cannot be located)") from None
+                yield Item(p.start, reason="bad_quoting", problem=f"malformed CSV ({p.message})")
+
+
+class CsvProblem(Exception):
+    def __init__(self, start: int, end: int, message: str):
+        super().__init__(message)
+        self.start, self.end, self.message = start, end, message
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Repeat header names become `name.1`, `name.2` (as pandas does) so rows can be dicts."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        new, k = name, 0
+        while new in seen:
+            k += 1
+            new = f"{name}.{k}"
+        seen.add(new)
+        out.append(new)
+    return out
+
+
+
+def open_reader(src: Path, lines: Lines, text_column: Optional[str], pair_column: Optional[str],
+                delimiter: Optional[str], column_names: Optional[list[str]], text_option: str = "text_column",
+                quoting: Optional[Quoting] = None) -> Union[JsonlReader, TableReader]:
+    """The reader for `src`'s suffix: `.jsonl` or delimited (`DELIMITERS`). `text_column=None` skips the check
+    that the text (and pair) columns exist, for callers that check with their own message.
+
+    Raises:
+        HybridFTError: A delimited file's header is malformed or badly encoded, or a named column is missing.
+    """
+    if src.suffix.lower() in JSONL_SUFFIXES:
+        return JsonlReader(src, lines, text_column, pair_column, text_option)
+    sep = delimiter or DELIMITERS[src.suffix.lower()]
+    return TableReader(src, lines, sep, column_names, text_column, pair_column, text_option, quoting)
+
+
+def quoting_notes(reader: Union[JsonlReader, TableReader], what: str) -> list[str]:
+    """Lines that say where the quoting rule may have read a file other than its writer meant."""
+    if not isinstance(reader, TableReader):
+        return []
+    notes = []
+    if reader.multiline_records:
+        notes.append(f"{what}: {reader.multiline_records} rows have a quoted text that spans several lines (first at "
+                     f"line {reader.first_multiline_line}); if that is an unclosed quote, read quotes literally "
+                     f"(quoting=none)")
+    if reader.quoted_looking_records:
+        notes.append(f"{what}: {reader.quoted_looking_records} rows have a field wrapped in double quotes (first at "
+                     f"line {reader.first_quoted_looking_line}), read literally as tab-separated files are by "
+                     f"default; if the file was written with CSV quoting, set quoting=csv")
+    return notes
+
+
+def malformed_row_message(path: Path, item: "Item", reader: Union[JsonlReader, TableReader]) -> str:
+    """One line for a bad record of a training file, with the quoting hint where it may be the cause."""
+    hint = "fix the row"
+    if item.reason in ("bad_json", "not_an_object"):
+        hint = "write one JSON object per line"
+    if isinstance(reader, TableReader) and item.reason in ("wrong_column_count", "bad_quoting"):
+        other = "none" if reader.quoting == "csv" else "csv"
+        hint += f" (quotes are read as {'CSV quoting' if reader.quoting == 'csv' else 'literal characters'}; " \
+                f"data.quoting={other} reads them the other way)"
+    return f"{path} line {item.line}: {item.problem}; {hint}"
+
+
