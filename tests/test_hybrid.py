@@ -94,14 +94,31 @@ def test_curve_endpoints_and_budget_choice():
     assert curve[0]["accuracy"] == pytest.approx(float((student_logits.argmax(-1) == labels).float().mean()))
     assert curve[-1]["accuracy"] == pytest.approx(float((teacher_pred == labels).float().mean()))
     point = hy.choose_threshold(curve, teacher_budget=0.3)
-    assert point["teacher_fraction"] <= 0.3
-    assert point["teacher_fraction"] == max(p["teacher_fraction"] for p in curve if p["teacher_fraction"] <= 0.3)
+    allowed = [p for p in curve if p["teacher_fraction"] <= 0.3]
+    assert point["accuracy"] == max(p["accuracy"] for p in allowed)  # the best reachable within the budget,
+    assert all(p["accuracy"] < point["accuracy"] for p in allowed if p["teacher_fraction"] < point["teacher_fraction"])
+    whole = hy.choose_threshold(curve, teacher_budget=0.3, spend_whole_budget=True)
+    assert whole["teacher_fraction"] == max(p["teacher_fraction"] for p in allowed)
     teacher_logits = torch.nn.functional.one_hot(teacher_pred, 2).float()
     applied = hy.apply_threshold(student_logits, teacher_logits, labels, point["threshold"], 1.0, "margin")
     assert applied["teacher_fraction"] == pytest.approx(point["teacher_fraction"])
     assert applied["accuracy"] == pytest.approx(point["accuracy"])
     target = hy.choose_threshold(curve, target_accuracy=curve[-1]["accuracy"] - 0.005)
     assert target["accuracy"] >= curve[-1]["accuracy"] - 0.005
+
+
+def test_the_budget_does_not_pay_for_teacher_calls_that_buy_nothing_on_validation():
+    """Issue 9, case 13: a student that matches the teacher on validation sends nothing to the teacher."""
+    labels = torch.tensor([0, 1] * 50)
+    conf = torch.linspace(0.5, 1.0, 100)
+    same = hy.cascade_curve(conf, labels, labels, labels)  # both always right
+    assert hy.choose_threshold(same, teacher_budget=0.3)["teacher_fraction"] == 0.0
+    assert hy.choose_threshold(same, teacher_budget=0.3, spend_whole_budget=True)["teacher_fraction"] == 0.3
+    student = labels.clone()
+    student[[0, 3, 7]] = 1 - student[[0, 3, 7]]  # wrong on three of the 8 least confident rows, the teacher right
+    gain = hy.cascade_curve(conf, student, labels, labels)
+    chosen = hy.choose_threshold(gain, teacher_budget=0.3)
+    assert chosen["teacher_fraction"] == 0.08 and chosen["accuracy"] == 1.0  # up to the last row it fixes, no more
 
 
 def test_save_load_gives_identical_predictions_and_tampering_is_refused(pair, tmp_path: Path):

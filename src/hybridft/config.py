@@ -186,7 +186,12 @@ class HybridConfig:
     confidence: Literal["max_prob", "margin", "entropy"] = "max_prob"
     """Student confidence after temperature scaling: top probability, top-1 minus top-2, or minus the entropy."""
     teacher_budget: float = 0.3
-    """Goal (default): the most accurate threshold that sends at most this fraction of inputs to the teacher."""
+    """Goal (default): at most this fraction of inputs to the teacher. The threshold is the one with the fewest
+    teacher calls that reaches the best validation accuracy possible within the budget, so calls that buy nothing
+    on validation are not paid for; the deployed model also holds the budget as a running quota."""
+    spend_whole_budget: bool = False
+    """With `teacher_budget`: send the whole budget's worth of the least confident inputs instead, even where
+    validation shows no gain from the last of them."""
     target_gap: Optional[float] = None
     """Goal instead of the budget: the fewest teacher calls that keep accuracy within this gap of the
     teacher's (0.005 = half a point), measured on validation."""

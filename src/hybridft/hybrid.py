@@ -3,8 +3,9 @@
 A confidence cascade. Both models' temperatures are calibrated on validation (minimum NLL), the student's
 confidence on each input is computed from its calibrated probabilities, and inputs below a threshold are sent
 to the teacher in a batch of their own, so the teacher runs only on those. The threshold is chosen on
-validation for a goal: a teacher budget (at most this fraction of inputs to the teacher; the default) or a
-target accuracy (within `gap` of the teacher).
+validation for a goal: a teacher budget (the default: the fewest teacher calls that reach the best validation
+accuracy possible with at most this fraction of inputs to the teacher) or a target accuracy (within `gap` of the
+teacher).
 """
 
 from __future__ import annotations
@@ -108,19 +109,29 @@ def cascade_curve(student_conf: torch.Tensor, student_pred: torch.Tensor, teache
 
 
 def choose_threshold(curve: list[dict[str, float]], *, teacher_budget: Optional[float] = None,
-                     target_accuracy: Optional[float] = None) -> dict[str, float]:
+                     target_accuracy: Optional[float] = None, spend_whole_budget: bool = False) -> dict[str, float]:
     """The point of the curve that meets the goal.
 
-    With a budget: the point that spends the budget (the largest teacher fraction within it). Not the most
-    accurate point below it: on a validation set of a few hundred rows that maximum is noise, while on new data
-    each further teacher call buys accuracy on average (the teacher is the better model).
+    With a budget: the fewest teacher calls that reach the best validation accuracy reachable within the budget.
+    A teacher call that buys nothing on validation is not paid for: where the student already matches the
+    teacher, nothing goes to the teacher. `spend_whole_budget=True` takes the largest teacher fraction within the
+    budget instead (more teacher calls, on the bet that they buy accuracy on new data even where validation
+    cannot show it).
     With a target accuracy: the point with the fewest teacher calls that reaches it (all to the teacher if none).
+
+    Args:
+        curve: `cascade_curve`'s points, in increasing teacher fraction.
+    Raises:
+        ValueError: Neither or both of `teacher_budget` and `target_accuracy` given.
     """
     if (teacher_budget is None) == (target_accuracy is None):
         raise ValueError("give exactly one of teacher_budget and target_accuracy")
     if teacher_budget is not None:
         allowed = [p for p in curve if p["teacher_fraction"] <= teacher_budget + 1e-12]
-        return max(allowed, key=lambda p: p["teacher_fraction"])
+        if spend_whole_budget:
+            return max(allowed, key=lambda p: p["teacher_fraction"])
+        best = max(p["accuracy"] for p in allowed)
+        return min((p for p in allowed if p["accuracy"] >= best - 1e-12), key=lambda p: p["teacher_fraction"])
     reaching = [p for p in curve if p["accuracy"] >= target_accuracy - 1e-12]
     return min(reaching, key=lambda p: p["teacher_fraction"]) if reaching else curve[-1]
 

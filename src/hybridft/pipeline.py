@@ -414,8 +414,9 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
         goal = {"target_accuracy_within": h.target_gap}
         chosen = hy.choose_threshold(curve_val, target_accuracy=teacher_val_acc - h.target_gap)
     else:
-        goal = {"teacher_budget": h.teacher_budget}
-        chosen = hy.choose_threshold(curve_val, teacher_budget=h.teacher_budget)
+        goal = {"teacher_budget": h.teacher_budget, "spend_whole_budget": h.spend_whole_budget}
+        chosen = hy.choose_threshold(curve_val, teacher_budget=h.teacher_budget,
+                                     spend_whole_budget=h.spend_whole_budget)
     on_test = hy.apply_threshold(st, tt, yt, chosen["threshold"], t_s, h.confidence)
     gap_point = hy.choose_threshold(curve_val, target_accuracy=teacher_val_acc - h.report_gap)
     gap_on_test = hy.apply_threshold(st, tt, yt, gap_point["threshold"], t_s, h.confidence)
