@@ -272,3 +272,54 @@ def test_real_teacher_neighbours():
     out, _, idx = augment_texts(["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate"],
                                 tok, emb, AugmentSettings(factor=20))
     assert 20 < len(out) <= 40 and set(idx) == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------------
+# in the pipeline: the teacher labels the generated texts once, through the store
+
+
+def test_a_run_with_augment_stores_teacher_logits_for_the_generated_texts_and_reuses_them(
+        tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys):
+    from conftest import tiny_overrides
+    from hybridft.cli import main
+    from hybridft.teacher_outputs import read_store
+
+    cache = tmp_path / "cache"
+    base = tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "a") + [
+        "progress=true", "hybrid.enabled=false", "export.enabled=false", "teacher.train.epochs=1",
+        "student.train.epochs=1", "augment.factor=3", f"distill.cache_dir={cache}"]
+    assert main(["run", *base]) == 0
+    out = capsys.readouterr().out
+    assert "augment:" in out and "texts generated from 48 training texts (factor 3)" in out
+    store = read_store(tmp_path / "a" / "teacher_outputs.safetensors")
+    assert 48 < len(store.keys) <= 48 * 4  # the training rows and up to 3 generated texts each
+    # Distilling again from that teacher, with the same data and seed, generates the same texts: the store is
+    # reused, not recomputed.
+    again = [o.replace(str(tmp_path / "a"), str(tmp_path / "b")) for o in base] + [
+        f"teacher.model={tmp_path / 'a' / 'teacher'}"]
+    assert main(["distill", *again]) == 0
+    assert "reusing stored teacher outputs" in capsys.readouterr().out
+
+
+def test_augment_max_rows_counts_unlabeled_text_first(tmp_path: Path):
+    from types import SimpleNamespace as NS
+
+    from conftest import make_tokenizer, sentiment_rows
+    from hybridft.data import Examples, Splits
+    from hybridft.tasks import classification
+
+    tok = make_tokenizer(tmp_path / "tok")
+    texts = [t for t, _ in sentiment_rows(10, seed=2)]
+    train = Examples(texts=texts, labels=[0, 1] * 5, source="train", lines=list(range(2, 12)))
+    pool = Examples(texts=texts[:6], labels=[-100] * 6, source="unlabeled", lines=list(range(1, 7)))
+    splits = Splits(train=train, validation=train, test=None, unlabeled=pool, label_names=["neg", "pos"])
+    cfg = NS(seed=0, augment=NS(factor=20, max_rows=36, p_mask=0.3, p_replace=0.0, p_ngram=0.0, neighbours=2))
+    teacher = NS(get_input_embeddings=lambda: NS(weight=torch.randn(len(tok), 8)))
+    logs: list[str] = []
+    out = classification.augment(splits, teacher, tok, cfg, logs.append)
+    generated = len(out.unlabeled) - 6
+    assert 0 < generated <= 30 and "factor 3" in logs[0]  # (36 - 6 unlabeled) // 10 training texts = 3 each
+    assert out.unlabeled.texts[:6] == texts[:6] and set(out.unlabeled.labels) == {-100}
+    full = classification.augment(splits, teacher, tok, NS(seed=0, augment=NS(**{**vars(cfg.augment), "max_rows": 6})),
+                                  logs.append)
+    assert full is splits and "no room" in logs[-1]

@@ -149,6 +149,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                         if cfg.task == "classification" else "is to be fine-tuned first (teacher.finetune=always)")
                 raise HybridFTError(f"teacher.model {cfg.teacher.model} {what}; run `hybridft teacher` first or use "
                                     f"`hybridft run`")
+            pipeline.augment(ctx, teacher, tok)
             store = None if cfg.distill.online else pipeline.teacher_outputs(ctx, teacher, tok)
         pipeline.distill(ctx, store, teacher, tok)
         print(f"student saved to {ctx.run_dir / 'student'}")

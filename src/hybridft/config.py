@@ -179,6 +179,24 @@ class DistillConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """A larger transfer set generated from the training texts and labelled by the teacher (classification):
+    word masking, replacement by neighbours in the teacher's embedding table, and n-gram sampling (Tang et al.
+    2019; TinyBERT). The teacher labels the new texts once, through the store; they train the student by the KD
+    term alone. See `hybridft.augment`."""
+
+    factor: int = 0
+    """New texts per training text (Tang et al. use 20); 0 turns augmentation off."""
+    max_rows: int = 20000
+    """At most this many rows of unlabeled text plus generated text: unlabeled text is used first, and the
+    factor is lowered so the generated rows fit."""
+    p_mask: float = 0.1
+    p_replace: float = 0.1
+    p_ngram: float = 0.25
+    neighbours: int = 10
+
+
+@dataclass
 class HybridConfig:
     """The hybrid (cascade) model built after distillation; see `hybridft.hybrid`."""
 
@@ -238,6 +256,7 @@ class RunConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -273,6 +292,18 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(d, name)
         if value is not None and value < 1:
             _fail(f"data.{name}", f"must be >= 1, got {value}")
+    a = cfg.augment
+    if a.factor < 0 or a.max_rows < 0 or a.neighbours < 1:
+        _fail("augment.factor" if a.factor < 0 else ("augment.max_rows" if a.max_rows < 0 else "augment.neighbours"),
+              "must be >= 0 (neighbours >= 1)")
+    for name in ("p_mask", "p_replace", "p_ngram"):
+        if not 0 <= getattr(a, name) <= 1:
+            _fail(f"augment.{name}", f"must be in [0, 1], got {getattr(a, name)}")
+    if a.factor and cfg.task != "classification":
+        _fail("augment.factor", "augmentation builds classification transfer sets; set it to 0 for causal_lm")
+    if a.factor and cfg.distill.teacher_logits:
+        _fail("augment.factor", "the generated texts need the teacher to label them, but distill.teacher_logits "
+                                "replaces the teacher; set augment.factor=0 or drop distill.teacher_logits")
     builtin = BUILTIN_DATASETS[cfg.task]
     if d.dataset is not None and d.dataset not in builtin:
         _fail("data.dataset", f"unknown built-in dataset '{d.dataset}' for task {cfg.task}; the built-in one is "

@@ -272,6 +272,11 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
 # stage 2: teacher outputs
 
 
+def augment(ctx: Context, teacher: nn.Module, tokenizer: Any) -> None:
+    """Add the generated transfer set (`cfg.augment`) to the run's unlabeled pool, once the teacher is ready."""
+    ctx.splits = ctx.task.augment(ctx.splits, teacher, tokenizer, ctx.cfg, ctx.log)
+
+
 def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Any:
     """Stored teacher outputs for the transfer set: reused when teacher, data and settings are unchanged."""
     cfg, task = ctx.cfg, ctx.task
@@ -513,6 +518,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
     else:
         teacher, teacher_tok = train_teacher(ctx)
         models["teacher"] = (teacher, teacher_tok)
+        augment(ctx, teacher, teacher_tok)
         store = None if cfg.distill.online else teacher_outputs(ctx, teacher, teacher_tok)
     models["student"] = distill(ctx, store, teacher, teacher_tok)
     if not dist.is_main():  # evaluation, the hybrid and the export run once, on the main process

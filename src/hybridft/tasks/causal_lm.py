@@ -306,6 +306,11 @@ def _from_rows(rows: list[dict[str, Any]], source: str, cfg: RunConfig, prompts:
                     lines=lines)
 
 
+def augment(splits: Splits, teacher: Any, tokenizer: Any, cfg: RunConfig, log: Any) -> Splits:
+    """No generated transfer set for causal LMs (the config refuses augment.factor > 0 for them)."""
+    return splits
+
+
 def transfer_set(splits: Splits) -> Examples:
     return splits.train
 

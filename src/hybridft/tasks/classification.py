@@ -7,6 +7,7 @@ rows without a label), which is all `hybridft.losses` needs to know.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +17,7 @@ from torch import nn
 from hybridft.batching import length_sorted_loader, to_device
 from hybridft.config import RunConfig
 from hybridft.dist import autocast
-from hybridft.data import Examples, Splits, concat
+from hybridft.data import NO_LABEL, Examples, Splits, concat
 from hybridft.data import load_splits as _load_splits
 from hybridft.errors import HybridFTError
 from hybridft.models import (check_model_folder, count_params, ensure_pad_token, layer_cut_student,  # noqa: F401
@@ -130,6 +131,36 @@ def load_model(folder: str, splits: Splits, key: str) -> tuple[nn.Module, Any]:
     model, tokenizer = load_classifier(folder, labels, key), load_tokenizer(folder, key)
     ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, log: Any) -> Splits:
+    """The splits with generated texts (`cfg.augment`) added to the unlabeled pool, for the teacher to label.
+
+    Unlabeled text comes first: generated rows fill what is left of `augment.max_rows`, the factor lowered to fit.
+    Deterministic for the run's seed, so a second run (or a resume) stores and looks up the same rows.
+    """
+    from dataclasses import replace
+
+    from hybridft.augment import AugmentSettings, augment_texts
+
+    a, train = cfg.augment, splits.train
+    pool = len(splits.unlabeled) if splits.unlabeled is not None else 0
+    factor = min(a.factor, max(a.max_rows - pool, 0) // max(len(train), 1))
+    if a.factor == 0:
+        return splits
+    if factor == 0:
+        log(f"augment: no room for generated text ({pool} unlabeled rows already fill augment.max_rows={a.max_rows})")
+        return splits
+    start = time.perf_counter()
+    embeddings = teacher.get_input_embeddings().weight.detach().float().cpu()  # [V, d]
+    settings = AugmentSettings(factor=factor, p_mask=a.p_mask, p_replace=a.p_replace, p_ngram=a.p_ngram,
+                               neighbours=a.neighbours, seed=cfg.seed)
+    texts, pairs, source = augment_texts(train.texts, tokenizer, embeddings, settings, train.pairs)
+    generated = Examples(texts=texts, labels=[NO_LABEL] * len(texts), pairs=pairs, source=f"{train.source} (augmented)",
+                         lines=[train.lines[i] for i in source] if train.lines else [])
+    log(f"augment: {len(texts)} texts generated from {len(train)} training texts (factor {factor}) in "
+        f"{time.perf_counter() - start:.1f} s, for the teacher to label")
+    return replace(splits, unlabeled=generated if splits.unlabeled is None else concat(splits.unlabeled, generated))
 
 
 def transfer_set(splits: Splits) -> Examples:
