@@ -93,6 +93,8 @@ class TrainConfig:
     """The optimisation settings of one training stage (teacher fine-tuning or student distillation)."""
 
     epochs: float = 3.0
+    min_steps: Optional[int] = None
+    """At least this many optimizer steps, whatever `epochs` gives: small data gets more epochs."""
     batch_size: int = 32
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is normalised over the whole accumulated batch."""
@@ -321,6 +323,8 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"{key}.epochs", f"must be > 0, got {tc.epochs}")
         if tc.batch_size < 1:
             _fail(f"{key}.batch_size", f"must be >= 1, got {tc.batch_size}")
+        if tc.min_steps is not None and tc.min_steps < 1:
+            _fail(f"{key}.min_steps", f"must be >= 1, got {tc.min_steps}")
         if tc.grad_accum < 1:
             _fail(f"{key}.grad_accum", f"must be >= 1, got {tc.grad_accum}")
         if not tc.lr > 0:

@@ -121,7 +121,8 @@ def fit(
     train_model, optimizer = acc.prepare(model, make_optimizer(model, tc.lr, tc.weight_decay))
     eval_model = train_model if sharded else model  # FSDP's forward gathers the shards: every process runs it
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
-    total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
+    # On small data a few epochs are a few dozen steps, too few to fit; min_steps adds epochs until there are enough.
+    total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch), tc.min_steps or 0)
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
