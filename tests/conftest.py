@@ -86,6 +86,8 @@ def tiny_overrides(teacher_dir: Path, data: dict[str, Path], out: Path) -> list[
         f"teacher.model={teacher_dir}", f"output_dir={out}",
         f"data.train={data['train']}", f"data.validation={data['validation']}", f"data.test={data['test']}",
         "data.max_length=16", "progress=false", "student.num_layers=2",
+        # fp32: tests compare runs bit for bit, and `precision: auto` may pick bf16 (tests/test_precision.py)
+        "precision=fp32",
         "teacher.train.epochs=8", "teacher.train.batch_size=8", "teacher.train.lr=3e-3",
         "student.train.epochs=8", "student.train.batch_size=8", "student.train.lr=3e-3",
         "eval.speed_batches=1", "eval.latency_samples=2",

@@ -275,7 +275,7 @@ def _run_args(tmp_path: Path, teacher: Path, data: dict[str, Path], name: str, *
             f"data.test={data['test']}", f"teacher.model={teacher}", "student.num_layers=2", "data.max_length=32",
             "student.train.epochs=6", "student.train.batch_size=8", "student.train.lr=3e-3", "distill.top_k=8",
             "eval.max_new_tokens=4", "eval.generate_examples=2", f"output_dir={tmp_path / name}", "progress=false",
-            *extra]
+            "precision=fp32", *extra]
 
 
 def test_causal_lm_run_end_to_end_and_generate(tmp_path: Path, tiny_lm_dir: Path, lm_data, capsys):

@@ -35,7 +35,7 @@ def _args(files: dict[str, Path], out: Path, batch_size: int, *extra: str) -> li
             f"teacher.model={files['teacher']}", "student.num_layers=2", "data.max_length=32",
             "student.train.epochs=3", f"student.train.batch_size={batch_size}", "student.train.lr=3e-3",
             "student.train.eval_every=2", "distill.top_k=8", "eval.generate_examples=1", "eval.max_new_tokens=2",
-            f"distill.cache_dir={out.parent / 'cache'}", f"output_dir={out}", "--quiet", *extra]
+            f"distill.cache_dir={out.parent / 'cache'}", f"output_dir={out}", "--quiet", "precision=fp32", *extra]
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from hybridft.errors import HybridFTError
 
 # The demo: BBC News, MiniLM-L6 teacher, 2-layer student, bf16 autocast (2x faster on CPU, measured).
-DEMO_OVERRIDES = ["data.dataset=bbc_news", "precision=bf16", "teacher.train.epochs=2", "student.train.epochs=3"]
+DEMO_OVERRIDES = ["data.dataset=bbc_news", "teacher.train.epochs=2", "student.train.epochs=3"]
 # `hybridft run task=causal_lm`: the ChatterBot exchanges, SmolLM2-135M-Instruct teacher, 8-layer student, fp32
 # (SmolLM2 runs slower in bf16 than in fp32 on 2 CPU cores: 460 against 690 tokens/s, measured).
 LM_DEMO_OVERRIDES = ["data.dataset=chatterbot_en"]

@@ -246,9 +246,11 @@ class RunConfig:
     seed: int = 42
     task: Literal["classification", "causal_lm"] = "classification"
     """`classification` (encoder classifiers) or `causal_lm` (token-level distillation of causal LMs)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype for training and teacher outputs (bf16 works on CPU and GPU, fp16 on GPU only). Under
-    `accelerate launch`, a mixed_precision set in the Accelerate config takes precedence."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype for training and teacher outputs (bf16 works on CPU and GPU, fp16 on GPU only). `auto`:
+    bf16 on a GPU that supports it and on a CPU with AMX; on other CPUs a few timed passes decide (see
+    `hybridft.precision`); the choice and its reason are logged and kept in summary.json. Under `accelerate
+    launch`, a mixed_precision set in the Accelerate config takes precedence."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Optional[int] = None
     """torch CPU threads; default: torch's own choice."""

@@ -28,7 +28,9 @@ from hybridft.data import Examples, Splits
 from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, LossWeights
-from hybridft.models import check_max_length, check_student
+from hybridft.models import check_max_length, check_student, read_config
+from hybridft.precision import PrecisionChoice
+from hybridft.precision import choose as choose_precision
 from hybridft.runlog import MetricsWriter
 from hybridft.tasks import TASKS
 from hybridft.teacher_outputs import compute, default_cache_dir, fingerprint, read_store
@@ -48,6 +50,8 @@ class Context:
     fresh: bool = True
     resume: bool = False
     committed: bool = False
+    precision: Optional[PrecisionChoice] = None
+    """How `precision: auto` was settled (None when the config or the Accelerate config named a precision)."""
 
     @property
     def task(self) -> Any:
@@ -164,15 +168,40 @@ def launch_settings(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def resolve_precision(cfg: RunConfig, resumed_run: Optional[Path], timed: bool = True
+                      ) -> tuple[RunConfig, Optional[PrecisionChoice]]:
+    """Settle `precision: auto` before the Accelerator is made (it fixes the precision for the process)."""
+    if cfg.precision != "auto":
+        return cfg, None
+    saved = resumed_run / "config.yaml" if resumed_run is not None else None
+    if saved is not None and saved.is_file():
+        import yaml
+
+        before = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("precision")
+        if before in ("fp32", "bf16", "fp16"):
+            return replace(cfg, precision=before), PrecisionChoice(before, "the run being resumed chose it")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    model_config = None
+    if timed and not cuda:
+        try:
+            model_config = read_config(TASKS[cfg.task].teacher_path(cfg))
+        except HybridFTError:
+            model_config = None  # a bad teacher.model is reported where it is loaded, in one line
+    choice = choose_precision("cuda" if cuda else "cpu", model_config, cfg.data.max_length,
+                              processes=dist.world_size_from_env())
+    return replace(cfg, precision=choice.precision), choice
+
+
 def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: bool = True,
             resume: bool = False, force: bool = False) -> Context:
     """Check the output folder and read the data before any work starts, so bad input fails in seconds and
     an existing run is never overwritten by accident."""
     cfg = launch_settings(cfg)
+    run_dir = Path(cfg.output_dir)
+    cfg, precision = resolve_precision(cfg, run_dir if resume else None, timed=stage != "evaluate")
     device = pick_device(cfg.device, cfg.precision)  # creates the Accelerator: joins the process group
     if not dist.is_main():
         cfg = replace(cfg, progress=False)
-    run_dir = Path(cfg.output_dir)
     if resume:
         check_resume(cfg, run_dir, force)
         fresh = False
@@ -207,7 +236,9 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
         if student_path:
             check_max_length(cfg.data.max_length, str(Path(student_path).parent) if student_path.endswith(".json")
                              else student_path, "student.model")
-    return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits,
+    if precision is not None and dist.is_main() and cfg.progress:
+        print(f"[hybridft] precision: {precision.precision} ({precision.reason})", flush=True)
+    return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits, precision=precision,
                    writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
                    fresh=fresh, resume=resume)
 
@@ -535,6 +566,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
         summary["data_notes"] = ctx.splits.notes
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["launch"] = dist.describe()  # how training ran: processes, engine, precision
+    if ctx.precision is not None:
+        summary["precision"] = ctx.precision.to_dict()
     summary["config"] = to_dict(cfg)
     write_summary(ctx.run_dir, summary)
     return summary

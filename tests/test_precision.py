@@ -1,0 +1,80 @@
+"""`precision: auto` (issue 10): bf16 where it is faster on this machine, fp32 where it is not, said and kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_overrides
+from hybridft import precision as pr
+from hybridft.cli import main
+from hybridft.config import load_config
+from hybridft.models import read_config
+from hybridft.pipeline import resolve_precision
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """A CPU with AVX512-BF16 and no AMX, whose probe times are set by the test."""
+    calls = []
+    monkeypatch.setattr(pr, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+
+    def probe(ms):
+        def fake(config, tokens):
+            calls.append(tokens)
+            return dict(ms)
+        monkeypatch.setattr(pr, "time_probe", fake)
+    return probe, calls
+
+
+def test_capabilities_decide_without_timing(monkeypatch):
+    monkeypatch.setattr(pr, "cpu_flags", lambda: {"avx512f", "amx_bf16", "avx512_bf16"})
+    assert pr.choose("cpu", {"model_type": "bert"}, 128).precision == "bf16"
+    monkeypatch.setattr(pr, "cpu_flags", lambda: {"avx2"})
+    choice = pr.choose("cpu", {"model_type": "bert"}, 128)
+    assert choice.precision == "fp32" and "without bf16 instructions" in choice.reason
+    monkeypatch.setattr(pr, "cpu_flags", lambda: {"avx512_bf16"})
+    assert pr.choose("cpu", {"model_type": "bert"}, 128, processes=2).precision == "fp32"
+
+
+def test_a_timed_choice_takes_bf16_only_when_clearly_faster_and_is_remembered(timed):
+    probe, calls = timed
+    probe({"fp32": 100.0, "bf16": 95.0})  # 5% is within timing noise: fp32 keeps exact arithmetic
+    config = {"model_type": "bert", "hidden_size": 32}
+    first = pr.choose("cpu", config, 128)
+    assert first.precision == "fp32" and "0.95x the time of fp32" in first.reason and calls == [64]
+    probe({"fp32": 100.0, "bf16": 10.0})  # would flip the choice, but the machine's answer is remembered
+    again = pr.choose("cpu", config, 128)
+    assert again.precision == "fp32" and "timed earlier" in again.reason and calls == [64]
+    other = pr.choose("cpu", {"model_type": "bert", "hidden_size": 64}, 128)  # another architecture is timed
+    assert other.precision == "bf16" and "10.00x faster" in other.reason and calls == [64, 64]
+    assert len(json.loads(pr.cache_file().read_text())) == 2
+
+
+def test_the_probe_times_both_precisions_on_the_real_architecture(tiny_teacher_dir: Path):
+    ms = pr.time_probe(read_config(str(tiny_teacher_dir)), tokens=16, batch=4)
+    assert set(ms) == {"fp32", "bf16"} and all(v > 0 for v in ms.values())
+
+
+def test_a_run_says_what_auto_chose_and_why_and_a_resume_keeps_it(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
+                                                                  timed, capsys):
+    probe, calls = timed
+    probe({"fp32": 100.0, "bf16": 50.0})
+    out = tmp_path / "run"
+    args = [*(o for o in tiny_overrides(tiny_teacher_dir, tiny_data, out) if not o.startswith("precision=")),
+            "progress=true", "hybrid.enabled=false",
+            "export.enabled=false", "teacher.train.epochs=1", "student.train.epochs=1"]
+    assert main(["run", *args]) == 0
+    assert "precision: bf16 (CPU without AMX, bf16 timed 2.00x faster than fp32)" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"]["chosen"] == "bf16" and summary["launch"]["mixed_precision"] == "bf16"
+    assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "bf16"
+    probe({"fp32": 50.0, "bf16": 100.0})
+    pr.cache_file().unlink()  # even a new timing would say fp32: the resumed run keeps its own choice
+    cfg, choice = resolve_precision(load_config(None, args), out)
+    assert cfg.precision == "bf16" and "resumed" in choice.reason
+    named, none = resolve_precision(load_config(None, [*args, "precision=fp32"]), None)
+    assert named.precision == "fp32" and none is None
