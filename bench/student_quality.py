@@ -109,15 +109,22 @@ DATASETS: dict[str, Callable[[Path, bool], list[str]]] = {
     "sst2-600": sst2_600, "sst2-4000": sst2_4000, "bbc": bbc, "emotion": emotion, "ag_news-1000": ag_news_1000}
 
 
-def hybridft(args: list[str], out: Path) -> dict[str, Any]:
+def hybridft(args: list[str], out: Path, reuse: bool = False) -> dict[str, Any]:
     from hybridft.cli import main
 
+    done = out / "summary.json"
+    if reuse and done.is_file() and (out / "bench_args.json").is_file() and \
+            json.loads((out / "bench_args.json").read_text()) == args:
+        print(f"[bench] reusing {out} (same arguments)", flush=True)
+        return json.loads(done.read_text())
     start = time.perf_counter()
     code = main(["run", *args, f"output_dir={out}", "--overwrite"])
     if code != 0:
         sys.exit(f"hybridft run {' '.join(args)} exited with {code}")
-    result = json.loads((out / "summary.json").read_text())
+    result = json.loads(done.read_text())
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    done.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "bench_args.json").write_text(json.dumps(args), encoding="utf-8")
     return result
 
 
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="default bench/results/student_quality/DATASET")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="64 training rows, 1 epoch, seed 1: a smoke run")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a variant's finished run from an earlier call with the same arguments (wall times are "
+                        "those of the earlier call)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {v: {} for v in variants}
     for seed in seeds:
         first = work / f"seed{seed}" / "kd"
-        kd = hybridft([*config, *base, f"seed={seed}"], first)  # fine-tunes the teacher every variant shares
+        kd = hybridft([*config, *base, f"seed={seed}"], first, args.reuse)  # fine-tunes the teacher every variant shares
         teacher = ["teacher.finetune=never", f"teacher.model={first / 'teacher'}", "hybrid.enabled=false"]
         for variant in variants:
             if variant == "kd":
@@ -166,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 extra = VARIANTS[variant] + (["student.train.min_steps=20"] if args.quick and "min_steps" in variant
                                              else [])
-                summary = hybridft([*config, *base, *teacher, *extra, f"seed={seed}"], work / f"seed{seed}" / variant)
+                summary = hybridft([*config, *base, *teacher, *extra, f"seed={seed}"], work / f"seed{seed}" / variant,
+                                   args.reuse)
             row = {"teacher": summary["teacher"]["accuracy"], "student": summary["student"]["accuracy"],
                    "retention": summary["comparison"]["accuracy_retained"], "speedup": summary["comparison"]["speedup"],
                    "wall_seconds": summary["wall_seconds"]}

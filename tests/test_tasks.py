@@ -10,7 +10,7 @@ import pytest
 from hybridft.tasks import TASKS
 
 SEAM = ("load_splits", "load_teacher", "teacher_path", "resolve_model_path", "load_model", "build_student", "augment", "transfer_set",
-        "encode",
+        "encode", "logits_and_hidden",
         "make_collate", "logits_for_loss", "teacher_targets", "validate", "BEST", "store_settings", "summarise",
         "write_outputs", "check_store", "training_examples", "report", "compare", "save_model", "count_params")
 SRC = Path(__file__).resolve().parents[1] / "src" / "hybridft"

@@ -160,6 +160,14 @@ class LossConfig:
     sequential_ce_epochs: float = 1.0
     pseudo_label_threshold: Optional[float] = None
     """If set, unlabeled rows whose teacher confidence reaches it get the teacher's argmax as a hard label."""
+    # intermediate-layer distillation (issue 10; classification; see hybridft.inter_losses)
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state term (TinyBERT): MSE between the student's hidden states and the teacher's at
+    the layers it was cut from (and the embedding output), per real token and hidden unit. 0 = off. The teacher
+    runs beside the student on every batch (KD still reads the stored logits)."""
+    attention_weight: float = 0.0
+    """Weight of the self-attention term (MiniLM): KL between the teacher's and the student's last-layer attention
+    distributions, summed over keys, averaged over heads and real tokens. 0 = off. Runs the teacher too."""
 
 
 @dataclass
@@ -392,6 +400,15 @@ def validate(cfg: RunConfig) -> None:
                   "is for classification; a causal_lm run learns from prompt/response or text rows")
     if cfg.distill.online and cfg.distill.teacher_logits:
         _fail("distill.online", "online distillation runs the teacher; it cannot use distill.teacher_logits")
+    for name in ("hidden_weight", "attention_weight"):  # intermediate-layer distillation (issue 10)
+        value = getattr(loss, name)
+        if value < 0:
+            _fail(f"loss.{name}", f"must be >= 0, got {value}")
+        if value > 0 and cfg.task != "classification":
+            _fail(f"loss.{name}", "intermediate-layer distillation is for classification students; set it to 0")
+        if value > 0 and cfg.distill.teacher_logits:
+            _fail(f"loss.{name}", "needs the teacher's hidden states on every batch, but distill.teacher_logits "
+                                  "replaces the teacher; set it to 0 or drop distill.teacher_logits")
 
 
 # ---------------------------------------------------------------------------------------------------

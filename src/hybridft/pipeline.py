@@ -360,9 +360,26 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     train_items = task.encode(examples, tokenizer, cfg.data.max_length, targets)
     val_items = task.encode(s.validation, tokenizer, cfg.data.max_length)
     check_test_split(ctx, tokenizer)
+    loss = cfg.loss
+    # --- intermediate-layer distillation (issue 10): KD keeps reading the store, and the teacher runs beside the
+    # student for its hidden states (online, that one teacher pass also gives the KD targets)
+    inter = None
+    if loss.hidden_weight > 0 or loss.attention_weight > 0:
+        from hybridft import inter_losses
+
+        if teacher is None:
+            raise HybridFTError("loss.hidden_weight and loss.attention_weight need the teacher's weights; set them to 0")
+        layers = inter_losses.mapped_layers(None if cfg.student.model else cfg.student.layers,
+                                            teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+        same = tokenizer is teacher_tokenizer or tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+        inter = inter_losses.build(student, teacher, layers, hidden_weight=loss.hidden_weight,
+                                   attention_weight=loss.attention_weight, same_tokenizer=same, seed=cfg.seed)
+        ctx.log(f"intermediate-layer terms: hidden_weight={loss.hidden_weight}, attention_weight="
+                f"{loss.attention_weight}, student layers matched to teacher layers {layers}"
+                f"{' through a learned width projection' if inter.projection is not None else ''}")
+    # --- end of intermediate-layer distillation
     ctx.commit()
     collate = task.make_collate(tokenizer)
-    loss = cfg.loss
     common = dict(task=task, collate=collate, device=ctx.device, precision=cfg.precision,
                   seed=cfg.seed, writer=ctx.writer, progress=cfg.progress, teacher=online, resume=ctx.resume)
     checkpoints = ctx.run_dir / "checkpoints"
@@ -371,17 +388,21 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     if loss.strategy == "joint":
         result = fit(student, train_items, val_items, tc=cfg.student.train,
                      weights=task_weights(cfg, loss.alpha, loss.beta), stage="student",
-                     checkpoint_dir=checkpoints / "student", **common)
+                     checkpoint_dir=checkpoints / "student", inter=inter, **common)
     else:
         # Phase 1 learns from the teacher alone (all rows); phase 2 fine-tunes on the true labels only.
         student = fit(student, train_items, val_items, tc=cfg.student.train,
                       weights=task_weights(cfg, max(loss.alpha, 1e-12), 0.0), stage="student-kd",
-                      checkpoint_dir=checkpoints / "student-kd", **common).model
+                      checkpoint_dir=checkpoints / "student-kd", inter=inter, **common).model
+        if inter is not None:
+            inter_losses.detach(student)  # the CE phase trains the student alone
         labeled = [it for it in train_items if it["labels"] != IGNORE_INDEX]
         tc = replace(cfg.student.train, epochs=loss.sequential_ce_epochs)
         result = fit(student, labeled, val_items, tc=tc, weights=task_weights(cfg, 0.0, max(loss.beta, 1e-12)),
                      stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
     student = result.model  # a fresh unwrapped copy under FSDP
+    if inter is not None:
+        inter_losses.detach(student)  # the learned width projection served training only
     ctx.log(f"student: validation {task.BEST[0]} {result.best_metric:.4f} ({result.seconds:.0f} s)")
     if dist.is_main():
         task.save_model(student, tokenizer, ctx.run_dir / "student")

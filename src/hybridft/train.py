@@ -24,6 +24,7 @@ from hybridft.batching import LengthGroupedBatches, ProcessShare, length_sorted_
 from hybridft.checkpoint import latest_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from hybridft.config import TrainConfig
 from hybridft.errors import HybridFTError
+from hybridft.inter_losses import LayerDistill  # intermediate-layer distillation (issue 10)
 from hybridft.losses import IGNORE_INDEX, LossWeights, hybrid_loss, stored_targets, teacher_top1  # noqa: F401
 from hybridft.runlog import MetricsWriter
 
@@ -75,6 +76,7 @@ def fit(
     teacher: Optional[nn.Module] = None,
     checkpoint_dir: Optional[Path] = None,
     resume: bool = False,
+    inter: Optional[LayerDistill] = None,
 ) -> FitResult:
     """Train `model` and return it (`FitResult.model`) holding the weights with the best validation metric.
 
@@ -90,6 +92,10 @@ def fit(
     With `checkpoint_dir`, a checkpoint is written every `tc.checkpoint_every` steps (default: at each
     evaluation); with `resume`, training continues from the latest one and ends with the same weights as an
     uninterrupted run.
+
+    With `inter` (`hybridft.inter_losses`), the loss also has the intermediate-layer terms: its frozen teacher runs
+    on every batch for its hidden states (one pass, whose logits are the KD targets when `teacher` is that teacher),
+    and `hidden` and `attention` are logged beside `kd` and `ce`.
     """
     acc = dist.accelerator(precision, cpu=device.type == "cpu")
     rank, world = dist.rank_and_world()
@@ -99,6 +105,10 @@ def fit(
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)  # frozen: never trained, never in the optimizer
+    if inter is not None:  # intermediate-layer terms (issue 10): the same frozen teacher, for its hidden states
+        if teacher is not None and teacher is not inter.teacher:
+            raise ValueError("online distillation with intermediate-layer terms needs one teacher, not two")
+        inter.teacher.to(device).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     # `batch_size` is per process: every process builds the same global micro-batches of batch_size x world
     # rows, in the same order, and keeps its own share of each.
@@ -117,6 +127,10 @@ def fit(
     # gradients over the global count, exactly as with one process) and, for fp16, a gradient scaler. The
     # teacher is never prepared: it stays out of the optimizer and out of gradient synchronisation.
     sharded = dist.is_sharded(acc)
+    if inter is not None and sharded and (inter.attention_weight > 0 or inter.projection is not None):
+        raise HybridFTError("loss.attention_weight and a width projection (loss.hidden_weight with a narrower student) "
+                            "reach into the student's layers outside its forward, which FSDP shards; set them to 0 "
+                            "or train without FSDP")
     model_cls, model_config = type(model), getattr(model, "config", None)
     train_model, optimizer = acc.prepare(model, make_optimizer(model, tc.lr, tc.weight_decay))
     eval_model = train_model if sharded else model  # FSDP's forward gathers the shards: every process runs it
@@ -133,7 +147,7 @@ def fit(
     best_state: Optional[dict[str, torch.Tensor]] = None
     bar = _progress(total_steps, stage, progress)
     start = time.perf_counter()
-    step, running = 0, _Running()
+    step, running = 0, _Running(inter is not None)
     # Where we are in the data: the generator state that drew this epoch's order, and batches drawn since.
     position: dict[str, Any] = {"epoch_rng": generator.get_state(), "consumed": 0}
     skip = 0
@@ -175,21 +189,32 @@ def fit(
             break
         # Normalise over the whole accumulated batch: each micro-batch contributes sum / global count, so the
         # summed gradient equals that of one big batch (not a mean of per-micro-batch means).
-        n_kd, n_ce = dist.sum_across([sum(int(b["kd_mask"].sum()) for b in group),
-                                      sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)])
+        # (the intermediate-layer terms average over real tokens, counted the same way)
+        n_kd, n_ce, n_tokens = dist.sum_across([
+            sum(int(b["kd_mask"].sum()) for b in group), sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group),
+            sum(int(b["attention_mask"].sum()) for b in group) if inter is not None else 0])
         for i, batch in enumerate(group):
             last = i == len(group) - 1
             dist.set_sync_gradients(acc, last)
             batch = to_device(batch, device)
             targets = stored_targets(batch)
-            if teacher is not None:
+            if inter is not None:  # one teacher pass: its states, and its logits when distilling online
+                with torch.no_grad(), autocast(device, precision):
+                    teacher_logits, teacher_states = inter.teacher_states(task, batch)
+                if teacher is not None:
+                    targets = teacher_logits
+            elif teacher is not None:
                 with torch.no_grad(), autocast(device, precision):
                     targets = task.teacher_targets(teacher, batch)
             labels, kd_mask = batch["labels"].reshape(-1), batch["kd_mask"].reshape(-1)
             # gradients are all-reduced once per optimizer step, on its last micro-batch
             with contextlib.nullcontext() if last else acc.no_sync(train_model):
                 with autocast(device, precision):
-                    student_logits = task.logits_for_loss(train_model, batch)  # [N, C], N = labels.numel()
+                    if inter is None:
+                        student_logits = task.logits_for_loss(train_model, batch)  # [N, C], N = labels.numel()
+                    else:
+                        student_logits, hidden = task.logits_and_hidden(train_model, batch)
+                        student_states = inter.student_states(hidden)
                 parts = hybrid_loss(
                     student_logits, targets, labels,
                     alpha=weights.alpha if targets is not None else 0.0, beta=weights.beta,
@@ -197,6 +222,10 @@ def fit(
                     divergence=weights.divergence, jsd_beta=weights.jsd_beta, chunk_rows=weights.chunk_rows,
                     tail=weights.tail,
                 )
+                if inter is not None:
+                    inter_parts = inter.terms(student_states, teacher_states, batch["attention_mask"], n_tokens)
+                    parts = parts._replace(total=parts.total + inter_parts.total)
+                    running.add_inter(inter_parts)
                 if not torch.isfinite(parts.total):
                     raise HybridFTError(f"{stage} training: the loss became {float(parts.total.detach())} at step "
                                         f"{step + 1}; lower {lr_key(stage)} or use precision=fp32 (no weights were saved)")
@@ -217,7 +246,7 @@ def fit(
                       "lr": scheduler.get_last_lr()[0], **running.summary()}
             writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            running = _Running()
+            running = _Running(inter is not None)
         if step % eval_every == 0 or step == total_steps:
             # the main process's numbers decide for all, so every process keeps the same best step
             metrics = dist.gather_objects(task.validate(eval_model, val_loader, device, precision))[0]
@@ -260,10 +289,12 @@ def fit(
 class _Running:
     """Sums of the logged quantities between two log lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, inter: bool = False) -> None:
         self.steps = 0
         self.total = self.kd = self.ce = 0.0
         self.agree = self.agree_n = 0
+        self.inter = inter  # log the intermediate-layer terms too
+        self.hidden = self.attention = 0.0
 
     def add(self, parts: Any, student_logits: torch.Tensor, targets: Any, kd_mask: torch.Tensor) -> None:
         self.total += float(parts.total.detach())
@@ -273,6 +304,10 @@ class _Running:
             same = student_logits.argmax(-1) == teacher_top1(targets)
             self.agree += int((same & kd_mask).sum())
             self.agree_n += int(kd_mask.sum())
+
+    def add_inter(self, parts: Any) -> None:
+        self.hidden += float(parts.hidden.detach())
+        self.attention += float(parts.attention.detach())
 
     def summary(self) -> dict[str, float]:
         """Mean loss per optimizer step, over all processes (every process must call this at the same step).
@@ -284,6 +319,9 @@ class _Running:
         out = {"loss": total / steps, "kd": kd / steps, "ce": ce / steps}
         if agree_n:
             out["agreement"] = agree / agree_n
+        if self.inter:
+            hidden, attention = dist.sum_across([self.hidden, self.attention])
+            out.update(hidden=hidden / steps, attention=attention / steps)
         return out
 
 

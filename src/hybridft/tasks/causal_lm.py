@@ -471,6 +471,11 @@ def teacher_targets(teacher: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     return logits_for_loss(teacher, batch)
 
 
+def logits_and_hidden(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Intermediate-layer distillation is for classification students (`config.validate` refuses it here)."""
+    raise HybridFTError("loss.hidden_weight and loss.attention_weight are for classification; set them to 0")
+
+
 def target_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Logits [n, V] at the target tokens only (`kd_mask`), in row-major order, in chunks: for inference and
     the store, where nothing needs the [B * K, V] block at once."""

@@ -286,6 +286,14 @@ def teacher_targets(teacher: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return logits_for_loss(teacher, batch).float()
 
 
+def logits_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Intermediate-layer distillation (`hybridft.inter_losses`): the logits [N, C] and the hidden states,
+    (L + 1) x [B, T, d]: the embedding output, then each layer's output."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    out = model(**inputs, output_hidden_states=True)
+    return out.logits, tuple(out.hidden_states)
+
+
 BEST = ("accuracy", "max")
 """The validation metric that picks the best checkpoint, and its direction."""
 
