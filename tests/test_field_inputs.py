@@ -2,8 +2,8 @@
 the unlabeled file, `predict`, the Python API). Every case of the issue has a test here: 1 (TSV quotes), 2 (lone
 UTF-16 surrogates), 3 (multi-label rows), 4 (ClassLabel folders with -1 rows), 5 (max_length), 6 (no pad
 token), 7 (unnamed teacher labels), 8 (resume after the data changed), 9 (one row per class), 10 (a store of
-probabilities), 11 (the unlabeled file's own text column); 12 and 13 (the hybrid's budget) are in
-test_hybrid.py."""
+probabilities), 11 (the unlabeled file's own text column), 12 and 13 (the hybrid's budget, with the hybrid
+tests' fixtures)."""
 
 from __future__ import annotations
 
@@ -374,3 +374,46 @@ def test_a_class_label_id_outside_its_names_is_one_line(tmp_path: Path):
     pq.write_table(table.replace_schema_metadata(ds.data.table.schema.metadata), tmp_path / "t.parquet")
     with pytest.raises(HybridFTError, match="line 2: label id 7 is outside"):
         load_splits(DataConfig(train=str(tmp_path / "t.parquet")), seed=0)
+
+
+# cases 12 and 13: the hybrid's teacher budget (the fixtures live with the other hybrid tests)
+
+from test_hybrid import TEXTS, RowCounter, _model, pair  # noqa: E402,F401  (pair is a fixture)
+import torch  # noqa: E402
+
+from hybridft import hybrid as hy  # noqa: E402
+
+
+def test_teacher_budget_is_a_running_quota_over_the_stream_whatever_the_call_size(pair):  # noqa: F811
+    """Issue 9, case 12: calls of one input each get the same answers as one call, and the budget holds."""
+    student, teacher, tok = pair
+    model = _model(pair, threshold=2.0)  # the threshold alone would send every row
+    model.teacher_budget = 0.25
+    counter = RowCounter(teacher)
+    whole = model.predict(TEXTS)
+    assert whole.answered_by.count("teacher") == counter.rows == int(0.25 * len(TEXTS))
+    model.reset_budget()
+    one_by_one = [model.predict([t]) for t in TEXTS]
+    assert [p.answered_by[0] for p in one_by_one] == whole.answered_by
+    assert torch.equal(torch.cat([p.label_ids for p in one_by_one]), whole.label_ids)
+    # at every point of the stream the teacher has answered at most a quarter of the rows so far
+    sent = [who == "teacher" for who in whole.answered_by]
+    assert all(sum(sent[:n]) <= 0.25 * n + 1e-9 for n in range(1, len(sent) + 1))
+    assert model.rows_seen == len(TEXTS) and model.teacher_rows == sum(sent)
+    model.teacher_budget = 0.0
+    model.reset_budget()
+    assert model.predict(TEXTS).answered_by.count("teacher") == 0
+
+
+def test_the_budget_does_not_pay_for_teacher_calls_that_buy_nothing_on_validation():
+    """Issue 9, case 13: a student that matches the teacher on validation sends nothing to the teacher."""
+    labels = torch.tensor([0, 1] * 50)
+    conf = torch.linspace(0.5, 1.0, 100)
+    same = hy.cascade_curve(conf, labels, labels, labels)  # both always right
+    assert hy.choose_threshold(same, teacher_budget=0.3)["teacher_fraction"] == 0.0
+    assert hy.choose_threshold(same, teacher_budget=0.3, spend_whole_budget=True)["teacher_fraction"] == 0.3
+    student = labels.clone()
+    student[[0, 3, 7]] = 1 - student[[0, 3, 7]]  # wrong on three of the 8 least confident rows, the teacher right
+    gain = hy.cascade_curve(conf, student, labels, labels)
+    chosen = hy.choose_threshold(gain, teacher_budget=0.3)
+    assert chosen["teacher_fraction"] == 0.08 and chosen["accuracy"] == 1.0  # up to the last row it fixes, no more

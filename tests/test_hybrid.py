@@ -107,20 +107,6 @@ def test_curve_endpoints_and_budget_choice():
     assert target["accuracy"] >= curve[-1]["accuracy"] - 0.005
 
 
-def test_the_budget_does_not_pay_for_teacher_calls_that_buy_nothing_on_validation():
-    """Issue 9, case 13: a student that matches the teacher on validation sends nothing to the teacher."""
-    labels = torch.tensor([0, 1] * 50)
-    conf = torch.linspace(0.5, 1.0, 100)
-    same = hy.cascade_curve(conf, labels, labels, labels)  # both always right
-    assert hy.choose_threshold(same, teacher_budget=0.3)["teacher_fraction"] == 0.0
-    assert hy.choose_threshold(same, teacher_budget=0.3, spend_whole_budget=True)["teacher_fraction"] == 0.3
-    student = labels.clone()
-    student[[0, 3, 7]] = 1 - student[[0, 3, 7]]  # wrong on three of the 8 least confident rows, the teacher right
-    gain = hy.cascade_curve(conf, student, labels, labels)
-    chosen = hy.choose_threshold(gain, teacher_budget=0.3)
-    assert chosen["teacher_fraction"] == 0.08 and chosen["accuracy"] == 1.0  # up to the last row it fixes, no more
-
-
 def test_save_load_gives_identical_predictions_and_tampering_is_refused(pair, tmp_path: Path):
     model = _model(pair, threshold=0.9)
     model.teacher_temperature = 1.7
@@ -201,27 +187,6 @@ def test_run_exports_the_student_with_parity(tmp_path: Path, tiny_teacher_dir: P
     for entry in exp.values():
         assert {"size_mb", "throughput_samples_per_s", "latency_ms_batch1", "accuracy"} <= set(entry)
     assert (out / "export" / "model.onnx").exists() and (out / "export" / "model_int8.onnx").exists()
-
-
-def test_teacher_budget_is_a_running_quota_over_the_stream_whatever_the_call_size(pair):
-    """Issue 9, case 12: calls of one input each get the same answers as one call, and the budget holds."""
-    student, teacher, tok = pair
-    model = _model(pair, threshold=2.0)  # the threshold alone would send every row
-    model.teacher_budget = 0.25
-    counter = RowCounter(teacher)
-    whole = model.predict(TEXTS)
-    assert whole.answered_by.count("teacher") == counter.rows == int(0.25 * len(TEXTS))
-    model.reset_budget()
-    one_by_one = [model.predict([t]) for t in TEXTS]
-    assert [p.answered_by[0] for p in one_by_one] == whole.answered_by
-    assert torch.equal(torch.cat([p.label_ids for p in one_by_one]), whole.label_ids)
-    # at every point of the stream the teacher has answered at most a quarter of the rows so far
-    sent = [who == "teacher" for who in whole.answered_by]
-    assert all(sum(sent[:n]) <= 0.25 * n + 1e-9 for n in range(1, len(sent) + 1))
-    assert model.rows_seen == len(TEXTS) and model.teacher_rows == sum(sent)
-    model.teacher_budget = 0.0
-    model.reset_budget()
-    assert model.predict(TEXTS).answered_by.count("teacher") == 0
 
 
 def test_predict_with_the_exported_onnx_student_matches_pytorch(pair, tmp_path: Path):
