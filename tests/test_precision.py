@@ -18,9 +18,10 @@ from hybridft.pipeline import resolve_precision
 
 @pytest.fixture
 def timed(monkeypatch):
-    """A CPU with AVX512-BF16 and no AMX, whose probe times are set by the test."""
+    """A CPU with AVX512-BF16 and no AMX, idle, whose probe times are set by the test."""
     calls = []
     monkeypatch.setattr(pr, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(pr, "machine_busy", lambda: None)
 
     def probe(ms):
         def fake(config, tokens):
@@ -78,3 +79,14 @@ def test_a_run_says_what_auto_chose_and_why_and_a_resume_keeps_it(tmp_path: Path
     assert cfg.precision == "bf16" and "resumed" in choice.reason
     named, none = resolve_precision(load_config(None, [*args, "precision=fp32"]), None)
     assert named.precision == "fp32" and none is None
+
+
+def test_a_choice_timed_on_a_busy_machine_serves_that_run_only(timed, monkeypatch):
+    probe, calls = timed
+    monkeypatch.setattr(pr, "machine_busy", lambda: 5.2)
+    probe({"fp32": 100.0, "bf16": 220.0})  # under load bf16 loses
+    busy = pr.choose("cpu", {"model_type": "bert"}, 64)
+    assert busy.precision == "fp32" and "load 5.2" in busy.reason and not pr.cache_file().exists()
+    monkeypatch.setattr(pr, "machine_busy", lambda: None)
+    probe({"fp32": 100.0, "bf16": 46.0})  # idle, it wins, and that is remembered
+    assert pr.choose("cpu", {"model_type": "bert"}, 64).precision == "bf16" and pr.cache_file().exists()

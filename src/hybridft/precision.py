@@ -10,7 +10,8 @@ precision, and bf16 is chosen only when it is clearly faster. A CUDA GPU gets bf
 The choice and its reason go to the log and to `summary.json` (`precision`), and the chosen value is written
 into the run's config.yaml, so a resume keeps it. A timed choice is remembered per machine, architecture and
 length (`$HYBRIDFT_CACHE/precision.json`), so later runs neither pay for the probe again nor flip between
-precisions on timing noise (which would also make them recompute stored teacher outputs).
+precisions on timing noise (which would also make them recompute stored teacher outputs). A probe timed while
+other work holds the cores is used for that run only (see `machine_busy`).
 """
 
 from __future__ import annotations
@@ -81,17 +82,34 @@ def choose(device: str, model_config: Optional[dict[str, Any]], max_length: int,
     if remembered:
         return PrecisionChoice(remembered["chosen"], remembered["reason"] + " (timed earlier on this machine)",
                                remembered.get("probe_ms", {}))
+    busy = machine_busy()
     try:
         ms = time_probe(model_config, tokens)
     except Exception as e:  # a probe that cannot run must not stop the run; fp32 always works
         return PrecisionChoice("fp32", f"CPU without AMX; the timing probe failed ({type(e).__name__}), so fp32")
     ratio = ms["bf16"] / ms["fp32"]
+    load = f"; other jobs were running (load {busy:.1f}), so this choice is not remembered" if busy else ""
     if ratio < BF16_MARGIN:
-        choice = PrecisionChoice("bf16", f"CPU without AMX, bf16 timed {1 / ratio:.2f}x faster than fp32", ms)
+        choice = PrecisionChoice("bf16", f"CPU without AMX, bf16 timed {1 / ratio:.2f}x faster than fp32{load}", ms)
     else:
-        choice = PrecisionChoice("fp32", f"CPU without AMX, bf16 timed {ratio:.2f}x the time of fp32", ms)
-    _remember(key, choice)
+        choice = PrecisionChoice("fp32", f"CPU without AMX, bf16 timed {ratio:.2f}x the time of fp32{load}", ms)
+    if not busy:
+        _remember(key, choice)
     return choice
+
+
+def machine_busy() -> Optional[float]:
+    """The 1-minute load average when other work holds more than half the cores, else None.
+
+    bf16 autocast suffers far more than fp32 from sharing cores: on this project's 2-core EPYC a probe at load 5
+    timed bf16 2.2x slower than fp32, and the same probe on the idle machine 2.2x faster. A choice timed on a busy
+    machine serves that run only.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    return load if load > 0.5 * (os.cpu_count() or 1) else None
 
 
 def cache_file() -> Path:
