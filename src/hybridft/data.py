@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from hybridft.config import DataConfig
 from hybridft.errors import HybridFTError
-from hybridft.rowfiles import DELIMITERS, Lines, malformed_row_message, open_reader, quoting_notes
+from hybridft.rowfiles import DELIMITERS, JsonlReader, Lines, malformed_row_message, open_reader, quoting_notes
 
 NO_LABEL = -100
 TABLE_SUFFIXES = DELIMITERS
@@ -104,7 +104,7 @@ def read_table(path_spec: str, cfg: DataConfig, role: str) -> Table:
         return _read_saved_dataset(path, split_name, role)
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _read_json(path, role)
+        return _read_json(path, cfg, role)
     if suffix == ".parquet":
         return _read_parquet(path, role)
     if suffix in TABLE_SUFFIXES or suffix == ".jsonl":
@@ -136,7 +136,9 @@ def _read_records(path: Path, cfg: DataConfig, role: str) -> Table:
     _check_utf8(path, role)
     rows, lines = [], []
     with open(path, "rb") as fh:
-        reader = open_reader(path, Lines(fh), None, None, cfg.delimiter, cfg.column_names, quoting=cfg.quoting)
+        lines_in = Lines(fh)
+        reader = (JsonlReader(path, lines_in, None, None) if path.suffix.lower() == ".json" else
+                  open_reader(path, lines_in, None, None, cfg.delimiter, cfg.column_names, quoting=cfg.quoting))
         for item in reader:
             if item.row is None:
                 raise HybridFTError(f"data.{role} file " + malformed_row_message(path, item, reader))
@@ -144,11 +146,11 @@ def _read_records(path: Path, cfg: DataConfig, role: str) -> Table:
             lines.append(item.line)
     if not rows:
         raise HybridFTError(f"data.{role} file {path} has no rows; give a file with at least one example")
-    notes = [n.replace("quoting=", "data.quoting=") for n in quoting_notes(reader, f"data.{role} file {path}")]
+    notes = quoting_notes(reader, f"data.{role} file {path}", "data.quoting=")
     return Table(rows, lines, str(path), notes=notes)
 
 
-def _read_json(path: Path, role: str) -> Table:
+def _read_json(path: Path, cfg: DataConfig, role: str) -> Table:
     """A `.json` file: one JSON array of objects, or JSON Lines under a .json name."""
     import json
 
@@ -164,22 +166,7 @@ def _read_json(path: Path, role: str) -> Table:
             raise HybridFTError(f"data.{role} file {path}: item {bad + 1} of the array is not a JSON object; "
                                 f"give an array of objects")
         return Table(rows, list(range(1, len(rows) + 1)), str(path))
-    rows, lines = [], []
-    # JSON Lines ends records at "\n" only: str.splitlines would also cut at U+2028, U+0085 and other characters
-    # that json.dumps(ensure_ascii=False) writes unescaped inside strings
-    for i, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HybridFTError(f"data.{role} file {path} line {i} is not valid JSON ({e.msg}); "
-                                f"write one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise HybridFTError(f"data.{role} file {path} line {i} is not a JSON object; write one object per line")
-        rows.append(row)
-        lines.append(i)
-    return Table(rows, lines, str(path))
+    return _read_records(path, cfg, role)  # JSON Lines under a .json name
 
 
 def _read_parquet(path: Path, role: str) -> Table:

@@ -113,7 +113,9 @@ def machine_busy() -> Optional[float]:
 
 
 def cache_file() -> Path:
-    return Path(os.environ.get("HYBRIDFT_CACHE", Path.home() / ".cache" / "hybridft")) / "precision.json"
+    from hybridft.teacher_outputs import default_cache_dir
+
+    return default_cache_dir().parent / "precision.json"  # beside the stored teacher outputs
 
 
 def _machine_key(flags: set[str], model_config: dict[str, Any], tokens: int) -> str:

@@ -380,7 +380,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                     flush()
             flush()
             report.blank_lines = reader.blank_lines
-            report.notes = [n.replace("quoting=", "--quoting ") for n in quoting_notes(reader, str(src))]
+            report.notes = quoting_notes(reader, str(src), "--quoting ")
             if isinstance(reader, JsonlReader) and report.rows_in == 0:
                 raise HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
             writer.commit()

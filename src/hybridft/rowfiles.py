@@ -275,19 +275,20 @@ def open_reader(src: Path, lines: Lines, text_column: Optional[str], pair_column
     return TableReader(src, lines, sep, column_names, text_column, pair_column, text_option, quoting)
 
 
-def quoting_notes(reader: Union[JsonlReader, TableReader], what: str) -> list[str]:
-    """Lines that say where the quoting rule may have read a file other than its writer meant."""
+def quoting_notes(reader: Union[JsonlReader, TableReader], what: str, setting: str) -> list[str]:
+    """Lines that say where the quoting rule may have read a file other than its writer meant; `setting` is how
+    the caller's user sets the rule (`data.quoting=` or `--quoting `)."""
     if not isinstance(reader, TableReader):
         return []
     notes = []
     if reader.multiline_records:
         notes.append(f"{what}: {reader.multiline_records} rows have a quoted text that spans several lines (first at "
                      f"line {reader.first_multiline_line}); if that is an unclosed quote, read quotes literally "
-                     f"(quoting=none)")
+                     f"({setting}none)")
     if reader.quoted_looking_records:
         notes.append(f"{what}: {reader.quoted_looking_records} rows have a field wrapped in double quotes (first at "
                      f"line {reader.first_quoted_looking_line}), read literally as tab-separated files are by "
-                     f"default; if the file was written with CSV quoting, set quoting=csv")
+                     f"default; if the file was written with CSV quoting, set {setting}csv")
     return notes
 
 

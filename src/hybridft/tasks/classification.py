@@ -144,10 +144,10 @@ def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, 
     from hybridft.augment import AugmentSettings, augment_texts
 
     a, train = cfg.augment, splits.train
-    pool = len(splits.unlabeled) if splits.unlabeled is not None else 0
-    factor = min(a.factor, max(a.max_rows - pool, 0) // max(len(train), 1))
     if a.factor == 0:
         return splits
+    pool = len(splits.unlabeled) if splits.unlabeled is not None else 0
+    factor = min(a.factor, max(a.max_rows - pool, 0) // max(len(train), 1))
     if factor == 0:
         log(f"augment: no room for generated text ({pool} unlabeled rows already fill augment.max_rows={a.max_rows})")
         return splits
