@@ -41,6 +41,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--layers", default="0,5", help="teacher layers the student keeps")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="the teacher's seed, and the student's without --seeds")
+    p.add_argument("--seeds", default=None,
+                   help="student seeds, comma-separated: every row runs once per seed (rows interleaved, so load "
+                        "drift hits them alike); seconds and dev accuracy are the means, per-seed values kept")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's choice")
     p.add_argument("--rows", default=DEFAULT_ROWS,
                    help=f"comma-separated rows to time, in this order; any of {', '.join(ROWS)}")
@@ -712,20 +716,23 @@ def main(argv: list[str] | None = None) -> int:
     del teacher, ctx
     gc.collect()
 
-    results: dict[str, Any] = {}
-    for row in rows:
-        load_before = load_average()
-        print(f"[bench] {row}: running in its own process (load average {load_before})", flush=True)
-        r = spawn_row(raw_argv, row, workdir, teacher_dir)
-        r["load_average_before"], r["load_average_after"] = load_before, load_average()
-        if "error" not in r:
-            seen = r.get("train_samples_seen") or n_train * args.epochs
-            r["samples_per_s"] = round(seen / r["seconds"], 1)
-            print(f"[bench] {row}: {r['seconds']:.1f} s, dev accuracy {r['dev_accuracy']:.4f}, "
-                  f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
-        else:
-            print(f"[bench] {row}: not measured: {r['error']}", flush=True)
-        results[row] = r
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    per_seed: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+    for seed in seeds:
+        for row in rows:
+            load_before = load_average()
+            print(f"[bench] {row}, seed {seed}: running in its own process (load average {load_before})", flush=True)
+            r = spawn_row([*raw_argv, "--seed", str(seed)], row, workdir, teacher_dir)
+            r["seed"], r["load_average_before"], r["load_average_after"] = seed, load_before, load_average()
+            if "error" not in r:
+                seen = r.get("train_samples_seen") or n_train * args.epochs
+                r["samples_per_s"] = round(seen / r["seconds"], 1)
+                print(f"[bench] {row}, seed {seed}: {r['seconds']:.1f} s, dev accuracy {r['dev_accuracy']:.4f}, "
+                      f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+            else:
+                print(f"[bench] {row}, seed {seed}: not measured: {r['error']}", flush=True)
+            per_seed[row].append(r)
+    results = {row: merge_seeds(runs) for row, runs in per_seed.items()}
 
     base = results.get("baseline")
     base = base if base and "error" not in base else None
@@ -745,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
                      "max_length": args.max_length, "alpha": args.alpha, "beta": args.beta,
                      "temperature": args.temperature, "layers": args.layers, "lr": lr,
                      "warmup_ratio": sc.warmup_ratio, "weight_decay": sc.weight_decay,
-                     "max_grad_norm": sc.max_grad_norm, "seed": args.seed},
+                     "max_grad_norm": sc.max_grad_norm, "seed": args.seed, "seeds": seeds},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -781,6 +788,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bar: >= {BAR_BASELINE_SECONDS / BAR_SECONDS:.2f}x the baseline (35 s vs 88 s) at >= the baseline's "
           f"dev accuracy; results -> {out}")
     return 0
+
+
+def merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row over its seeds: the first seed's record, with seconds, samples/s, peak memory and dev accuracy
+    replaced by their means over the measured seeds (and each seed's values under "seeds")."""
+    ok = [r for r in runs if "error" not in r]
+    if len(runs) == 1 or not ok:
+        return runs[0]
+    mean = lambda key: sum(r[key] for r in ok) / len(ok)  # noqa: E731
+    accs = [r["dev_accuracy"] for r in ok]
+    return {**ok[0], "seconds": round(mean("seconds"), 2), "samples_per_s": round(mean("samples_per_s"), 1),
+            "peak_rss_mb": round(mean("peak_rss_mb"), 1), "dev_accuracy": round(mean("dev_accuracy"), 4),
+            "dev_accuracy_sd": round(statistics.pstdev(accs), 4), "seed": None,
+            "seeds": [{k: r.get(k) for k in ("seed", "seconds", "dev_accuracy", "peak_rss_mb", "error")} for r in runs]}
 
 
 def _version(package: str) -> str | None:

@@ -1,19 +1,22 @@
 """How much of the teacher's accuracy the student keeps, and what each lever buys (issue 10).
 
-    python bench/student_quality.py --dataset sst2-600 --seeds 1,2,3,42          # ~15 min on 2 cores
-    python bench/student_quality.py --dataset sst2-600 --variants kd,augment --seeds 1
+    python bench/student_quality.py --dataset sst2-600 --seeds 1,2,3,42          # ~30 min on 2 cores
+    python bench/student_quality.py --dataset sst2-tune --variants tuning --seeds 1,2,3 --jobs 3
     python bench/student_quality.py --quick                                       # a smoke run of the same code
 
-Per seed, `hybridft run` with the defaults fine-tunes the teacher and distils the default (KD) student; every
-other variant is a `hybridft run` that reuses that teacher (`teacher.finetune=never`), so variants differ only
-in the student's training. Reported per variant: the teacher's and the student's test accuracy, retention =
-student / teacher, mean and standard deviation over seeds, the worst seed, and the wall time of the variant's run
-(teacher outputs + student + evaluation; the shared teacher's fine-tuning is not counted).
+Per seed, `hybridft run` with the defaults fine-tunes the teacher and distils the default student (with the
+hybrid); every other variant is a `hybridft run` that reuses that teacher (`teacher.finetune=never`), so variants
+differ only in the student's training. Reported per variant: the teacher's and the student's test accuracy,
+retention = student / teacher, mean and standard deviation over seeds, the worst seed, the hybrid's accuracy and
+teacher fraction (defaults row), and the student's cost in seconds (summary.json's stage_seconds: teacher outputs,
+augmentation included, plus distillation).
 
 Datasets (files are written to the work folder, never to the repository):
     sst2-600      600 sentences: the first 600 of a shuffle (seed 0) of the sentence-level SST-2 train file, and
                   300 test sentences, the first 300 of a shuffle (seed 0) of its test file; validation is the
                   default 10% held out of the 600.
+    sst2-tune     for choosing defaults only: the next 600 sentences of the same shuffle, and 300 sentences of the
+                  sentence-level dev file, which no reported number uses.
     sst2-4000     configs/sst2_hybrid.yaml (4,000 GLUE rows, 1,000 validation rows, the GLUE dev set as test).
     bbc           the built-in BBC News demo (configs/demo_bbc_news.yaml).
     emotion       configs/emotion.yaml with 2,000 training rows.
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
 import statistics
 import sys
 import time
@@ -36,12 +41,23 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 VARIANTS: dict[str, list[str]] = {
-    "kd": [],  # the defaults
-    "ce_only": ["loss.alpha=0", "loss.beta=1"],
-    "augment": ["augment.factor=20"],
-    "min_steps": ["student.train.min_steps=600"],
-    "augment+min_steps": ["augment.factor=20", "student.train.min_steps=600"],
+    "defaults": [],  # augment.factor=auto: a generated transfer set (issue 10's lever 1, the default since)
+    "no_augment": ["augment.factor=0"],  # plain KD on the labelled rows: the defaults before augmentation
+    "ce_only": ["loss.alpha=0", "loss.beta=1", "augment.factor=0"],  # no teacher at all
+    "hidden": ["loss.hidden_weight=1"],  # + TinyBERT hidden-state MSE
+    "attention": ["loss.attention_weight=1"],  # + MiniLM last-layer attention KL
+    "min_steps": ["student.train.min_steps=1500"],
+    # one setting at a time around the defaults (lr 2e-4, T 2, alpha 0.5 / beta 0.5), for tuning on sst2-tune
+    "lr1e-4": ["student.train.lr=1e-4"],
+    "lr5e-4": ["student.train.lr=5e-4"],
+    "T1": ["loss.temperature=1"],
+    "T4": ["loss.temperature=4"],
+    "alpha0.2": ["loss.alpha=0.2", "loss.beta=0.8"],
+    "alpha0.8": ["loss.alpha=0.8", "loss.beta=0.2"],
+    "epochs6": ["student.train.epochs=6"],
 }
+MAIN = "defaults,no_augment,ce_only,hidden,min_steps"
+TUNING = "defaults,lr1e-4,lr5e-4,T1,T4,alpha0.2,alpha0.8,epochs6"
 
 
 def _sentence_file(path: Path) -> list[tuple[str, str]]:
@@ -54,9 +70,16 @@ def _sentence_file(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def _write_tsv(path: Path, rows: list[tuple[str, str]]) -> Path:
-    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
+def _write(path: Path, text: str) -> Path:
+    """Write atomically: seeds run in parallel (--jobs) write the same files into one work folder."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
     return path
+
+
+def _write_tsv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    return _write(path, "text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
 
 
 def _shuffled(rows: list[Any], seed: int = 0) -> list[Any]:
@@ -72,6 +95,17 @@ def sst2_600(work: Path, quick: bool) -> list[str]:
     test = _shuffled(_sentence_file(folder / "stsa.binary.test"))[:n_test]
     return [f"data.train={_write_tsv(work / 'train.tsv', train)}", f"data.test={_write_tsv(work / 'test.tsv', test)}",
             "data.labels=[\"0\",\"1\"]"]
+
+
+def sst2_tune(work: Path, quick: bool) -> list[str]:
+    """For choosing defaults: the next 600 sentences of the same shuffle (disjoint from sst2-600's) and 300 of
+    the sentence-level dev file, which no reported table uses."""
+    folder = DATA / "sst2" / "sentence"
+    n_train, n_test = (64, 32) if quick else (600, 300)
+    train = _shuffled(_sentence_file(folder / "stsa.binary.train"))[600:600 + n_train]
+    test = _shuffled(_sentence_file(folder / "stsa.binary.dev"))[:n_test]
+    return [f"data.train={_write_tsv(work / 'tune_train.tsv', train)}",
+            f"data.test={_write_tsv(work / 'tune_test.tsv', test)}", "data.labels=[\"0\",\"1\"]"]
 
 
 def sst2_4000(work: Path, quick: bool) -> list[str]:
@@ -99,14 +133,13 @@ def ag_news_1000(work: Path, quick: bool) -> list[str]:
     n_train, n_test = (64, 32) if quick else (1000, 2000)
     test = _shuffled(read(DATA / "ag_news" / "test.tsv"))[:n_test]
     unlabeled = work / "unlabeled.tsv"
-    unlabeled.write_text("text\n" + "".join(t.replace("\t", " ") + "\n" for t, _ in rows[n_train:n_train * 10]),
-                         encoding="utf-8")
+    _write(unlabeled, "text\n" + "".join(t.replace("\t", " ") + "\n" for t, _ in rows[n_train:n_train * 10]))
     return [f"data.train={_write_tsv(work / 'train.tsv', rows[:n_train])}",
             f"data.test={_write_tsv(work / 'test.tsv', test)}", f"data.unlabeled={unlabeled}"]
 
 
 DATASETS: dict[str, Callable[[Path, bool], list[str]]] = {
-    "sst2-600": sst2_600, "sst2-4000": sst2_4000, "bbc": bbc, "emotion": emotion, "ag_news-1000": ag_news_1000}
+    "sst2-600": sst2_600, "sst2-tune": sst2_tune, "sst2-4000": sst2_4000, "bbc": bbc, "emotion": emotion, "ag_news-1000": ag_news_1000}
 
 
 def hybridft(args: list[str], out: Path, reuse: bool = False) -> dict[str, Any]:
@@ -135,74 +168,131 @@ def split_config(args: list[str]) -> tuple[list[str], list[str]]:
     return [], args
 
 
+def run_seeds_in_parallel(args: argparse.Namespace, seeds: list[int], work: Path) -> dict[str, dict[str, Any]]:
+    """Each seed in a process of its own (`--seeds S`), `args.jobs` at a time; their runs merged."""
+    pending, running, runs, jobs = list(seeds), [], {}, args.jobs
+    base = ["--dataset", args.dataset, "--variants", args.variants, "--workdir", str(work),
+            *[f"--set={kv}" for kv in args.set], *(["--quick"] if args.quick else []),
+            *(["--reuse"] if args.reuse else [])]
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            out = work / f"seed{seed}.json"
+            log = (work / f"seed{seed}.log").open("w")
+            cmd = [sys.executable, str(Path(__file__).resolve()), *base, f"--seeds={seed}", "--jobs=1", f"--out={out}"]
+            running.append((seed, out, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for item in [r for r in running if r[3].poll() is not None]:
+            seed, out, log, proc = item
+            running.remove(item)
+            log.close()
+            if proc.returncode != 0 or not out.is_file():
+                sys.exit(f"seed {seed} failed (exit {proc.returncode}); see {work / f'seed{seed}.log'}")
+            for variant, by_seed in json.loads(out.read_text())["runs"].items():
+                runs.setdefault(variant, {}).update(by_seed)
+            print(f"[bench] seed {seed} done", flush=True)
+    return runs
+
+
+def run_seed(config: list[str], base: list[str], seed: int, variants: list[str], work: Path, quick: bool,
+             reuse: bool) -> dict[str, dict[str, Any]]:
+    """Every variant for one seed: the defaults' run fine-tunes the teacher the other variants share."""
+    first = work / f"seed{seed}" / "defaults"
+    defaults = hybridft([*config, *base, f"seed={seed}"], first, reuse)
+    teacher = ["teacher.finetune=never", f"teacher.model={first / 'teacher'}", "hybrid.enabled=false"]
+    rows = {}
+    for variant in variants:
+        if variant == "defaults":
+            summary = defaults
+        else:
+            extra = VARIANTS[variant] + (["student.train.min_steps=20"] if quick and "min_steps" in variant else [])
+            summary = hybridft([*config, *base, *teacher, *extra, f"seed={seed}"], work / f"seed{seed}" / variant,
+                               reuse)
+        row = {"teacher": summary["teacher"]["accuracy"], "student": summary["student"]["accuracy"],
+               "retention": summary["comparison"]["accuracy_retained"], "speedup": summary["comparison"]["speedup"],
+               "wall_seconds": summary["wall_seconds"], "transfer_set": summary.get("transfer_set"),
+               # the student's cost alone: teacher outputs (augmentation included) + distillation
+               "student_seconds": round(summary["stage_seconds"]["teacher_outputs"]
+                                        + summary["stage_seconds"]["student"], 1),
+               "precision": (summary.get("precision") or {}).get("chosen", summary["config"]["precision"])}
+        if "hybrid" in summary:
+            row["hybrid"] = {k: summary["hybrid"][k] for k in ("accuracy", "teacher_fraction", "gap_closed")}
+        rows[variant] = row
+        print(f"[bench] seed {seed} {variant}: teacher {row['teacher']:.4f} student {row['student']:.4f} "
+              f"retention {row['retention']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(DATASETS), default="sst2-600")
-    p.add_argument("--seeds", default="1,2,3,42")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default=None, help="comma-separated (default 1,2,3,42; with --quick, 1)")
+    p.add_argument("--variants", default=MAIN,
+                   help=f"comma-separated, from {', '.join(VARIANTS)}; 'tuning' = {TUNING} (default: {MAIN})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override for every run (e.g. --set precision=fp32)")
     p.add_argument("--workdir", default=None, help="default bench/results/student_quality/DATASET")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--quick", action="store_true", help="64 training rows, 1 epoch, seed 1: a smoke run")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in a process of its own")
+    p.add_argument("--quick", action="store_true", help="64 training rows, 1 epoch: a smoke run")
     p.add_argument("--reuse", action="store_true",
                    help="keep a variant's finished run from an earlier call with the same arguments (wall times are "
                         "those of the earlier call)")
-    args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args = p.parse_args(raw_argv)
+    variants = [v.strip() for v in (TUNING if args.variants == "tuning" else args.variants).split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}")
-    needs = {"sst2-600": DATA / "sst2" / "sentence", "sst2-4000": DATA / "sst2" / "glue",
-             "emotion": DATA / "emotion", "ag_news-1000": DATA / "ag_news"}.get(args.dataset)
+    if variants[0] != "defaults":
+        variants.insert(0, "defaults")  # the run that fine-tunes the shared teacher, and the baseline of the table
+    needs = {"sst2-600": DATA / "sst2" / "sentence", "sst2-tune": DATA / "sst2" / "sentence",
+             "sst2-4000": DATA / "sst2" / "glue", "emotion": DATA / "emotion", "ag_news-1000": DATA / "ag_news"
+             }.get(args.dataset)
     if needs is not None and not needs.is_dir():
         print(f"skipped: {needs} is not here (the data lives outside the repository)")
         return 0
-    seeds = [1] if args.quick else [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3,42")).split(",")]
     work = Path(args.workdir or ROOT / "bench" / "results" / "student_quality" / args.dataset)
     work.mkdir(parents=True, exist_ok=True)
-    config, base = split_config(DATASETS[args.dataset](work, args.quick))
-    base += ["export.enabled=false", "progress=false", *args.set]
-    if args.quick:
-        base += ["teacher.train.epochs=1", "student.train.epochs=1", "eval.speed_batches=1", "eval.latency_samples=2"]
-    runs: dict[str, dict[str, Any]] = {v: {} for v in variants}
-    for seed in seeds:
-        first = work / f"seed{seed}" / "kd"
-        kd = hybridft([*config, *base, f"seed={seed}"], first, args.reuse)  # fine-tunes the teacher every variant shares
-        teacher = ["teacher.finetune=never", f"teacher.model={first / 'teacher'}", "hybrid.enabled=false"]
-        for variant in variants:
-            if variant == "kd":
-                summary = kd
-            else:
-                extra = VARIANTS[variant] + (["student.train.min_steps=20"] if args.quick and "min_steps" in variant
-                                             else [])
-                summary = hybridft([*config, *base, *teacher, *extra, f"seed={seed}"], work / f"seed{seed}" / variant,
-                                   args.reuse)
-            row = {"teacher": summary["teacher"]["accuracy"], "student": summary["student"]["accuracy"],
-                   "retention": summary["comparison"]["accuracy_retained"], "speedup": summary["comparison"]["speedup"],
-                   "wall_seconds": summary["wall_seconds"]}
-            if "hybrid" in summary:
-                row["hybrid"] = {k: summary["hybrid"][k] for k in ("accuracy", "teacher_fraction", "gap_closed")}
-            runs[variant][str(seed)] = row
-            print(f"[bench] seed {seed} {variant}: teacher {row['teacher']:.4f} student {row['student']:.4f} "
-                  f"retention {row['retention']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)
+    if args.jobs > 1 and len(seeds) > 1:
+        runs = run_seeds_in_parallel(args, seeds, work)
+    else:
+        config, base = split_config(DATASETS[args.dataset](work, args.quick))
+        base += ["export.enabled=false", "progress=false", *args.set]
+        if args.quick:
+            base += ["teacher.train.epochs=1", "student.train.epochs=1", "eval.speed_batches=1",
+                     "eval.latency_samples=2"]
+        runs = {v: {} for v in variants}
+        for seed in seeds:
+            for variant, row in run_seed(config, base, seed, variants, work, args.quick, args.reuse).items():
+                runs[variant][str(seed)] = row
     table = {}
-    for variant, by_seed in runs.items():
+    for variant in variants:
+        by_seed = runs[variant]
         kept = [r["retention"] for r in by_seed.values()]
         table[variant] = {
             "student_mean": round(statistics.mean(r["student"] for r in by_seed.values()), 4),
             "student_std": round(statistics.pstdev([r["student"] for r in by_seed.values()]), 4),
             "retention_mean": round(statistics.mean(kept), 4), "retention_min": round(min(kept), 4),
             "retention_std": round(statistics.pstdev(kept), 4),
-            "wall_seconds_mean": round(statistics.mean(r["wall_seconds"] for r in by_seed.values()), 1)}
+            "wall_seconds_mean": round(statistics.mean(r["wall_seconds"] for r in by_seed.values()), 1),
+            "student_seconds_mean": round(statistics.mean(r["student_seconds"] for r in by_seed.values()), 1)}
+        hybrid = [r["hybrid"] for r in by_seed.values() if "hybrid" in r]
+        if hybrid:
+            table[variant]["hybrid_mean"] = round(statistics.mean(h["accuracy"] for h in hybrid), 4)
+            table[variant]["hybrid_teacher_fraction_mean"] = round(
+                statistics.mean(h["teacher_fraction"] for h in hybrid), 4)
+    teachers = [r["teacher"] for r in runs["defaults"].values()]
     result = {"dataset": args.dataset, "seeds": seeds, "extra": args.set, "quick": args.quick,
-              "teacher_mean": round(statistics.mean(r["teacher"] for r in runs[variants[0]].values()), 4),
-              "table": table, "runs": runs, "command": " ".join(sys.argv)}
+              "teacher_mean": round(statistics.mean(teachers), 4), "teacher_std": round(statistics.pstdev(teachers), 4),
+              "table": table, "runs": runs, "command": " ".join(["python bench/student_quality.py", *raw_argv])}
     print(f"\n{args.dataset}: teacher mean {result['teacher_mean']:.4f} over seeds {seeds}")
-    print(f"{'variant':<20} {'student':>14} {'retention':>10} {'worst':>7} {'wall s':>7}")
+    print(f"{'variant':<20} {'student':>14} {'retention':>10} {'worst':>7} {'hybrid':>7} {'student s':>9}")
     for variant, t in table.items():
+        hybrid = f"{t['hybrid_mean']:.4f}" if "hybrid_mean" in t else "-"
         print(f"{variant:<20} {t['student_mean']:.4f}±{t['student_std']:.4f} {t['retention_mean']:>10.4f} "
-              f"{t['retention_min']:>7.4f} {t['wall_seconds_mean']:>7.0f}")
+              f"{t['retention_min']:>7.4f} {hybrid:>7} {t['student_seconds_mean']:>9.0f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -88,6 +88,8 @@ def tiny_overrides(teacher_dir: Path, data: dict[str, Path], out: Path) -> list[
         "data.max_length=16", "progress=false", "student.num_layers=2",
         # fp32: tests compare runs bit for bit, and `precision: auto` may pick bf16 (tests/test_precision.py)
         "precision=fp32",
+        # no generated transfer set: tests compare rows and step counts; tests/test_augment.py covers it
+        "augment.factor=0",
         "teacher.train.epochs=8", "teacher.train.batch_size=8", "teacher.train.lr=3e-3",
         "student.train.epochs=8", "student.train.batch_size=8", "student.train.lr=3e-3",
         "eval.speed_batches=1", "eval.latency_samples=2",

@@ -313,13 +313,55 @@ def test_augment_max_rows_counts_unlabeled_text_first(tmp_path: Path):
     train = Examples(texts=texts, labels=[0, 1] * 5, source="train", lines=list(range(2, 12)))
     pool = Examples(texts=texts[:6], labels=[-100] * 6, source="unlabeled", lines=list(range(1, 7)))
     splits = Splits(train=train, validation=train, test=None, unlabeled=pool, label_names=["neg", "pos"])
-    cfg = NS(seed=0, augment=NS(factor=20, max_rows=36, p_mask=0.3, p_replace=0.0, p_ngram=0.0, neighbours=2))
+    cfg = augment_cfg(factor=20, max_rows=36)
     teacher = NS(get_input_embeddings=lambda: NS(weight=torch.randn(len(tok), 8)))
     logs: list[str] = []
     out = classification.augment(splits, teacher, tok, cfg, logs.append)
     generated = len(out.unlabeled) - 6
-    assert 0 < generated <= 30 and "factor 3" in logs[0]  # (36 - 6 unlabeled) // 10 training texts = 3 each
+    assert 0 < generated <= 30 and "factor 3 of 20" in logs[0]  # (36 - 6 unlabeled) // 10 training texts = 3 each
     assert out.unlabeled.texts[:6] == texts[:6] and set(out.unlabeled.labels) == {-100}
-    full = classification.augment(splits, teacher, tok, NS(seed=0, augment=NS(**{**vars(cfg.augment), "max_rows": 6})),
-                                  logs.append)
-    assert full is splits and "no room" in logs[-1]
+    full = classification.augment(splits, teacher, tok, augment_cfg(factor=20, max_rows=6), logs.append)
+    assert full is splits and "no generated text" in logs[-1] and "max_rows=6" in logs[-1]
+
+
+def augment_cfg(factor="auto", max_rows=20000, max_tokens=400_000, teacher_logits=None, max_length=16):
+    from types import SimpleNamespace as NS
+
+    return NS(seed=0, data=NS(max_length=max_length), distill=NS(teacher_logits=teacher_logits),
+              augment=NS(factor=factor, max_rows=max_rows, max_tokens=max_tokens, p_mask=0.3, p_replace=0.0,
+                         p_ngram=0.0, neighbours=2))
+
+
+def test_auto_factor_is_tang_s_20_within_the_row_and_token_caps(tmp_path: Path):
+    from conftest import make_tokenizer, sentiment_rows
+    from hybridft.data import Examples, Splits
+    from hybridft.tasks.classification import AUTO_FACTOR, augment_factor
+
+    tok = make_tokenizer(tmp_path / "tok")
+    texts = [t for t, _ in sentiment_rows(10, seed=2)]
+    train = Examples(texts=texts, labels=[0, 1] * 5, source="train")
+    splits = Splits(train=train, validation=train, test=None, unlabeled=None, label_names=["neg", "pos"])
+    tokens = sum(len(ids) for ids in tok(texts, truncation=True, max_length=16)["input_ids"])
+    assert AUTO_FACTOR == 20 and augment_factor(splits, tok, augment_cfg()) == (20, "factor 20")
+    # The token cap: room for 7 copies of the training tokens, so factor 7, and the reason names the cap.
+    factor, why = augment_factor(splits, tok, augment_cfg(max_tokens=7 * tokens + tokens // 2))
+    assert factor == 7 and "max_tokens" in why
+    # Truncation counts: at max_length 4 each text costs at most 4 tokens.
+    assert augment_factor(splits, tok, augment_cfg(max_tokens=40 * 5, max_length=4))[0] == 5
+    assert augment_factor(splits, tok, augment_cfg(max_rows=55))[0] == 5  # 55 // 10 rows
+    assert augment_factor(splits, tok, augment_cfg(factor=3))[0] == 3  # an explicit factor under the caps stays
+    assert augment_factor(splits, tok, augment_cfg(factor=0))[0] == 0
+    assert augment_factor(splits, tok, augment_cfg(teacher_logits="store.safetensors"))[0] == 0
+
+
+def test_auto_is_accepted_everywhere_and_an_explicit_factor_only_where_it_applies():
+    from hybridft.config import load_config
+
+    assert load_config(None, []).augment.factor == "auto"
+    assert load_config(None, ["task=causal_lm"]).augment.factor == "auto"
+    assert load_config(None, ["distill.teacher_logits=x.safetensors"]).augment.factor == "auto"
+    for bad, named in ((["augment.factor=-1"], "augment.factor"), (["augment.max_tokens=-5"], "augment.max_tokens"),
+                       (["augment.factor=often"], "augment.factor"),
+                       (["task=causal_lm", "augment.factor=5"], "causal_lm")):
+        with pytest.raises(HybridFTError, match=named):
+            load_config(None, bad)

@@ -52,6 +52,8 @@ class Context:
     committed: bool = False
     precision: Optional[PrecisionChoice] = None
     """How `precision: auto` was settled (None when the config or the Accelerate config named a precision)."""
+    generated_rows: int = 0
+    """Texts `augment` added to the unlabeled pool (summary.json's transfer_set)."""
 
     @property
     def task(self) -> Any:
@@ -305,7 +307,9 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
 
 def augment(ctx: Context, teacher: nn.Module, tokenizer: Any) -> None:
     """Add the generated transfer set (`cfg.augment`) to the run's unlabeled pool, once the teacher is ready."""
+    before = len(ctx.splits.unlabeled) if ctx.splits.unlabeled is not None else 0
     ctx.splits = ctx.task.augment(ctx.splits, teacher, tokenizer, ctx.cfg, ctx.log)
+    ctx.generated_rows = (len(ctx.splits.unlabeled) if ctx.splits.unlabeled is not None else 0) - before
 
 
 def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Any:
@@ -562,6 +566,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
     start = time.perf_counter()
     ctx = prepare(cfg, overwrite, resume=resume, force=force)
     models: dict[str, tuple[nn.Module, Any]] = {}
+    stages: dict[str, float] = {}  # wall seconds per stage, for summary.json (the resume of a run counts anew)
     if cfg.distill.teacher_logits:
         store = read_store(cfg.distill.teacher_logits)
         ctx.task.check_store(store, ctx.splits, cfg)
@@ -570,9 +575,12 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
     else:
         teacher, teacher_tok = train_teacher(ctx)
         models["teacher"] = (teacher, teacher_tok)
+        stages["teacher"] = time.perf_counter() - start
         augment(ctx, teacher, teacher_tok)
         store = None if cfg.distill.online else teacher_outputs(ctx, teacher, teacher_tok)
+    stages["teacher_outputs"] = time.perf_counter() - start - sum(stages.values())
     models["student"] = distill(ctx, store, teacher, teacher_tok)
+    stages["student"] = time.perf_counter() - start - sum(stages.values())
     if not dist.is_main():  # evaluation, the hybrid and the export run once, on the main process
         return {}
     summary = evaluate(ctx, models)
@@ -585,7 +593,11 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
             summary["export"] = exported
     if ctx.splits.notes:
         summary["data_notes"] = ctx.splits.notes
+    unlabeled = len(ctx.splits.unlabeled) if ctx.splits.unlabeled is not None else 0
+    summary["transfer_set"] = {"labeled": len(ctx.splits.train), "unlabeled": unlabeled - ctx.generated_rows,
+                               "generated": ctx.generated_rows}
     summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["stage_seconds"] = {name: round(v, 1) for name, v in stages.items()}  # the rest: evaluation, hybrid, export
     summary["launch"] = dist.describe()  # how training ran: processes, engine, precision
     if ctx.precision is not None:
         summary["precision"] = ctx.precision.to_dict()

@@ -133,23 +133,53 @@ def load_model(folder: str, splits: Splits, key: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+AUTO_FACTOR = 20
+"""What `augment.factor: auto` asks for before the caps: Tang et al.'s n_iter."""
+
+
+def augment_factor(splits: Splits, tokenizer: Any, cfg: RunConfig) -> tuple[int, str]:
+    """How many texts to generate per training text, and why (for the log).
+
+    The asked factor (`augment.factor`, or AUTO_FACTOR for "auto") is lowered so that the unlabeled rows plus
+    the generated ones stay within `augment.max_rows`, and the generated tokens (the training texts' token
+    counts after truncation to data.max_length, times the factor) within `augment.max_tokens`. "auto" is 0
+    when the run distils from a stored teacher_logits file (no teacher to label new texts).
+    """
+    a, train = cfg.augment, splits.train
+    asked = AUTO_FACTOR if a.factor == "auto" else a.factor
+    if asked == 0 or cfg.distill.teacher_logits or len(train) == 0:
+        return 0, "augment.factor=0" if asked == 0 else "no teacher to label generated text"
+    pool = len(splits.unlabeled) if splits.unlabeled is not None else 0
+    by_rows = max(a.max_rows - pool, 0) // len(train)
+    encoded = tokenizer(train.texts, train.pairs, truncation=True, max_length=cfg.data.max_length) \
+        if train.pairs else tokenizer(train.texts, truncation=True, max_length=cfg.data.max_length)
+    tokens = sum(len(ids) for ids in encoded["input_ids"])
+    by_tokens = a.max_tokens // max(tokens, 1)
+    factor = min(asked, by_rows, by_tokens)
+    if factor == asked:
+        return factor, f"factor {factor}"
+    limit = (f"{pool} unlabeled rows + {len(train)} x factor within augment.max_rows={a.max_rows}"
+             if by_rows <= by_tokens else
+             f"{tokens} training tokens x factor within augment.max_tokens={a.max_tokens}")
+    return factor, f"factor {factor} of {asked} asked: {limit}"
+
+
 def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, log: Any) -> Splits:
     """The splits with generated texts (`cfg.augment`) added to the unlabeled pool, for the teacher to label.
 
-    Unlabeled text comes first: generated rows fill what is left of `augment.max_rows`, the factor lowered to fit.
-    Deterministic for the run's seed, so a second run (or a resume) stores and looks up the same rows.
+    Unlabeled text comes first: generated rows fill what is left of `augment.max_rows` (and `max_tokens`), the
+    factor lowered to fit (`augment_factor`). Deterministic for the run's seed, so a second run (or a resume)
+    stores and looks up the same rows.
     """
     from dataclasses import replace
 
     from hybridft.augment import AugmentSettings, augment_texts
 
     a, train = cfg.augment, splits.train
-    if a.factor == 0:
-        return splits
-    pool = len(splits.unlabeled) if splits.unlabeled is not None else 0
-    factor = min(a.factor, max(a.max_rows - pool, 0) // max(len(train), 1))
+    factor, why = augment_factor(splits, tokenizer, cfg)
     if factor == 0:
-        log(f"augment: no room for generated text ({pool} unlabeled rows already fill augment.max_rows={a.max_rows})")
+        if a.factor != 0:
+            log(f"augment: no generated text ({why})")
         return splits
     start = time.perf_counter()
     embeddings = teacher.get_input_embeddings().weight.detach().float().cpu()  # [V, d]
@@ -158,7 +188,7 @@ def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, 
     texts, pairs, source = augment_texts(train.texts, tokenizer, embeddings, settings, train.pairs)
     generated = Examples(texts=texts, labels=[NO_LABEL] * len(texts), pairs=pairs, source=f"{train.source} (augmented)",
                          lines=[train.lines[i] for i in source] if train.lines else [])
-    log(f"augment: {len(texts)} texts generated from {len(train)} training texts (factor {factor}) in "
+    log(f"augment: {len(texts)} texts generated from {len(train)} training texts ({why}) in "
         f"{time.perf_counter() - start:.1f} s, for the teacher to label")
     return replace(splits, unlabeled=generated if splits.unlabeled is None else concat(splits.unlabeled, generated))
 
