@@ -15,8 +15,8 @@ Datasets (files are written to the work folder, never to the repository):
     sst2-600      600 sentences: the first 600 of a shuffle (seed 0) of the sentence-level SST-2 train file, and
                   300 test sentences, the first 300 of a shuffle (seed 0) of its test file; validation is the
                   default 10% held out of the 600.
-    sst2-tune     for choosing defaults only: the next 600 sentences of the same shuffle, and 300 sentences of the
-                  sentence-level dev file, which no reported number uses.
+    sst2-tune     for choosing defaults only: the next 600 sentences of the same shuffle for training, the 300
+                  after them as test; no reported table tests on them.
     sst2-4000     configs/sst2_hybrid.yaml (4,000 GLUE rows, 1,000 validation rows, the GLUE dev set as test).
     bbc           the built-in BBC News demo (configs/demo_bbc_news.yaml).
     emotion       configs/emotion.yaml with 2,000 training rows.
@@ -30,8 +30,9 @@ import argparse
 import json
 import os
 import random
-import subprocess
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,12 +99,13 @@ def sst2_600(work: Path, quick: bool) -> list[str]:
 
 
 def sst2_tune(work: Path, quick: bool) -> list[str]:
-    """For choosing defaults: the next 600 sentences of the same shuffle (disjoint from sst2-600's) and 300 of
-    the sentence-level dev file, which no reported table uses."""
+    """For choosing defaults: sentences 600-1199 of the same shuffle for training and 1200-1499 for testing, all
+    from the sentence-level train file, so disjoint from every test split a reported table uses (the
+    sentence-level dev file is the GLUE dev set, sst2-4000's test)."""
     folder = DATA / "sst2" / "sentence"
     n_train, n_test = (64, 32) if quick else (600, 300)
-    train = _shuffled(_sentence_file(folder / "stsa.binary.train"))[600:600 + n_train]
-    test = _shuffled(_sentence_file(folder / "stsa.binary.dev"))[:n_test]
+    rows = _shuffled(_sentence_file(folder / "stsa.binary.train"))
+    train, test = rows[600:600 + n_train], rows[1200:1200 + n_test]
     return [f"data.train={_write_tsv(work / 'tune_train.tsv', train)}",
             f"data.test={_write_tsv(work / 'tune_test.tsv', test)}", "data.labels=[\"0\",\"1\"]"]
 
@@ -142,18 +144,24 @@ DATASETS: dict[str, Callable[[Path, bool], list[str]]] = {
     "sst2-600": sst2_600, "sst2-tune": sst2_tune, "sst2-4000": sst2_4000, "bbc": bbc, "emotion": emotion, "ag_news-1000": ag_news_1000}
 
 
-def hybridft(args: list[str], out: Path, reuse: bool = False) -> dict[str, Any]:
+def hybridft(args: list[str], out: Path, reuse: bool = False, collect: bool = False) -> dict[str, Any] | None:
+    """The summary of `hybridft run ARGS` in folder `out`: an earlier one with the same arguments when `reuse`
+    or `collect`; with `collect`, None instead of running anything."""
     from hybridft.cli import main
 
     done = out / "summary.json"
-    if reuse and done.is_file() and (out / "bench_args.json").is_file() and \
+    if (reuse or collect) and done.is_file() and (out / "bench_args.json").is_file() and \
             json.loads((out / "bench_args.json").read_text()) == args:
         print(f"[bench] reusing {out} (same arguments)", flush=True)
         return json.loads(done.read_text())
+    if collect:
+        print(f"[bench] missing: {out}", flush=True)
+        return None
     start = time.perf_counter()
     code = main(["run", *args, f"output_dir={out}", "--overwrite"])
     if code != 0:
         sys.exit(f"hybridft run {' '.join(args)} exited with {code}")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resumable states: dozens of runs filled a 64 GB disk
     result = json.loads(done.read_text())
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     done.write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -195,10 +203,13 @@ def run_seeds_in_parallel(args: argparse.Namespace, seeds: list[int], work: Path
 
 
 def run_seed(config: list[str], base: list[str], seed: int, variants: list[str], work: Path, quick: bool,
-             reuse: bool) -> dict[str, dict[str, Any]]:
-    """Every variant for one seed: the defaults' run fine-tunes the teacher the other variants share."""
+             reuse: bool, collect: bool = False) -> dict[str, dict[str, Any]]:
+    """Every variant for one seed: the defaults' run fine-tunes the teacher the other variants share. With
+    `collect`, only the variants whose runs are finished (none if the defaults' is not)."""
     first = work / f"seed{seed}" / "defaults"
-    defaults = hybridft([*config, *base, f"seed={seed}"], first, reuse)
+    defaults = hybridft([*config, *base, f"seed={seed}"], first, reuse, collect)
+    if defaults is None:
+        return {}
     teacher = ["teacher.finetune=never", f"teacher.model={first / 'teacher'}", "hybrid.enabled=false"]
     rows = {}
     for variant in variants:
@@ -207,7 +218,9 @@ def run_seed(config: list[str], base: list[str], seed: int, variants: list[str],
         else:
             extra = VARIANTS[variant] + (["student.train.min_steps=20"] if quick and "min_steps" in variant else [])
             summary = hybridft([*config, *base, *teacher, *extra, f"seed={seed}"], work / f"seed{seed}" / variant,
-                               reuse)
+                               reuse, collect)
+            if summary is None:
+                continue
         row = {"teacher": summary["teacher"]["accuracy"], "student": summary["student"]["accuracy"],
                "retention": summary["comparison"]["accuracy_retained"], "speedup": summary["comparison"]["speedup"],
                "wall_seconds": summary["wall_seconds"], "transfer_set": summary.get("transfer_set"),
@@ -236,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in a process of its own")
     p.add_argument("--quick", action="store_true", help="64 training rows, 1 epoch: a smoke run")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: the table of the finished runs in the work folder (seeds and variants that are "
+                        "missing are left out, and the JSON lists them)")
     p.add_argument("--reuse", action="store_true",
                    help="keep a variant's finished run from an earlier call with the same arguments (wall times are "
                         "those of the earlier call)")
@@ -255,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3,42")).split(",")]
     work = Path(args.workdir or ROOT / "bench" / "results" / "student_quality" / args.dataset)
     work.mkdir(parents=True, exist_ok=True)
-    if args.jobs > 1 and len(seeds) > 1:
+    if args.jobs > 1 and len(seeds) > 1 and not args.collect:
         runs = run_seeds_in_parallel(args, seeds, work)
     else:
         config, base = split_config(DATASETS[args.dataset](work, args.quick))
@@ -265,17 +281,22 @@ def main(argv: list[str] | None = None) -> int:
                      "eval.latency_samples=2"]
         runs = {v: {} for v in variants}
         for seed in seeds:
-            for variant, row in run_seed(config, base, seed, variants, work, args.quick, args.reuse).items():
+            for variant, row in run_seed(config, base, seed, variants, work, args.quick, args.reuse,
+                                         args.collect).items():
                 runs[variant][str(seed)] = row
+    missing = {v: [s for s in map(str, seeds) if s not in runs.get(v, {})] for v in variants}
+    missing = {v: m for v, m in missing.items() if m}
     table = {}
     for variant in variants:
-        by_seed = runs[variant]
+        by_seed = runs.get(variant, {})
+        if not by_seed:
+            continue
         kept = [r["retention"] for r in by_seed.values()]
         table[variant] = {
             "student_mean": round(statistics.mean(r["student"] for r in by_seed.values()), 4),
             "student_std": round(statistics.pstdev([r["student"] for r in by_seed.values()]), 4),
             "retention_mean": round(statistics.mean(kept), 4), "retention_min": round(min(kept), 4),
-            "retention_std": round(statistics.pstdev(kept), 4),
+            "retention_std": round(statistics.pstdev(kept), 4), "seeds": len(kept),
             "wall_seconds_mean": round(statistics.mean(r["wall_seconds"] for r in by_seed.values()), 1),
             "student_seconds_mean": round(statistics.mean(r["student_seconds"] for r in by_seed.values()), 1)}
         hybrid = [r["hybrid"] for r in by_seed.values() if "hybrid" in r]
@@ -283,11 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             table[variant]["hybrid_mean"] = round(statistics.mean(h["accuracy"] for h in hybrid), 4)
             table[variant]["hybrid_teacher_fraction_mean"] = round(
                 statistics.mean(h["teacher_fraction"] for h in hybrid), 4)
-    teachers = [r["teacher"] for r in runs["defaults"].values()]
+    teachers = [r["teacher"] for r in runs.get("defaults", {}).values()]
+    if not teachers:
+        print(f"no finished runs in {work}")
+        return 1
     result = {"dataset": args.dataset, "seeds": seeds, "extra": args.set, "quick": args.quick,
               "teacher_mean": round(statistics.mean(teachers), 4), "teacher_std": round(statistics.pstdev(teachers), 4),
-              "table": table, "runs": runs, "command": " ".join(["python bench/student_quality.py", *raw_argv])}
-    print(f"\n{args.dataset}: teacher mean {result['teacher_mean']:.4f} over seeds {seeds}")
+              "table": table, "runs": runs, "missing": missing, "command": " ".join(["python bench/student_quality.py", *raw_argv])}
+    print(f"\n{args.dataset}: teacher mean {result['teacher_mean']:.4f} over seeds {seeds}"
+          + (f"; missing (variant: seeds) {missing}" if missing else ""))
     print(f"{'variant':<20} {'student':>14} {'retention':>10} {'worst':>7} {'hybrid':>7} {'student s':>9}")
     for variant, t in table.items():
         hybrid = f"{t['hybrid_mean']:.4f}" if "hybrid_mean" in t else "-"

@@ -66,7 +66,7 @@ def test_a_run_says_what_auto_chose_and_why_and_a_resume_keeps_it(tmp_path: Path
     probe({"fp32": 100.0, "bf16": 50.0})
     out = tmp_path / "run"
     args = [*(o for o in tiny_overrides(tiny_teacher_dir, tiny_data, out) if not o.startswith("precision=")),
-            "progress=true", "hybrid.enabled=false",
+            "progress=true", "hybrid.enabled=false", "device=cpu",  # the CPU's rule (a GPU machine says "CUDA")
             "export.enabled=false", "teacher.train.epochs=1", "student.train.epochs=1"]
     assert main(["run", *args]) == 0
     assert "precision: bf16 (CPU without AMX, bf16 timed 2.00x faster than fp32)" in capsys.readouterr().out

@@ -425,6 +425,7 @@ def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]]) -> dict[str
     summary: dict[str, Any] = {"task": cfg.task, "split": split_name, "examples": len(examples),
                                "labels": s.label_names, "device": str(ctx.device)}
     for name, (model, tokenizer) in models.items():
+        model.to(ctx.device)  # a teacher read from disk (finetune=never, reused outputs, resume) is still on the CPU
         summary[name] = task.report(model, tokenizer, examples, s, cfg, ctx.device, folder=ctx.run_dir / name)
     if "teacher" in summary and "student" in summary:
         summary["comparison"] = task.compare(summary["teacher"], summary["student"])
