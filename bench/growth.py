@@ -31,13 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one tiny cell: checks the code, says nothing of growth")
     p.add_argument("--rows", default=ROWS, help="distill_speed rows to run in each cell")
+    p.add_argument("--cells", default=None, metavar="ROWSxEPOCHS,...",
+                   help="run these cells instead of the grid, e.g. 16000x1")
     p.add_argument("--workdir", default=None, help="default: a temporary folder")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "growth.json"))
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hybridft-growth-"))
     work.mkdir(parents=True, exist_ok=True)
     cells = []
-    for train, epochs in (QUICK_GRID if args.quick else GRID):
+    grid = QUICK_GRID if args.quick else GRID
+    if args.cells:
+        grid = [(int(c.split("x")[0]), int(c.split("x")[1])) for c in args.cells.split(",")]
+    for train, epochs in grid:
         out = work / f"cell-{train}-{epochs}.json"
         teacher_epochs = max(TEACHER_ROWS_SEEN / train, 0.125) if not args.quick else 1.0
         cmd = [sys.executable, str(SPEED), "--train", str(train), "--epochs", str(epochs),
