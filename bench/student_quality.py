@@ -48,7 +48,7 @@ VARIANTS: dict[str, list[str]] = {
     "hidden": ["loss.hidden_weight=1"],  # + TinyBERT hidden-state MSE
     "attention": ["loss.attention_weight=1"],  # + MiniLM last-layer attention KL
     "min_steps": ["student.train.min_steps=1500"],
-    "more_generated": ["augment.max_rows=80000"],  # the factor then stops at augment.max_tokens instead
+    "more_generated": ["augment.max_rows=80000", "augment.max_tokens=1600000"],  # 4x the default caps
     # one setting at a time around the defaults (lr 2e-4, T 2, alpha 0.5 / beta 0.5), for tuning on sst2-tune
     "lr1e-4": ["student.train.lr=1e-4"],
     "lr5e-4": ["student.train.lr=5e-4"],

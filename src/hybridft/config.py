@@ -173,7 +173,7 @@ class LossConfig:
 @dataclass
 class DistillConfig:
     online: bool = False
-    """Run the teacher on every batch instead of reading stored logits (needed only for augmentation)."""
+    """Run the teacher on every batch instead of reading stored logits: slower, the same targets (for comparisons)."""
     teacher_logits: Optional[str] = None
     """A teacher-output store (.safetensors, see docs/teacher_outputs.md) computed elsewhere: distil from it
     with no teacher weights at all."""
