@@ -151,6 +151,8 @@ def augment_factor(splits: Splits, tokenizer: Any, cfg: RunConfig) -> tuple[int,
         return 0, "augment.factor=0" if asked == 0 else "no teacher to label generated text"
     pool = len(splits.unlabeled) if splits.unlabeled is not None else 0
     by_rows = max(a.max_rows - pool, 0) // len(train)
+    if by_rows == 0:  # large data: decided without tokenizing it
+        return 0, f"{pool} unlabeled rows + {len(train)} x factor within augment.max_rows={a.max_rows}"
     encoded = tokenizer(train.texts, train.pairs, truncation=True, max_length=cfg.data.max_length) \
         if train.pairs else tokenizer(train.texts, truncation=True, max_length=cfg.data.max_length)
     tokens = sum(len(ids) for ids in encoded["input_ids"])
