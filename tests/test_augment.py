@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -290,9 +291,12 @@ def test_a_run_with_augment_stores_teacher_logits_for_the_generated_texts_and_re
         "student.train.epochs=1", "augment.factor=3", f"distill.cache_dir={cache}"]
     assert main(["run", *base]) == 0
     out = capsys.readouterr().out
-    assert "augment:" in out and "texts generated from 48 training texts (factor 3)" in out
+    assert "augment:" in out and "texts generated from 48 training texts (factor 3; " in out
     store = read_store(tmp_path / "a" / "teacher_outputs.safetensors")
     assert 48 < len(store.keys) <= 48 * 4  # the training rows and up to 3 generated texts each
+    kept = json.loads((tmp_path / "a" / "summary.json").read_text())["transfer_set"]
+    assert kept["generated"] == len(store.keys) - 48 == kept["augment"]["generated"]
+    assert kept["augment"]["factor"] == 3 and kept["augment"]["repeats_dropped"] == 3 * 48 - kept["generated"]
     # Distilling again from that teacher, with the same data and seed, generates the same texts: the store is
     # reused, not recomputed.
     again = [o.replace(str(tmp_path / "a"), str(tmp_path / "b")) for o in base] + [
@@ -320,8 +324,13 @@ def test_augment_max_rows_counts_unlabeled_text_first(tmp_path: Path):
     generated = len(out.unlabeled) - 6
     assert 0 < generated <= 30 and "factor 3 of 20" in logs[0]  # (36 - 6 unlabeled) // 10 training texts = 3 each
     assert out.unlabeled.texts[:6] == texts[:6] and set(out.unlabeled.labels) == {-100}
+    # what summary.json's transfer_set.augment keeps: the factor, why, and the draws dropped as repeats
+    assert out.augmented == {"factor": 3, "why": logs[0].split("(")[1].split(";")[0], "generated": generated,
+                             "repeats_dropped": 30 - generated}
+    assert f"{30 - generated} draws dropped as repeats" in logs[0]
     full = classification.augment(splits, teacher, tok, augment_cfg(factor=20, max_rows=6), logs.append)
-    assert full is splits and "no generated text" in logs[-1] and "max_rows=6" in logs[-1]
+    assert full.unlabeled is splits.unlabeled and full.augmented["factor"] == 0
+    assert "no generated text" in logs[-1] and "max_rows=6" in logs[-1]
 
 
 def augment_cfg(factor="auto", max_rows=20000, max_tokens=400_000, teacher_logits=None, max_length=16):

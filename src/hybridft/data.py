@@ -68,6 +68,8 @@ class Splits:
     label_names: list[str]
     notes: list[str] = field(default_factory=list)
     """What reading the data changed or found, one line each (logged, and kept in summary.json)."""
+    augmented: dict[str, Any] = field(default_factory=dict)
+    """How the generated transfer set was made (factor, why, texts kept and repeats dropped), for summary.json."""
 
 
 @dataclass

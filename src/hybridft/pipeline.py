@@ -596,7 +596,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
         summary["data_notes"] = ctx.splits.notes
     unlabeled = len(ctx.splits.unlabeled) if ctx.splits.unlabeled is not None else 0
     summary["transfer_set"] = {"labeled": len(ctx.splits.train), "unlabeled": unlabeled - ctx.generated_rows,
-                               "generated": ctx.generated_rows}
+                               "generated": ctx.generated_rows,
+                               **({"augment": ctx.splits.augmented} if ctx.splits.augmented else {})}
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stage_seconds"] = {name: round(v, 1) for name, v in stages.items()}  # the rest: evaluation, hybrid, export
     summary["launch"] = dist.describe()  # how training ran: processes, engine, precision

@@ -180,9 +180,8 @@ def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, 
     a, train = cfg.augment, splits.train
     factor, why = augment_factor(splits, tokenizer, cfg)
     if factor == 0:
-        if a.factor != 0:
-            log(f"augment: no generated text ({why})")
-        return splits
+        log(f"augment: no generated text ({why})")
+        return replace(splits, augmented={"factor": 0, "why": why, "generated": 0})
     start = time.perf_counter()
     embeddings = teacher.get_input_embeddings().weight.detach().float().cpu()  # [V, d]
     settings = AugmentSettings(factor=factor, p_mask=a.p_mask, p_replace=a.p_replace, p_ngram=a.p_ngram,
@@ -190,9 +189,11 @@ def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, 
     texts, pairs, source = augment_texts(train.texts, tokenizer, embeddings, settings, train.pairs)
     generated = Examples(texts=texts, labels=[NO_LABEL] * len(texts), pairs=pairs, source=f"{train.source} (augmented)",
                          lines=[train.lines[i] for i in source] if train.lines else [])
-    log(f"augment: {len(texts)} texts generated from {len(train)} training texts ({why}) in "
-        f"{time.perf_counter() - start:.1f} s, for the teacher to label")
-    return replace(splits, unlabeled=generated if splits.unlabeled is None else concat(splits.unlabeled, generated))
+    repeats = factor * len(train) - len(texts)  # draws equal to a training text or to an earlier draw
+    log(f"augment: {len(texts)} texts generated from {len(train)} training texts ({why}; {repeats} draws dropped as "
+        f"repeats) in {time.perf_counter() - start:.1f} s, for the teacher to label")
+    return replace(splits, unlabeled=generated if splits.unlabeled is None else concat(splits.unlabeled, generated),
+                   augmented={"factor": factor, "why": why, "generated": len(texts), "repeats_dropped": repeats})
 
 
 def transfer_set(splits: Splits) -> Examples:
