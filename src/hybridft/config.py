@@ -320,9 +320,10 @@ def validate(cfg: RunConfig) -> None:
     for name in ("p_mask", "p_replace", "p_ngram"):
         if not 0 <= getattr(a, name) <= 1:
             _fail(f"augment.{name}", f"must be in [0, 1], got {getattr(a, name)}")
-    if a.factor != "auto" and a.factor and cfg.task != "classification":
+    explicit_factor = 0 if a.factor == "auto" else a.factor  # "auto" turns itself off where it cannot apply
+    if explicit_factor and cfg.task != "classification":
         _fail("augment.factor", "augmentation builds classification transfer sets; set it to 0 for causal_lm")
-    if a.factor != "auto" and a.factor and cfg.distill.teacher_logits:
+    if explicit_factor and cfg.distill.teacher_logits:
         _fail("augment.factor", "the generated texts need the teacher to label them, but distill.teacher_logits "
                                 "replaces the teacher; set augment.factor=0 or drop distill.teacher_logits")
     builtin = BUILTIN_DATASETS[cfg.task]

@@ -52,8 +52,6 @@ class Context:
     committed: bool = False
     precision: Optional[PrecisionChoice] = None
     """How `precision: auto` was settled (None when the config or the Accelerate config named a precision)."""
-    generated_rows: int = 0
-    """Texts `augment` added to the unlabeled pool (summary.json's transfer_set)."""
 
     @property
     def task(self) -> Any:
@@ -307,9 +305,7 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
 
 def augment(ctx: Context, teacher: nn.Module, tokenizer: Any) -> None:
     """Add the generated transfer set (`cfg.augment`) to the run's unlabeled pool, once the teacher is ready."""
-    before = len(ctx.splits.unlabeled) if ctx.splits.unlabeled is not None else 0
     ctx.splits = ctx.task.augment(ctx.splits, teacher, tokenizer, ctx.cfg, ctx.log)
-    ctx.generated_rows = (len(ctx.splits.unlabeled) if ctx.splits.unlabeled is not None else 0) - before
 
 
 def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Any:
@@ -595,8 +591,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
     if ctx.splits.notes:
         summary["data_notes"] = ctx.splits.notes
     unlabeled = len(ctx.splits.unlabeled) if ctx.splits.unlabeled is not None else 0
-    summary["transfer_set"] = {"labeled": len(ctx.splits.train), "unlabeled": unlabeled - ctx.generated_rows,
-                               "generated": ctx.generated_rows,
+    generated = ctx.splits.augmented.get("generated", 0)
+    summary["transfer_set"] = {"labeled": len(ctx.splits.train), "unlabeled": unlabeled - generated,
+                               "generated": generated,
                                **({"augment": ctx.splits.augmented} if ctx.splits.augmented else {})}
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stage_seconds"] = {name: round(v, 1) for name, v in stages.items()}  # the rest: evaluation, hybrid, export

@@ -151,18 +151,17 @@ def augment_factor(splits: Splits, tokenizer: Any, cfg: RunConfig) -> tuple[int,
         return 0, "augment.factor=0" if asked == 0 else "no teacher to label generated text"
     pool = len(splits.unlabeled) if splits.unlabeled is not None else 0
     by_rows = max(a.max_rows - pool, 0) // len(train)
+    rows_limit = f"{pool} unlabeled rows + {len(train)} x factor within augment.max_rows={a.max_rows}"
     if by_rows == 0:  # large data: decided without tokenizing it
-        return 0, f"{pool} unlabeled rows + {len(train)} x factor within augment.max_rows={a.max_rows}"
-    encoded = tokenizer(train.texts, train.pairs, truncation=True, max_length=cfg.data.max_length) \
-        if train.pairs else tokenizer(train.texts, truncation=True, max_length=cfg.data.max_length)
+        return 0, rows_limit
+    encoded = tokenizer(train.texts, train.pairs or None, truncation=True, max_length=cfg.data.max_length)
     tokens = sum(len(ids) for ids in encoded["input_ids"])
     by_tokens = a.max_tokens // max(tokens, 1)
     factor = min(asked, by_rows, by_tokens)
     if factor == asked:
         return factor, f"factor {factor}"
-    limit = (f"{pool} unlabeled rows + {len(train)} x factor within augment.max_rows={a.max_rows}"
-             if by_rows <= by_tokens else
-             f"{tokens} training tokens x factor within augment.max_tokens={a.max_tokens}")
+    limit = rows_limit if by_rows <= by_tokens else \
+        f"{tokens} training tokens x factor within augment.max_tokens={a.max_tokens}"
     return factor, f"factor {factor} of {asked} asked: {limit}"
 
 
