@@ -14,14 +14,21 @@ each reports its own peak memory and none inherits another's warm caches or allo
                     every step), fp32, Trainer defaults otherwise; no checkpoints, no evaluation while training
     textbrewer      TextBrewer 0.2.1.post1's BasicDistiller with its logit cache (is_caching_logits=True: the
                     teacher runs once over the batches, which are then replayed each epoch), fp32
-    hybridft-bf16   pipeline.teacher_outputs (teacher run once, logits stored) + pipeline.distill, bf16
-    hybridft-fp32   the same with precision=fp32, to separate the bf16 lever from the rest
+    hybridft        pipeline.teacher_outputs (teacher run once, logits stored) + pipeline.distill, with the
+                    defaults: precision auto (the row reports what it chose), shuffled batches each sorted
+                    by length and run as 4 passes on CPU (student.train.length_splits=auto)
+    hybridft-unsplit
+                    the same with student.train.length_splits=1: each shuffled batch is one pass, padded to
+                    its longest row
+    hybridft-grouped
+                    the same with student.train.group_by_length=true: batches of similar length (groups of
+                    50 steps sorted by length), the default before; less padding, but batches are no longer
+                    uniform draws
   opt-in with --rows:
     textbrewer-nocache
                     TextBrewer's BasicDistiller without the cache (the teacher runs on every step)
-    hybridft-bf16-shuffled
-                    hybridft-bf16 with student.train.group_by_length=false (plain shuffled batches), to
-                    see what length grouping costs or gains in accuracy and time
+    hybridft-fp32, hybridft-bf16
+                    hybridft with the precision fixed, to separate the bf16 lever from the rest
 
 Usage (from the repository root, venv active):
 
@@ -56,11 +63,12 @@ DATA = REPO.parent / "shared" / "data" / "sst2" / "glue"
 TRAIN_TSV, DEV_TSV = DATA / "train.tsv", DATA / "test.tsv"  # test.tsv holds the 872-row GLUE dev set
 BAR_SECONDS, BAR_ACCURACY, BAR_BASELINE_SECONDS = 35.0, 0.79, 88.0
 
-HYBRIDFT_ROWS = {"hybridft-bf16": ("bf16", ()), "hybridft-fp32": ("fp32", ()),
-                 "hybridft-bf16-shuffled": ("bf16", ("student.train.group_by_length=false",))}
+HYBRIDFT_ROWS = {"hybridft": ("auto", ()), "hybridft-fp32": ("fp32", ()), "hybridft-bf16": ("bf16", ()),
+                 "hybridft-unsplit": ("auto", ("student.train.length_splits=1",)),
+                 "hybridft-grouped": ("auto", ("student.train.group_by_length=true",))}
 PEER_ROWS = ("baseline", "trainer", "textbrewer", "textbrewer-nocache")
 ROWS = (*PEER_ROWS, *HYBRIDFT_ROWS)
-DEFAULT_ROWS = "baseline,trainer,textbrewer,hybridft-bf16,hybridft-fp32"
+DEFAULT_ROWS = "baseline,trainer,textbrewer,hybridft,hybridft-unsplit,hybridft-grouped"
 TEXTBREWER_VERSION = "0.2.1.post1"
 TEXTBREWER_INSTALL = f"pip install textbrewer=={TEXTBREWER_VERSION} torch==2.13.0"
 # sizes: the full benchmark, and --quick (seconds per row: checks that every row works, says nothing on the bar)
@@ -598,7 +606,9 @@ def run_hybridft(args: argparse.Namespace, row: str, teacher: Any, tokenizer: An
         "stage_seconds": {"teacher_outputs": round(mid - start, 2), "distill": round(seconds - (mid - start), 2)},
         "breakdown": timers.report(),
         "lr": cfg.student.train.lr,
-        "notes": f"precision={precision} {' '.join(extra)}; timed: pipeline.teacher_outputs + pipeline.distill "
+        "precision": ctx.cfg.precision,
+        "precision_why": ctx.precision.reason if ctx.precision is not None else "set in the config",
+        "notes": f"precision={ctx.cfg.precision} (asked: {precision}) {' '.join(extra)}; timed: pipeline.teacher_outputs + pipeline.distill "
                  f"(tokenisation, teacher run once, per-epoch validation, best-weights copy, save)",
     }
 
@@ -630,7 +640,7 @@ def run_row(args: argparse.Namespace, row: str) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
-    cfg = make_config(args, workdir / "teacher-run", "bf16", workdir / "cache-teacher")  # for splits and defaults
+    cfg = make_config(args, workdir / "teacher-run", "fp32", workdir / "cache-teacher")  # for splits and defaults
     task = TASKS[cfg.task]
     splits = task.load_splits(cfg, cfg.seed)
     teacher, tokenizer = task.load_model(args.teacher_dir, splits, "teacher")
@@ -702,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] teacher: fine-tuning MiniLM-L6 on {args.train} rows, {args.teacher_epochs:g} epochs (not timed)",
           flush=True)
     t0 = time.perf_counter()
-    tcfg = make_config(args, workdir / "teacher-run", "bf16", workdir / "cache-teacher")
+    tcfg = make_config(args, workdir / "teacher-run", "auto", workdir / "cache-teacher")
     ctx = pipeline.prepare(tcfg, overwrite=True)
     teacher, tokenizer = pipeline.train_teacher(ctx)
     teacher_seconds = time.perf_counter() - t0

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPEED = REPO / "bench" / "distill_speed.py"
 GRID = [(1000, 1), (1000, 3), (4000, 1), (4000, 3), (16000, 1)]
 QUICK_GRID = [(64, 1)]
-ROWS = "baseline,hybridft-bf16,hybridft-fp32"
+ROWS = "baseline,hybridft"
 TEACHER_ROWS_SEEN = 2000
 
 

@@ -57,6 +57,9 @@ VARIANTS: dict[str, list[str]] = {
     "alpha0.2": ["loss.alpha=0.2", "loss.beta=0.8"],
     "alpha0.8": ["loss.alpha=0.8", "loss.beta=0.2"],
     "epochs6": ["student.train.epochs=6"],
+    # which teacher layers the 2-layer student keeps (the default is evenly spaced, first and last: [0, 5])
+    "layers01": ["student.layers=[0,1]"],
+    "layers03": ["student.layers=[0,3]"],
 }
 MAIN = "defaults,no_augment,ce_only,hidden,min_steps"
 TUNING = "defaults,lr1e-4,lr5e-4,T1,T4,alpha0.2,alpha0.8,epochs6"

@@ -1,5 +1,5 @@
 """bench/distill_speed.py --quick: every row of the speed table (the plain loop, transformers' Trainer, TextBrewer,
-hybridft bf16/fp32) runs on real SST-2 rows with the real MiniLM teacher and reports comparable numbers.
+hybridft with its defaults and in fp32) runs on real SST-2 rows with the real MiniLM teacher and reports comparable numbers.
 
 About a minute and a half on 2 CPU cores: the teacher is fine-tuned once on 64 rows, then each row trains one
 epoch in a process of its own. Only the shape of the report is checked, never a time.
@@ -21,7 +21,7 @@ from conftest import SHARED_DATA
 pytestmark = pytest.mark.integration
 SST2 = SHARED_DATA / "sst2" / "glue"
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "distill_speed.py"
-ROWS = ["baseline", "trainer", "textbrewer", "hybridft-bf16", "hybridft-fp32"]
+ROWS = ["baseline", "trainer", "textbrewer", "hybridft", "hybridft-fp32"]
 HAS_TEXTBREWER = importlib.util.find_spec("textbrewer") is not None
 NO_TEXTBREWER = "textbrewer is not installed (pip install textbrewer==0.2.1.post1 torch==2.13.0)"
 
@@ -52,6 +52,8 @@ def test_row_is_measured(quick_report: dict, row: str):
     assert r["peak_rss_mb"] > 0
     assert 0.0 <= r["dev_accuracy"] <= 1.0
     assert r["speedup_vs_baseline"] is not None and r["speedup_vs_baseline"] > 0
+    if row.startswith("hybridft"):  # what `precision: auto` settled on is part of the row
+        assert r["precision"] in ("fp32", "bf16") and r["precision_why"]
 
 
 def test_every_row_trains_on_the_same_samples(quick_report: dict):

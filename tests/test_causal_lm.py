@@ -226,12 +226,14 @@ def test_batch_4_equals_batch_2_with_accumulation_2_on_uneven_sequences(tmp_path
     assert len(lengths) > 3  # sequences of different lengths, and different response lengths per micro-batch
     weights = LossWeights(0.5, 0.5, 1.0, divergence="forward_kl", chunk_rows=5)
     finals = []
-    for batch_size, accum in ((4, 1), (2, 2)):
-        tc = TrainConfig(epochs=2, batch_size=batch_size, grad_accum=accum, lr=1e-2, warmup_ratio=0.0)
+    # ... and a batch of 4 run as 4 length-sorted passes (`length_splits`): every step's gradient is the same
+    for batch_size, accum, splits in ((4, 1, 1), (2, 2, 1), (4, 1, 4)):
+        tc = TrainConfig(epochs=2, batch_size=batch_size, grad_accum=accum, lr=1e-2, warmup_ratio=0.0,
+                         group_by_length=False, length_splits=splits)
         result = fit(make_llama(len(tok), layers=2, seed=9), items, items[:4], task=task,
                      collate=task.make_collate(tok), tc=tc, weights=weights, device=CPU, seed=3)
         finals.append({k: v.clone() for k, v in result.model.state_dict().items()})
-    worst = max(float((finals[0][k] - finals[1][k]).abs().max()) for k in finals[0])
+    worst = max(float((finals[0][k] - other[k]).abs().max()) for other in finals[1:] for k in finals[0])
     assert worst < 2e-5, worst
 
 

@@ -49,6 +49,7 @@ def test_overrides_reach_nested_keys_and_keep_sibling_defaults(tmp_path: Path):
     (["data.label_fraction=0"], "data.label_fraction"),
     (["student.layers=[0,0]"], "student.layers"),
     (["teacher.train.grad_accum=0"], "teacher.train.grad_accum"),
+    (["student.train.length_splits=0"], "student.train.length_splits"),
     (["precision=fp8"], "precision"),
     (["progress=maybe"], "progress"),
 ])

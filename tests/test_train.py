@@ -11,6 +11,7 @@ import torch
 
 from conftest import make_bert, make_tokenizer, sentiment_rows, tiny_overrides
 from hybridft import pipeline, train
+from hybridft.batching import SortedSplitBatches
 from hybridft.config import TrainConfig, load_config
 from hybridft.data import Examples
 from hybridft.tasks import classification as task
@@ -48,6 +49,48 @@ def test_batch8_accum1_equals_batch4_accum2(tmp_path: Path):
     assert any(not torch.equal(a[k], start[k]) for k in a), "one optimizer step must change the weights"
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
+def test_sorted_split_steps_are_the_shuffled_steps_sorted_and_cut():
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    lengths = [int(x) for x in torch.randint(1, 60, (50,), generator=torch.Generator().manual_seed(0))]
+    batch_size, accum, splits = 4, 2, 3  # steps of 8 rows, 6 passes each; 50 rows: 6 full steps and 2 rows left
+    sampler = SortedSplitBatches(lengths, batch_size, accum, splits, torch.Generator().manual_seed(11))
+    pieces = list(sampler)
+    assert len(pieces) == len(sampler) == 6 * 6 + 2
+    plain = list(BatchSampler(RandomSampler(range(50), generator=torch.Generator().manual_seed(11)), 8, False))
+    for s, rows in enumerate(plain):
+        step = pieces[6 * s: 6 * s + 6]
+        assert sorted(i for p in step for i in p) == sorted(rows)  # the same uniform draw as plain shuffling
+        flat = [lengths[i] for p in step for i in p]
+        assert flat == sorted(flat)  # shortest rows first, so each pass pads to little more than its own rows
+        assert max(map(len, step)) - min(map(len, step)) <= 1
+    assert sorted(i for p in pieces for i in p) == list(range(50))
+
+
+def test_length_splits_leave_the_update_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Plain SGD: the update is the gradient itself (AdamW's first step would magnify float noise)
+    monkeypatch.setattr(train, "make_optimizer", lambda model, lr, wd: torch.optim.SGD(model.parameters(), lr=lr))
+    tok = make_tokenizer(tmp_path / "tok")
+    rows = sentiment_rows(24, seed=5)
+    texts = [t + " very" * (i % 5) for i, (t, _) in enumerate(rows)]  # lengths differ, so the passes pad differently
+    labels = [-100 if i % 3 == 0 else LABELS.index(y) for i, (_, y) in enumerate(rows)]
+    logits = torch.randn(24, 2, generator=torch.Generator().manual_seed(1))
+    items = task.encode(Examples(texts=texts, labels=labels, source="test"), tok, 16, teacher_logits=logits)
+    assert len({len(it["input_ids"]) for it in items}) > 2
+    finals = []
+    for splits in (1, 4):
+        model = make_bert(layers=2, seed=3)
+        tc = TrainConfig(epochs=2, batch_size=8, lr=1e-1, warmup_ratio=0.0, max_grad_norm=None, weight_decay=0.0,
+                         group_by_length=False, length_splits=splits)
+        fit(model, items, items[:4], collate=task.make_collate(tok), tc=tc, weights=LossWeights(0.5, 0.5, 2.0),
+            task=task, device=torch.device("cpu"), seed=7)
+        finals.append(model.state_dict())
+    start = make_bert(layers=2, seed=3).state_dict()
+    assert any(not torch.equal(finals[0][k], start[k]) for k in start)
+    for k in start:
+        torch.testing.assert_close(finals[0][k], finals[1][k], atol=2e-6, rtol=1e-5, msg=k)
 
 
 def test_teacher_is_frozen_and_never_in_the_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -1,5 +1,5 @@
-"""Batches: this process's share of each global micro-batch, length-grouped training batches, length-sorted
-inference batches, and moving a batch to the device. Task-neutral: items are dicts with `input_ids`."""
+"""Batches: this process's share of each global micro-batch, length-grouped and sorted-split training batches,
+length-sorted inference batches, and moving a batch to the device. Task-neutral: items are dicts with `input_ids`."""
 
 from __future__ import annotations
 
@@ -70,6 +70,46 @@ class LengthGroupedBatches:
         for s in [full[i] for i in order] + partial:
             for m in range(0, len(s), self.batch_size):
                 yield s[m:m + self.batch_size]
+
+
+class SortedSplitBatches:
+    """Shuffled optimizer steps whose rows are sorted by length and cut into `splits` micro-batches each.
+
+    Each epoch: shuffle, cut into optimizer steps of `batch_size * grad_accum` rows (the same steps as plain
+    shuffled batching), sort each step's rows by length, and cut them into `grad_accum * splits` micro-batches of
+    near-equal row counts. The training loop normalises the loss over the whole step, so the step's gradient is
+    that of the unsorted step: the optimisation is plain shuffled batching. Only the padding changes: a random
+    batch pads to its longest row (on SST-2, 3.0x the real tokens), four sorted pieces of it pad to 1.4x.
+
+    Unlike LengthGroupedBatches, a step's rows are a uniform draw from the data, whatever their lengths; a
+    step's micro-batch count is the same on every process (FSDP gathers parameters once per forward).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, splits: int,
+                 generator: torch.Generator) -> None:
+        self.lengths, self.batch_size, self.grad_accum = lengths, batch_size, grad_accum
+        self.splits, self.generator = splits, generator
+
+    def _pieces(self, rows: int) -> int:
+        return min(self.grad_accum * self.splits, rows)
+
+    def __len__(self) -> int:
+        step = self.batch_size * self.grad_accum
+        full, rest = divmod(len(self.lengths), step)
+        return full * self._pieces(step) + (self._pieces(rest) if rest else 0)
+
+    def __iter__(self) -> Any:
+        step = self.batch_size * self.grad_accum
+        perm = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        for s in range(0, len(perm), step):
+            rows = sorted(perm[s:s + step], key=lambda i: self.lengths[i])
+            pieces = self._pieces(len(rows))
+            size, extra = divmod(len(rows), pieces)  # the first `extra` pieces get one row more
+            start = 0
+            for p in range(pieces):
+                end = start + size + (p < extra)
+                yield rows[start:end]
+                start = end
 
 
 def length_sorted_loader(items: list[dict[str, Any]], batch_size: int, collate: Any) -> DataLoader:

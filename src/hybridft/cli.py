@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     pr.add_argument("--quiet", action="store_true")
     ge = sub.add_parser("generate", help="greedy generations of a causal LM folder for a file of prompts")
-    ge.add_argument("--model", required=True, help="a causal LM folder (OUTPUT_DIR/student of a causal_lm run)")
+    ge.add_argument("--model", required=True,
+                    help="a causal LM folder (OUTPUT_DIR/student of a causal_lm run), or OUTPUT_DIR/hybrid: the "
+                         "teacher's greedy output, drafted by the student (speculative decoding, batch 1)")
     ge.add_argument("--input", required=True, help=".jsonl, .csv or .tsv with a prompt column")
     ge.add_argument("--output", required=True, help=".jsonl, .csv or .tsv; written only when the whole file is done")
     ge.add_argument("--prompt-column", default="prompt")
@@ -181,6 +183,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from hybridft.dist import pick_device
     from hybridft.predict import predict_file
+    from hybridft import speculative
     from hybridft.tasks import causal_lm
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
@@ -189,17 +192,39 @@ def _generate(args: argparse.Namespace) -> int:
         raise HybridFTError(f"--model {args.model} is not a folder; give a causal LM folder (e.g. OUTPUT_DIR/student "
                             f"of a causal_lm run)")
     device = pick_device(args.device)
-    model, tokenizer = causal_lm.load_model(args.model, None, "--model")  # type: ignore[arg-type]
+    folder = Path(args.model)
+    if speculative.is_speculative_folder(folder):  # OUTPUT_DIR/hybrid: the teacher's greedy output, drafted
+        teacher, draft, tokenizer, draft_tokens = speculative.load_hybrid(folder)
+        teacher.to(device), draft.to(device)
+        eos, stats = speculative.eos_ids(teacher, tokenizer), speculative.SpeculativeStats()
 
-    def generate_batch(prompts: list[str], _pairs: Any) -> list[dict[str, Any]]:
-        outputs = causal_lm.generate(model, tokenizer, prompts, args.max_new_tokens, device, args.batch_size)
-        return [{"generation": o} for o in outputs]
+        def generate_batch(prompts: list[str], _pairs: Any) -> list[dict[str, Any]]:
+            rows = []
+            for p in prompts:  # batch 1: the accepted length differs per sequence
+                ids = speculative.prompt_tensor(tokenizer, p, device)
+                out, st = speculative.speculative_generate(teacher, draft, ids, args.max_new_tokens, draft_tokens, eos)
+                stats.add(st)
+                text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                rows.append({"generation": text, "acceptance_rate": round(st.acceptance_rate, 4)})
+            return rows
+    else:
+        stats = None
+        model, tokenizer = causal_lm.load_model(args.model, None, "--model")  # type: ignore[arg-type]
+
+        def generate_batch(prompts: list[str], _pairs: Any) -> list[dict[str, Any]]:
+            outputs = causal_lm.generate(model, tokenizer, prompts, args.max_new_tokens, device, args.batch_size)
+            return [{"generation": o} for o in outputs]
 
     report = predict_file(generate_batch, args.input, args.output, text_column=args.prompt_column,
                           delimiter=args.delimiter, quoting=args.quoting,
                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet,
-                          columns=("generation",), text_option="prompt_column")
+                          columns=("generation",) if stats is None else ("generation", "acceptance_rate"),
+                          text_option="prompt_column")
     print(report.summary())
+    if stats is not None:
+        print(f"speculative decoding: {stats.acceptance_rate:.1%} of {stats.drafted} drafted tokens accepted, "
+              f"{stats.tokens_per_teacher_pass:.2f} tokens per teacher pass, "
+              f"{stats.new_tokens / stats.seconds if stats.seconds else 0:.1f} tokens/s")
     return 0
 
 
@@ -260,7 +285,8 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
         closed = f", closing {h['gap_closed']:.0%} of the student-teacher gap" if h.get("gap_closed") is not None else ""
         console.print(f"hybrid: threshold {h['threshold']:.4f} chosen on validation for {h['goal']}{closed}; "
                       f"* hybrid speed includes tokenisation and the teacher calls")
-    console.print(f"outputs: {run_dir}/ (summary.json, teacher/, student/, hybrid/, metrics.jsonl)")
+    folders = "teacher/, student/, hybrid/" if "hybrid" in summary else "teacher/, student/"
+    console.print(f"outputs: {run_dir}/ (summary.json, {folders}, metrics.jsonl)")
 
 
 def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
@@ -289,4 +315,16 @@ def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
         for g in c["generations"]:
             console.print(f"[bold]prompt[/bold] {g['prompt']!r}\n  teacher: {g['teacher']!r}\n  student: {g['student']!r}",
                           markup=True, highlight=False)
-    console.print(f"outputs: {run_dir}/ (summary.json, student/, teacher_outputs.safetensors, metrics.jsonl)")
+    h = summary.get("hybrid")
+    if h and "skipped" not in h:
+        hy, u = h["hybrid"], h.get("undistilled_hybrid")
+        line = (f"speculative hybrid (the student drafts {h['draft_tokens']} tokens per teacher pass, batch 1, "
+                f"{h['prompts']} prompts): {h['matches_teacher']}/{h['prompts']} outputs equal the teacher's greedy "
+                f"ones; {hy['acceptance_rate']:.1%} of drafts accepted; {hy['tokens_per_s']:.1f} tokens/s against "
+                f"the teacher's {h['teacher']['tokens_per_s']:.1f} ({hy['speedup_vs_teacher']:.2f}x)")
+        if u:
+            line += (f"; undistilled draft: {u['acceptance_rate']:.1%} accepted, {u['tokens_per_s']:.1f} tokens/s "
+                     f"({u['speedup_vs_teacher']:.2f}x)")
+        console.print(line)
+    folders = "teacher/, student/, hybrid/" if h and "skipped" not in h else "teacher/, student/"
+    console.print(f"outputs: {run_dir}/ (summary.json, {folders}, teacher_outputs.safetensors, metrics.jsonl)")

@@ -31,7 +31,6 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "student": {"num_layers": 8, "train": {"epochs": 3.0, "lr": 5e-4, "batch_size": 8}},
         "data": {"max_length": 256},
         "loss": {"temperature": 1.0},
-        "hybrid": {"enabled": False},
         "export": {"enabled": False},
     },
 }
@@ -110,9 +109,15 @@ class TrainConfig:
     """Write a resumable checkpoint every N optimizer steps; default: at each evaluation."""
     keep_checkpoints: int = 2
     """Older checkpoints are deleted, keeping this many."""
-    group_by_length: bool = True
+    group_by_length: bool = False
     """Batch examples of similar length together (within shuffled groups of ~50 batches), so dynamic padding
-    wastes little work: on SST-2, 34% of padded tokens are real with plain shuffling."""
+    wastes little work: on SST-2, 34% of padded tokens are real with plain shuffling. Batches are then no longer
+    uniform draws: over 3 seeds it cost 0.6 points of dev accuracy on SST-2 (BENCHMARKS.md)."""
+    length_splits: Union[Literal["auto"], int] = "auto"
+    """Without group_by_length: each micro-batch's rows (a uniform draw) are sorted by length and run as this
+    many forward/backward passes; the loss is normalised over the step, so the gradient is unchanged and only
+    padding drops. `auto`: 4 on CPU, where compute follows padded tokens; 1 on GPU, where small passes are
+    bound by kernel launches instead. Ignored with group_by_length."""
 
 
 @dataclass
@@ -215,7 +220,8 @@ class AugmentConfig:
 
 @dataclass
 class HybridConfig:
-    """The hybrid (cascade) model built after distillation; see `hybridft.hybrid`."""
+    """The hybrid model built after distillation: for classification the cascade (`hybridft.hybrid`), for causal_lm
+    speculative decoding (`hybridft.speculative`)."""
 
     enabled: bool = True
     confidence: Literal["max_prob", "margin", "entropy"] = "max_prob"
@@ -232,6 +238,11 @@ class HybridConfig:
     teacher's (0.005 = half a point), measured on validation."""
     report_gap: float = 0.005
     """Always also report the teacher fraction needed to come within this gap of the teacher."""
+    draft_tokens: int = 4
+    """causal_lm: the hybrid is speculative decoding, the student drafting for the teacher; tokens drafted per
+    teacher pass."""
+    speculative_prompts: int = 8
+    """causal_lm: test prompts generated at batch 1 to measure the speculative hybrid (acceptance, tokens/s)."""
 
 
 @dataclass
@@ -326,6 +337,8 @@ def validate(cfg: RunConfig) -> None:
     if explicit_factor and cfg.distill.teacher_logits:
         _fail("augment.factor", "the generated texts need the teacher to label them, but distill.teacher_logits "
                                 "replaces the teacher; set augment.factor=0 or drop distill.teacher_logits")
+    if cfg.hybrid.draft_tokens < 1 or cfg.hybrid.speculative_prompts < 1:
+        _fail("hybrid.draft_tokens" if cfg.hybrid.draft_tokens < 1 else "hybrid.speculative_prompts", "must be >= 1")
     builtin = BUILTIN_DATASETS[cfg.task]
     if d.dataset is not None and d.dataset not in builtin:
         _fail("data.dataset", f"unknown built-in dataset '{d.dataset}' for task {cfg.task}; the built-in one is "
@@ -347,6 +360,8 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"{key}.min_steps", f"must be >= 1, got {tc.min_steps}")
         if tc.grad_accum < 1:
             _fail(f"{key}.grad_accum", f"must be >= 1, got {tc.grad_accum}")
+        if tc.length_splits != "auto" and tc.length_splits < 1:
+            _fail(f"{key}.length_splits", f"must be >= 1 or auto, got {tc.length_splits}")
         if not tc.lr > 0:
             _fail(f"{key}.lr", f"must be > 0, got {tc.lr}")
         if tc.weight_decay < 0:
@@ -400,10 +415,8 @@ def validate(cfg: RunConfig) -> None:
             _fail("loss.topk_tail", "reverse KL needs the tail bucket (the teacher gives zero mass outside its top-k)")
         if loss.strategy != "joint":
             _fail("loss.strategy", "causal_lm trains jointly (KD and CE on the same tokens); use loss.strategy=joint")
-        for key, on in (("hybrid.enabled", cfg.hybrid.enabled), ("export.enabled", cfg.export.enabled)):
-            if on:
-                _fail(key, "the cascade and the ONNX export are for classifiers; a causal_lm run has neither (set it "
-                           "to false)")
+        if cfg.export.enabled:
+            _fail("export.enabled", "the ONNX export is for classifiers; a causal_lm run has none (set it to false)")
         if loss.pseudo_label_threshold is not None or d.unlabeled or d.label_fraction < 1:
             _fail("loss.pseudo_label_threshold" if loss.pseudo_label_threshold is not None else
                   ("data.unlabeled" if d.unlabeled else "data.label_fraction"),

@@ -537,6 +537,38 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
     return result
 
 
+def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn.Module, Any]
+                      ) -> dict[str, Any]:
+    """causal_lm: the student as the teacher's draft model. Save OUTPUT_DIR/hybrid and measure it at batch 1 on the
+    first test prompts, beside the teacher alone, the student alone and the undistilled student (the same layers
+    before distillation) as a draft."""
+    from hybridft import speculative
+
+    cfg, s = ctx.cfg, ctx.splits
+    (t_model, tokenizer), (s_model, _) = teacher, student
+    examples = s.test if s.test is not None else s.validation
+    n = cfg.hybrid.speculative_prompts
+    prompts = examples.texts[:n] if examples.pairs is not None else [t[:200] for t in examples.texts[:n]]
+    t_vocab, s_vocab = (m.get_output_embeddings().weight.shape[0] for m in (t_model, s_model))
+    if t_vocab != s_vocab:
+        ctx.log(f"no speculative hybrid: the student's output layer has {s_vocab} tokens and the teacher's {t_vocab}; "
+                f"a draft model must score the teacher's exact vocabulary")
+        return {"skipped": f"vocabulary sizes differ ({s_vocab} vs {t_vocab})"}
+    undistilled = ctx.task.build_student(cfg, t_model, tokenizer, s)[0]  # the same layers or model, untrained
+    ctx.log(f"speculative hybrid: the student drafts {cfg.hybrid.draft_tokens} tokens per teacher pass; measuring "
+            f"on {len(prompts)} test prompts at batch 1")
+    result = speculative.measure(t_model, s_model, undistilled, tokenizer, prompts, cfg.eval.max_new_tokens,
+                                 cfg.hybrid.draft_tokens, ctx.device)
+    speculative.save_hybrid(ctx.run_dir / "hybrid", ctx.run_dir / "teacher", ctx.run_dir / "student",
+                            cfg.hybrid.draft_tokens)
+    h, u = result["hybrid"], result.get("undistilled_hybrid", {})
+    ctx.log(f"speculative hybrid: {result['matches_teacher']}/{len(prompts)} outputs equal the teacher's greedy ones; "
+            f"acceptance {h['acceptance_rate']:.1%}, {h['tokens_per_s']} tokens/s = {h['speedup_vs_teacher']}x the "
+            f"teacher alone ({result['teacher']['tokens_per_s']}/s); undistilled draft: acceptance "
+            f"{u.get('acceptance_rate', 0):.1%}, {u.get('speedup_vs_teacher')}x")
+    return result
+
+
 def export(ctx: Context, student: nn.Module, tokenizer: Any) -> Optional[dict[str, Any]]:
     """The student as ONNX and int8 ONNX in OUTPUT_DIR/export, each checked against PyTorch on the test split."""
     import importlib.util
@@ -584,6 +616,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
     classification = cfg.task == "classification"  # the cascade and the ONNX export are classifier deliverables
     if classification and cfg.hybrid.enabled and "teacher" in models:
         summary["hybrid"] = build_hybrid(ctx, models["teacher"], models["student"])
+    if not classification and cfg.hybrid.enabled and "teacher" in models:
+        summary["hybrid"] = build_speculative(ctx, models["teacher"], models["student"])
     if classification and cfg.export.enabled:
         exported = export(ctx, *models["student"])
         if exported is not None:

@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from hybridft import dist, sharding
 from hybridft.dist import autocast, pick_device, seed_everything  # noqa: F401  (public here too)
-from hybridft.batching import LengthGroupedBatches, ProcessShare, length_sorted_loader, to_device
+from hybridft.batching import LengthGroupedBatches, ProcessShare, SortedSplitBatches, length_sorted_loader, to_device
 from hybridft.checkpoint import latest_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from hybridft.config import TrainConfig
 from hybridft.errors import HybridFTError
@@ -56,6 +56,18 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr)
+
+
+CPU_LENGTH_SPLITS = 4
+"""`length_splits: auto` on CPU: four sorted passes per random batch pad SST-2 to 1.4x its real tokens, not 3.0x."""
+
+
+def length_splits(tc: TrainConfig, device: torch.device) -> int:
+    """Forward/backward passes per micro-batch (`TrainConfig.length_splits`): `auto` is CPU_LENGTH_SPLITS on
+    CPU, where compute follows padded tokens, and 1 on GPU."""
+    if tc.length_splits != "auto":
+        return int(tc.length_splits)
+    return CPU_LENGTH_SPLITS if device.type == "cpu" else 1
 
 
 def fit(
@@ -112,11 +124,13 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     # `batch_size` is per process: every process builds the same global micro-batches of batch_size x world
     # rows, in the same order, and keeps its own share of each.
+    lengths = [len(it["input_ids"]) for it in train_items]
+    splits = 1 if tc.group_by_length else length_splits(tc, device)
+    per_step = tc.grad_accum * splits  # micro-batches (forward/backward passes) per optimizer step
     if tc.group_by_length:
-        batches: Any = LengthGroupedBatches([len(it["input_ids"]) for it in train_items], tc.batch_size * world,
-                                            tc.grad_accum, generator)
+        batches: Any = LengthGroupedBatches(lengths, tc.batch_size * world, tc.grad_accum, generator)
     else:
-        batches = BatchSampler(RandomSampler(train_items, generator=generator), tc.batch_size * world, False)
+        batches = SortedSplitBatches(lengths, tc.batch_size * world, tc.grad_accum, splits, generator)
     # The loader draws its workers' base seed from `generator` too, never from the global RNG, so that the
     # data order and the dropout masks can be restored independently on resume.
     loader = DataLoader(train_items, batch_sampler=ProcessShare(batches, rank, world), collate_fn=collate,
@@ -134,7 +148,7 @@ def fit(
     model_cls, model_config = type(model), getattr(model, "config", None)
     train_model, optimizer = acc.prepare(model, make_optimizer(model, tc.lr, tc.weight_decay))
     eval_model = train_model if sharded else model  # FSDP's forward gathers the shards: every process runs it
-    steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
+    steps_per_epoch = math.ceil(len(loader) / per_step)
     # On small data a few epochs are a few dozen steps, too few to fit; min_steps adds epochs until there are enough.
     total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch), tc.min_steps or 0)
     from transformers import get_linear_schedule_with_warmup
@@ -167,7 +181,7 @@ def fit(
         bar.update(step)
 
     def micro_batches() -> Any:
-        """Groups of `grad_accum` micro-batches, one group per optimizer step, epoch after epoch."""
+        """Groups of `per_step` micro-batches, one group per optimizer step, epoch after epoch."""
         nonlocal skip
         while True:
             group: list[dict[str, torch.Tensor]] = []
@@ -178,7 +192,7 @@ def fit(
                     skip -= 1
                     continue
                 group.append(batch)
-                if len(group) == tc.grad_accum:
+                if len(group) == per_step:
                     yield group
                     group = []
             if group:  # the end of an epoch makes a shorter last step

@@ -1,0 +1,153 @@
+"""The speculative hybrid for causal LMs (issue 11): the draft-and-verify loop emits exactly the teacher's greedy
+tokens whatever the draft, counts what it accepted, and a causal_lm run saves and measures it; `hybridft generate
+--model RUN/hybrid` writes the teacher's greedy output."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridft import speculative
+from hybridft.errors import HybridFTError
+from test_causal_lm import _run_args, lm_data, lm_rows, make_llama, make_lm_tokenizer, tiny_lm_dir, write_jsonl  # noqa: F401
+
+VOCAB = 40
+
+
+def _teacher(seed: int = 1):
+    """A random Llama with weights large enough that its greedy choices are not near-ties (the default init's
+    logits are nearly flat), so float rounding between pass shapes cannot flip them."""
+    model = make_llama(VOCAB, layers=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _half_agreeing_draft(teacher):
+    """The teacher with two of its layers damped: it agrees with the teacher on some tokens, not all."""
+    draft = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in draft.model.layers[1:3].parameters():
+            p.mul_(0.5)
+    return draft.eval()
+
+
+def _prompts(n: int) -> list[torch.Tensor]:
+    out = []
+    for seed in range(n):
+        g = torch.Generator().manual_seed(seed)
+        length = int(torch.randint(1, 8, (1,), generator=g))
+        out.append(torch.randint(3, VOCAB, (1, length), generator=g))
+    return out
+
+
+def _hf_greedy(model, ids: torch.Tensor, n: int, eos: int | None = None) -> list[int]:
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=0, eos_token_id=eos)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_output_is_the_teachers_greedy_output_token_for_token(k: int):
+    teacher = _teacher()
+    draft = _half_agreeing_draft(teacher)
+    total = speculative.SpeculativeStats()
+    for ids in _prompts(8):
+        expected = _hf_greedy(teacher, ids, 24)
+        out, stats = speculative.speculative_generate(teacher, draft, ids, 24, draft_tokens=k)
+        assert out[0, :ids.shape[1]].tolist() == ids[0].tolist()
+        assert out[0, ids.shape[1]:].tolist() == expected
+        total.add(stats)
+    # the draft was right sometimes and wrong sometimes: both branches of the verification ran
+    assert 0 < total.accepted < total.drafted
+    assert total.new_tokens == 8 * 24
+    # each teacher pass emits the accepted drafts plus one token of its own (the last may be cut at the limit)
+    assert total.accepted + total.teacher_passes >= total.new_tokens
+    assert total.teacher_passes < total.new_tokens
+
+
+def test_a_draft_equal_to_the_teacher_is_always_accepted():
+    teacher = _teacher()
+    ids = _prompts(1)[0]
+    out, stats = speculative.speculative_generate(teacher, teacher, ids, 20, draft_tokens=4)
+    assert out[0, ids.shape[1]:].tolist() == _hf_greedy(teacher, ids, 20)
+    assert stats.acceptance_rate == 1.0
+    assert stats.teacher_passes == 4  # 5 tokens per pass: 4 drafts + the teacher's bonus token
+
+
+def test_generation_stops_at_eos_like_the_teacher():
+    teacher = _teacher()
+    draft = _half_agreeing_draft(teacher)
+    stopped = 0
+    for ids in _prompts(8):
+        free = _hf_greedy(teacher, ids, 24)
+        eos = free[len(free) // 2]  # a token the teacher emits mid-way: treat it as end-of-sequence
+        expected = _hf_greedy(teacher, ids, 24, eos=eos)
+        out, _ = speculative.speculative_generate(teacher, draft, ids, 24, 3, eos_token_ids={eos})
+        assert out[0, ids.shape[1]:].tolist() == expected
+        stopped += len(expected) < 24
+    assert stopped > 0
+
+
+def test_greedy_generate_equals_transformers_generate():
+    teacher = _teacher()
+    for ids in _prompts(4):
+        out, stats = speculative.greedy_generate(teacher, ids, 16)
+        assert out[0, ids.shape[1]:].tolist() == _hf_greedy(teacher, ids, 16) and stats.new_tokens == 16
+
+
+def test_bad_inputs_are_refused():
+    teacher = _teacher()
+    with pytest.raises(ValueError, match="one sequence"):
+        speculative.speculative_generate(teacher, teacher, torch.zeros(2, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="draft_tokens"):
+        speculative.speculative_generate(teacher, teacher, torch.zeros(1, 3, dtype=torch.long), 4, draft_tokens=0)
+    other = make_llama(VOCAB + 5, layers=1)
+    with pytest.raises(HybridFTError, match="vocabulary"):
+        speculative.speculative_generate(teacher, other, torch.zeros(1, 3, dtype=torch.long), 4)
+
+
+def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Path, tiny_lm_dir: Path, lm_data, capsys):
+    from hybridft.cli import main
+
+    assert main(_run_args(tmp_path, tiny_lm_dir, lm_data, "a", "hybrid.speculative_prompts=3",
+                          "hybrid.draft_tokens=3", "eval.max_new_tokens=6")) == 0
+    run = tmp_path / "a"
+    h = json.loads((run / "summary.json").read_text())["hybrid"]
+    assert h["prompts"] == 3 and h["draft_tokens"] == 3
+    assert h["matches_teacher"] == 3 and h["undistilled_hybrid"]["matches_teacher"] == 3
+    for key in ("teacher", "hybrid", "student", "undistilled_hybrid", "undistilled_student"):
+        assert h[key]["tokens_per_s"] > 0, key
+    assert 0 <= h["hybrid"]["acceptance_rate"] <= 1 and 0 <= h["undistilled_hybrid"]["acceptance_rate"] <= 1
+    assert h["hybrid"]["drafted"] > 0
+    assert "speculative hybrid" in capsys.readouterr().out
+    folder = run / "hybrid"
+    assert json.loads((folder / "hybrid.json").read_text())["kind"] == "speculative"
+
+    # `generate` on the hybrid writes what the teacher alone writes
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"]} for r in lm_rows(4, seed=9)])
+    outs = {}
+    for name in ("hybrid", "teacher"):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["generate", "--model", str(run / name), "--input", str(prompts), "--output", str(out),
+                     "--max-new-tokens", "5", "--quiet"]) == 0
+        outs[name] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["generation"] for r in outs["hybrid"]] == [r["generation"] for r in outs["teacher"]]
+    assert all(0 <= r["acceptance_rate"] <= 1 for r in outs["hybrid"])
+    assert "speculative decoding:" in capsys.readouterr().out
+
+    # a damaged hybrid folder is refused with one line, exit 2, and the output is not written
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    (damaged / "draft" / "config.json").write_text("{}", encoding="utf-8")
+    out = tmp_path / "never.jsonl"
+    assert main(["generate", "--model", str(damaged), "--input", str(prompts), "--output", str(out)]) == 2
+    assert "draft/config.json" in capsys.readouterr().err and not out.exists()
