@@ -144,6 +144,22 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     assert all(0 <= r["acceptance_rate"] <= 1 for r in outs["hybrid"])
     assert "speculative decoding:" in capsys.readouterr().out
 
+    # bench/speculative.py --quick on this run: both drafts per draft length, outputs equal to the teacher's
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_speculative",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "speculative.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = tmp_path / "spec.json"
+    assert bench.main(["--run", str(run), "--quick", "--out", str(report)]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert sorted(rows) == ["1", "3"]
+    for r in rows.values():
+        assert r["matches_teacher"] == r["prompts"] == r["undistilled_hybrid"]["matches_teacher"] == 2
+        assert r["hybrid"]["tokens_per_s"] > 0 and r["undistilled_hybrid"]["tokens_per_s"] > 0
+    assert bench.main(["--run", str(tmp_path), "--quick", "--out", str(report)]) == 2
+
     # a damaged hybrid folder is refused with one line, exit 2, and the output is not written
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)

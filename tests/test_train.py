@@ -69,6 +69,18 @@ def test_sorted_split_steps_are_the_shuffled_steps_sorted_and_cut():
     assert sorted(i for p in pieces for i in p) == list(range(50))
 
 
+def test_auto_length_splits_split_only_where_it_saves_padding():
+    tc = TrainConfig(batch_size=32)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    varied = [int(x) for x in torch.randint(3, 64, (500,), generator=torch.Generator().manual_seed(0))]
+    articles = [128] * 480 + [90] * 20  # long texts cut at max_length: nearly every row has one length
+    assert train.length_splits(tc, cpu, varied) == train.CPU_LENGTH_SPLITS
+    assert train.length_splits(tc, cpu, articles) == 1
+    assert train.length_splits(tc, gpu, varied) == 1
+    assert train.length_splits(TrainConfig(length_splits=3), gpu, articles) == 3  # an explicit number is kept
+    assert train.padded_tokens(articles, 32, 1) == 64 * 32 * 128
+
+
 def test_length_splits_leave_the_update_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # Plain SGD: the update is the gradient itself (AdamW's first step would magnify float noise)
     monkeypatch.setattr(train, "make_optimizer", lambda model, lr, wd: torch.optim.SGD(model.parameters(), lr=lr))

@@ -1,0 +1,82 @@
+"""The speculative hybrid of a finished causal_lm run, for several draft lengths: the distilled student and the
+same layers before distillation as the teacher's draft model, same prompts, same process.
+
+    python bench/speculative.py --run runs/causal_lm_demo                    # draft lengths 1, 2, 3, 4, 6
+    python bench/speculative.py --run runs/causal_lm_demo --quick            # a smoke run of the same code
+
+Per draft length k: acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for
+both drafts; and whether every hybrid output equals the teacher's greedy output. Batch 1, greedy, fp32, the
+first `--prompts` test prompts of the run, `--max-new-tokens` each. Writes bench/results/speculative.json
+(or --out). Compare ratios within one run: seconds depend on the machine and what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a finished causal_lm run folder (config.yaml, hybrid/)")
+    p.add_argument("--draft-tokens", default="1,2,3,4,6", help="comma-separated draft lengths")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens, draft lengths 1 and 3")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "speculative.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts, args.max_new_tokens, args.draft_tokens = 2, 8, "1,3"
+
+    import torch
+    import transformers
+
+    from hybridft import speculative
+    from hybridft.config import load_config
+    from hybridft.tasks import causal_lm
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file() or not speculative.is_speculative_folder(run / "hybrid"):
+        print(f"{run} is not a finished causal_lm run with a speculative hybrid (config.yaml, hybrid/hybrid.json); "
+              f"run `hybridft run task=causal_lm` first", file=sys.stderr)
+        return 2
+    cfg = load_config(run / "config.yaml", ["progress=false"])
+    splits = causal_lm.load_splits(cfg, cfg.seed)
+    examples = splits.test if splits.test is not None else splits.validation
+    prompts = examples.texts[:args.prompts] if examples.pairs is not None else \
+        [t[:200] for t in examples.texts[:args.prompts]]
+    teacher, draft, tokenizer, _ = speculative.load_hybrid(run / "hybrid")
+    undistilled = causal_lm.build_student(cfg, teacher, tokenizer, splits)[0].eval()
+    cpu = torch.device("cpu")
+    rows = {}
+    for k in [int(x) for x in args.draft_tokens.split(",")]:
+        r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu)
+        rows[k] = r
+        print(f"k={k}: teacher {r['teacher']['tokens_per_s']}/s; distilled draft: acceptance "
+              f"{r['hybrid']['acceptance_rate']:.1%}, {r['hybrid']['tokens_per_s']}/s "
+              f"({r['hybrid']['speedup_vs_teacher']}x); undistilled draft: acceptance "
+              f"{r['undistilled_hybrid']['acceptance_rate']:.1%}, {r['undistilled_hybrid']['tokens_per_s']}/s "
+              f"({r['undistilled_hybrid']['speedup_vs_teacher']}x); outputs equal to the teacher's: "
+              f"{r['matches_teacher']}/{r['prompts']} and {r['undistilled_hybrid']['matches_teacher']}/{r['prompts']}",
+              flush=True)
+    report = {"run": str(run), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "transformers": transformers.__version__},
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
