@@ -90,3 +90,15 @@ def test_a_choice_timed_on_a_busy_machine_serves_that_run_only(timed, monkeypatc
     monkeypatch.setattr(pr, "machine_busy", lambda: None)
     probe({"fp32": 100.0, "bf16": 46.0})  # idle, it wins, and that is remembered
     assert pr.choose("cpu", {"model_type": "bert"}, 64).precision == "bf16" and pr.cache_file().exists()
+
+
+def test_an_explicit_bf16_on_a_cpu_that_would_emulate_it_warns(monkeypatch: pytest.MonkeyPatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(None, ["precision=bf16", "device=cpu"])
+    for flags, warned in (({"avx2", "fma"}, True), ({"avx2", "avx512bw", "avx512_bf16"}, False), (set(), False)):
+        monkeypatch.setattr(pr, "cpu_flags", lambda f=flags: f)
+        out, choice = resolve_precision(cfg, None)
+        assert out.precision == "bf16" and choice is None  # the user's choice stands
+        assert ("emulated" in capsys.readouterr().err) is warned, flags

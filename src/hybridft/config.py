@@ -116,8 +116,9 @@ class TrainConfig:
     length_splits: Union[Literal["auto"], int] = "auto"
     """Without group_by_length: each micro-batch's rows (a uniform draw) are sorted by length and run as this
     many forward/backward passes; the loss is normalised over the step, so the gradient is unchanged and only
-    padding drops. `auto`: 4 on CPU, where compute follows padded tokens; 1 on GPU, where small passes are
-    bound by kernel launches instead. Ignored with group_by_length."""
+    padding drops. `auto`: on CPU, up to 4 passes of at least 8 rows where that saves a quarter of the padded
+    tokens of random batches; 1 on GPU, where small passes are bound by kernel launches. Ignored with
+    group_by_length."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, LossWeights
 from hybridft.models import check_max_length, check_student, read_config
+from hybridft import precision as precision_module
 from hybridft.precision import PrecisionChoice
 from hybridft.precision import choose as choose_precision
 from hybridft.runlog import MetricsWriter
@@ -172,6 +173,10 @@ def resolve_precision(cfg: RunConfig, resumed_run: Optional[Path], timed: bool =
                       ) -> tuple[RunConfig, Optional[PrecisionChoice]]:
     """Settle `precision: auto` before the Accelerator is made (it fixes the precision for the process)."""
     if cfg.precision != "auto":
+        if cfg.precision == "bf16" and cfg.device != "cuda" and not torch.cuda.is_available() and \
+                precision_module.emulates_bf16():
+            print("hybridft: warning: precision=bf16 on a CPU without bf16 instructions is emulated and several "
+                  "times slower than fp32; use precision=auto or fp32", file=sys.stderr, flush=True)
         return cfg, None
     saved = resumed_run / "config.yaml" if resumed_run is not None else None
     if saved is not None and saved.is_file():

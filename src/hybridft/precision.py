@@ -54,6 +54,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def emulates_bf16() -> bool:
+    """True on a Linux CPU that reports neither AVX-512 nor AMX (its bf16 matmuls are emulated); False when the
+    flags are unknown."""
+    flags = cpu_flags()
+    return bool(flags) and not flags & {"amx_bf16", "avx512_bf16", "avx512bw"}
+
+
 def choose(device: str, model_config: Optional[dict[str, Any]], max_length: int, processes: int = 1) -> PrecisionChoice:
     """The precision for `precision: auto`.
 

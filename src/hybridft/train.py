@@ -61,6 +61,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 CPU_LENGTH_SPLITS = 4
 """`length_splits: auto` on CPU, where it pays: four sorted passes per random batch pad SST-2 to 1.4x its real
 tokens instead of 3.0x."""
+MIN_ROWS_PER_PASS = 8
+"""`auto` never cuts a pass below this many rows: smaller passes are bound by per-call overhead, not tokens."""
 MIN_PADDING_SAVED = 0.25
 """`auto` splits only when that cuts the padded tokens of a random batch by at least this share: rows of one
 length (long articles cut at max_length) gain nothing from it and pay for the smaller passes."""
@@ -80,14 +82,15 @@ def padded_tokens(lengths: list[int], batch_size: int, splits: int, batches: int
 
 def length_splits(tc: TrainConfig, device: torch.device, lengths: list[int]) -> int:
     """Forward/backward passes per micro-batch (`TrainConfig.length_splits`). `auto`: 1 on GPU, whose small passes
-    are bound by kernel launches; on CPU, CPU_LENGTH_SPLITS when that saves MIN_PADDING_SAVED of the padded
-    tokens of this data's random batches, else 1."""
+    are bound by kernel launches; on CPU, up to CPU_LENGTH_SPLITS passes of at least MIN_ROWS_PER_PASS rows, when
+    they save MIN_PADDING_SAVED of the padded tokens of this data's random batches; else 1."""
     if tc.length_splits != "auto":
         return int(tc.length_splits)
-    if device.type != "cpu" or not lengths:
+    splits = min(CPU_LENGTH_SPLITS, tc.batch_size // MIN_ROWS_PER_PASS)
+    if device.type != "cpu" or not lengths or splits < 2:
         return 1
-    whole, split = (padded_tokens(lengths, tc.batch_size, n) for n in (1, CPU_LENGTH_SPLITS))
-    return CPU_LENGTH_SPLITS if split <= (1 - MIN_PADDING_SAVED) * whole else 1
+    whole, split = (padded_tokens(lengths, tc.batch_size, n) for n in (1, splits))
+    return splits if split <= (1 - MIN_PADDING_SAVED) * whole else 1
 
 
 def fit(
