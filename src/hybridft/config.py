@@ -242,7 +242,7 @@ class HybridConfig:
     draft_tokens: int = 4
     """causal_lm: the hybrid is speculative decoding, the student drafting for the teacher; tokens drafted per
     teacher pass."""
-    speculative_prompts: int = 8
+    speculative_prompts: int = 4
     """causal_lm: test prompts generated at batch 1 to measure the speculative hybrid (acceptance, tokens/s)."""
 
 
