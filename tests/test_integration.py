@@ -21,7 +21,7 @@ def test_minilm_teacher_and_two_layer_student_on_sst2(tmp_path: Path):
     code = main(["run", "--quiet", f"output_dir={out}", f"data.train={SST2 / 'train.tsv'}",
                  f"data.validation={SST2 / 'dev.tsv'}", f"data.test={SST2 / 'test.tsv'}",
                  "data.text_column=sentence", "data.max_train_samples=1200", "data.max_eval_samples=300",
-                 "data.max_length=48", "precision=bf16", "teacher.train.epochs=3", "student.train.epochs=3",
+                 "data.max_length=48", "precision=auto", "teacher.train.epochs=3", "student.train.epochs=3",
                  f"distill.cache_dir={tmp_path / 'cache'}", "eval.speed_batches=2", "eval.latency_samples=4",
                  "augment.max_rows=2400"])  # the default augmentation, capped at factor 2 to keep the test short
     assert code == 0
