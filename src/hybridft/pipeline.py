@@ -554,11 +554,10 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
     examples = s.test if s.test is not None else s.validation
     n = cfg.hybrid.speculative_prompts
     prompts = examples.texts[:n] if examples.pairs is not None else [t[:200] for t in examples.texts[:n]]
-    t_vocab, s_vocab = (m.get_output_embeddings().weight.shape[0] for m in (t_model, s_model))
-    if t_vocab != s_vocab:
-        ctx.log(f"no speculative hybrid: the student's output layer has {s_vocab} tokens and the teacher's {t_vocab}; "
-                f"a draft model must score the teacher's exact vocabulary")
-        return {"skipped": f"vocabulary sizes differ ({s_vocab} vs {t_vocab})"}
+    problem = speculative.vocabulary_mismatch(t_model, s_model)
+    if problem:
+        ctx.log(f"no speculative hybrid: {problem}; a draft model must score the teacher's exact vocabulary")
+        return {"skipped": problem}
     undistilled = ctx.task.build_student(cfg, t_model, tokenizer, s)[0]  # the same layers or model, untrained
     ctx.log(f"speculative hybrid: the student drafts {cfg.hybrid.draft_tokens} tokens per teacher pass; measuring "
             f"on {len(prompts)} test prompts at batch 1")

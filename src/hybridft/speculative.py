@@ -83,13 +83,19 @@ def _cut(cache: Any, keep: int) -> None:
         cache.crop(-extra)
 
 
+def vocabulary_mismatch(teacher: nn.Module, draft: nn.Module) -> Optional[str]:
+    """Why `draft` cannot draft for `teacher` (their output layers score different vocabularies), or None."""
+    t, d = teacher.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0]
+    return None if t == d else f"the draft model's vocabulary ({d} tokens) differs from the teacher's ({t})"
+
+
 def _check_vocabularies(teacher: nn.Module, draft: nn.Module) -> None:
     from hybridft.errors import HybridFTError
 
-    t, d = teacher.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0]
-    if t != d:
-        raise HybridFTError(f"the draft model's vocabulary ({d} tokens) differs from the teacher's ({t}); speculative "
-                            f"decoding needs the same tokenizer: use a student distilled from this teacher")
+    problem = vocabulary_mismatch(teacher, draft)
+    if problem:
+        raise HybridFTError(f"{problem}; speculative decoding needs the same tokenizer: use a student distilled "
+                            f"from this teacher")
 
 
 @torch.no_grad()
