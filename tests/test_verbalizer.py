@@ -87,3 +87,21 @@ def test_unusable_prompts_and_verbalizers_are_refused(lm):
         vb.verbalizer_ids(tok, [["blue"], [""]])
     with pytest.raises(HybridFTError, match="told apart"):
         vb.verbalizer_ids(tok, [["blue"], ["blue"]])
+
+
+def test_a_long_shared_prefix_gives_the_same_scores_as_full_passes(tmp_path: Path):
+    """The prompt's prefix (here a chat template's turn and a long instruction) runs once per batch and its keys and
+    values are shared by every row: the scores still equal unpadded full forward passes."""
+    tok = make_lm_tokenizer(tmp_path / "t", template=True)
+    model = make_llama(len(tok), layers=2, seed=5).eval()
+    template = "Q: red green blue Q: one two A: {text} A:"
+    texts, words = ["red", "one two three gold", ""], ["blue", "one two three"]
+    scores = vb.label_scores(model, tok, texts, template, [[w] for w in words], CPU, batch_size=2, chat_template=True)
+    for i, text in enumerate(texts):
+        prompt = vb.prompt_ids(tok, template, text, chat_template=True)
+        for label, w in enumerate(words):
+            answer = tok(w, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+            expected = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
+            assert scores[i, label].item() == pytest.approx(expected, abs=1e-5)

@@ -122,12 +122,31 @@ class TrainConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """A causal LM as a zero-shot classification teacher (`hybridft.verbalizer.ZeroShotClassifier`): its
+    log-probabilities of each label's words after the prompt become the soft labels of the store."""
+
+    prompt: Optional[str] = None
+    """The prompt, with `{text}` where the text goes, e.g. "Is this review positive or negative?\\n{text}\\nAnswer:".
+    Setting it makes `teacher.model` (a causal LM; SmolLM2-135M-Instruct by name) a zero-shot teacher. The text is
+    tokenized on its own and spliced in, so put `{text}` after a newline or a space-free delimiter."""
+    verbalizers: Optional[list[list[str]]] = None
+    """Per label, in data.labels order, one or more words whose probability is the label's (several tokens
+    allowed), e.g. [["negative"], ["positive"]]."""
+    calibrate: bool = True
+    """Contextual calibration (Zhao et al. 2021): divide out the LM's label prior on content-free inputs."""
+    chat_template: bool = True
+    """Wrap the prompt in the tokenizer's chat template (an instruct model then answers as the assistant)."""
+
+
+@dataclass
 class TeacherConfig:
     model: str = DEFAULT_TEACHER
     """A local HF folder or a hub id (hub ids need network access and are cached by transformers)."""
     finetune: Literal["auto", "always", "never"] = "auto"
     """`auto` fine-tunes unless the model already is a classifier with exactly the task's labels."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, lr=1e-4))
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 @dataclass
@@ -433,6 +452,41 @@ def validate(cfg: RunConfig) -> None:
         if value > 0 and cfg.distill.teacher_logits:
             _fail(f"loss.{name}", "needs the teacher's hidden states on every batch, but distill.teacher_logits "
                                   "replaces the teacher; set it to 0 or drop distill.teacher_logits")
+    validate_zero_shot(cfg)
+
+
+def validate_zero_shot(cfg: RunConfig) -> None:
+    """A zero-shot LLM teacher reads labels off words: it needs the label order, a word list per label, and a
+    student with its own tokenizer (a layer cut of an LLM is no classifier)."""
+    z, d = cfg.teacher.zero_shot, cfg.data
+    if z.prompt is None:
+        if z.verbalizers is not None:
+            _fail("teacher.zero_shot.verbalizers", "needs teacher.zero_shot.prompt (with {text}) to score them after")
+        return
+    prefix = "teacher.zero_shot"
+    if cfg.task != "classification":
+        _fail(f"{prefix}.prompt", "a zero-shot teacher labels classification data; use task: classification")
+    if z.prompt.count("{text}") != 1:
+        _fail(f"{prefix}.prompt", f"must hold the {{text}} placeholder exactly once, got {z.prompt!r}")
+    if not d.labels:
+        _fail("data.labels", "a zero-shot teacher needs the label names in order, one per verbalizer list; set "
+                             "data.labels, e.g. [negative, positive]")
+    if not z.verbalizers or len(z.verbalizers) != len(d.labels or []):
+        _fail(f"{prefix}.verbalizers", f"give one list of words per label of data.labels ({len(d.labels or [])}), "
+                                       f"e.g. [[negative], [positive]]")
+    if cfg.teacher.finetune == "always":
+        _fail("teacher.finetune", "a zero-shot teacher is used as it is; set it to auto or never")
+    if cfg.student.model is None:
+        _fail("student.model", "a zero-shot LLM teacher has no classifier layers to cut a student from; set "
+                               "student.model (e.g. all-MiniLM-L6-v2)")
+    if cfg.distill.online:
+        _fail("distill.online", "the zero-shot teacher reads its own tokenizer's ids; use the store (online: false)")
+    for name in ("hidden_weight", "attention_weight"):
+        if getattr(cfg.loss, name) > 0:
+            _fail(f"loss.{name}", "a zero-shot LLM teacher and its student share no layers to match; set it to 0")
+    if d.train is None and d.dataset is None and not (d.unlabeled and d.validation):
+        _fail("data.unlabeled", "with no data.train the student learns from the teacher's labels of unlabeled text: "
+                                "set data.unlabeled=FILE and data.validation=FILE (labelled, to pick the best epoch)")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -417,9 +417,15 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         if cfg.max_train_samples:
             train = train.subset(list(range(min(cfg.max_train_samples, len(train)))))
     else:
-        if cfg.train is None:
-            raise HybridFTError("no training data: set data.train=FILE (or data.dataset=bbc_news for the demo)")
-        train, raw_or_none, table = read_examples(cfg.train, cfg, "train", None, limit=cfg.max_train_samples)
+        if cfg.train is None and not (cfg.unlabeled and cfg.labels and cfg.validation):
+            raise HybridFTError("no training data: set data.train=FILE (or data.dataset=bbc_news for the demo; or, "
+                                "with a teacher that needs no labels, data.unlabeled, data.validation and data.labels)")
+        if cfg.train is None:  # no labelled training rows: the student learns from the teacher's labels alone
+            train = Examples(texts=[], labels=[], pairs=[] if cfg.text_pair_column else None, source="no data.train")
+            raw_or_none = []
+            table = Table(rows=[], lines=[], source="no data.train")
+        else:
+            train, raw_or_none, table = read_examples(cfg.train, cfg, "train", None, limit=cfg.max_train_samples)
         notes += table.notes
         train, no_gold, raw = without_gold(train, raw_or_none)
         if len(no_gold):

@@ -23,6 +23,9 @@ on their own (so " positive" with its leading space is one word for a BPE tokeni
 
 from __future__ import annotations
 
+import inspect
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -57,22 +60,219 @@ def verbalizer_ids(tokenizer: Any, verbalizers: list[list[str]]) -> list[list[li
     return out
 
 
-def prompt_ids(tokenizer: Any, template: str, text: str, chat_template: bool) -> list[int]:
-    """The prompt's token ids: `template` with `{text}` filled in, through the chat template when asked and the
-    tokenizer has one."""
+def prompt_parts(tokenizer: Any, template: str, chat_template: bool) -> tuple[list[int], list[int]]:
+    """The prompt's token ids before and after `{text}`: `template` rendered through the chat template when asked
+    and the tokenizer has one, split at the placeholder, each side tokenized on its own (the text is spliced in
+    between as the classification task tokenizes any text). Raises HybridFTError unless `{text}` occurs once."""
     from hybridft.tasks import causal_lm
 
-    if "{text}" not in template:
-        raise HybridFTError(f"the prompt template {template!r} has no {{text}} placeholder")
-    prompt = template.replace("{text}", text)
-    return causal_lm._prompt_ids(tokenizer, prompt, chat_template and causal_lm.uses_template(tokenizer))
+    if template.count("{text}") != 1:
+        raise HybridFTError(f"the prompt template {template!r} must hold the {{text}} placeholder exactly once")
+    if chat_template and causal_lm.uses_template(tokenizer):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": template}], add_generation_prompt=True,
+                                                 tokenize=False)
+        head: list[int] = []  # the template writes any beginning-of-sequence token itself
+    else:
+        rendered, head = template, special_counts(tokenizer)[2]
+    before, after = rendered.split("{text}")
+    encode = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else []  # noqa: E731
+    return head + encode(before), encode(after)
+
+
+def special_counts(tokenizer: Any) -> tuple[int, int, list[int]]:
+    """How many special tokens the tokenizer adds before and after a text, and the leading ones' ids (a Llama
+    tokenizer's BOS): the text's ids are taken without them when spliced into a prompt."""
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("x")["input_ids"])
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return at, len(full) - len(plain) - at, full[:at]
+
+
+def prompt_ids(tokenizer: Any, template: str, text: str, chat_template: bool) -> list[int]:
+    """The whole prompt's token ids for one text: prefix + the text's own tokens + suffix (`prompt_parts`)."""
+    before, after = prompt_parts(tokenizer, template, chat_template)
+    return before + list(tokenizer(text, add_special_tokens=False)["input_ids"]) + after
+
+
+ZERO_SHOT_FILE = "zero_shot.json"
+ZERO_SHOT_FORMAT = "hybridft.zero_shot/1"
+
+
+class ZeroShotClassifier(nn.Module):
+    """A causal LM read as a sequence classifier through verbalizers: the zero-shot LLM teacher of issue 11, part 3a.
+
+    `forward(input_ids [B, W], attention_mask [B, W])` takes the *text's* token ids as the classification task
+    encodes any text (the LM's tokenizer, truncated to data.max_length, right-padded), puts each row between the
+    prompt's prefix and suffix ids, and returns `.logits` [B, L] float32: per label, the log-probability of its
+    verbalizers (`label_scores`), log-softmaxed over the labels and, when a prior is set, contextually
+    calibrated (`calibrate`). Log-probabilities are logits, so the store, the loss (softmax(logits / T)), the
+    hybrid cascade and `hybridft predict` use this model as they use any classifier.
+
+    The LM's output layer runs only at the positions that predict a verbalizer token, never over [B, W, V].
+    Verbalizers of one token cost nothing beyond the prompt's pass; each longer verbalizer costs one more pass.
+    Saved as the LM's own folder plus `zero_shot.json` (prompt, verbalizers, prior); `load` reads it back.
+    """
+
+    def __init__(self, lm: nn.Module, prefix: list[int], suffix: list[int], label_ids: list[list[list[int]]],
+                 label_names: list[str], settings: dict[str, Any], log_prior: Optional[torch.Tensor] = None,
+                 skip: tuple[int, int] = (0, 0)) -> None:
+        super().__init__()
+        self.lm = lm
+        self.prefix, self.suffix, self.label_ids = list(prefix), list(suffix), label_ids
+        self.label_names, self.settings, self.skip = list(label_names), dict(settings), skip
+        self.register_buffer("log_prior", log_prior if log_prior is not None else torch.zeros(len(label_ids)),
+                             persistent=False)
+        self.calibrated = log_prior is not None
+
+    @property
+    def config(self) -> Any:  # the LM's config: pad token, dtype and size checks read it as any model's
+        return self.lm.config
+
+    def get_input_embeddings(self) -> nn.Module:  # the transfer-set generator's word neighbours
+        return self.lm.get_input_embeddings()
+
+    def _rows(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> list[list[int]]:
+        """Each row's prompt: prefix + the text's real tokens (without the tokenizer's own special ones) + suffix."""
+        head, tail = self.skip
+        rows = []
+        for i, ids in enumerate(input_ids.tolist()):
+            n = int(attention_mask[i].sum()) if attention_mask is not None else len(ids)
+            rows.append(self.prefix + ids[head:max(n - tail, head)] + self.suffix)
+        return rows
+
+    def _next_token_logprobs(self, seqs: list[list[int]], picks: list[tuple[int, int]]) -> torch.Tensor:
+        """log p(next token | seqs[r][:position + 1]) for each (r, position) of `picks`: [len(picks), V] float32.
+
+        Every sequence starts with the prompt's prefix (a chat template's system turn and the instruction: often
+        more tokens than the text). Its keys and values are computed once per call and shared by the batch, so a
+        row costs only its own tokens. One right-padded pass of the LM's body follows; its output layer runs at
+        the picked positions only."""
+        device, body = self.log_prior.device, self.lm.base_model
+        pad = self.lm.config.pad_token_id if self.lm.config.pad_token_id is not None else 0
+        shared = len(self.prefix) if len(self.prefix) < min(map(len, seqs)) else 0
+        rests = [s[shared:] for s in seqs]
+        width = max(map(len, rests))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rests], device=device)
+        mask = torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rests], device=device)
+        kwargs: dict[str, Any] = {}
+        if shared:
+            from transformers import DynamicCache
+
+            # transformers renamed `past_key_values` to `cache` (5.2x; the old name warns until 5.40)
+            key = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+            cache = DynamicCache()
+            body(input_ids=torch.tensor([self.prefix], device=device), use_cache=True, **{key: cache})
+            cache.batch_repeat_interleave(len(seqs))
+            kwargs = {key: cache, "use_cache": True}
+        hidden = body(input_ids=ids, attention_mask=mask, **kwargs)[0]  # [B, W - shared, d]
+        rows, positions = (torch.tensor(x, device=device) for x in zip(*picks))
+        return self.lm.get_output_embeddings()(hidden[rows, positions - shared]).float().log_softmax(-1)
+
+    def label_scores(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Uncalibrated scores [B, L]: per label, logsumexp over its verbalizers of log P(verbalizer | prompt)."""
+        prompts = self._rows(input_ids, attention_mask)
+        scores = torch.full((len(prompts), len(self.label_ids)), float("-inf"), device=self.log_prior.device)
+        flat = [(label, v) for label, vs in enumerate(self.label_ids) for v in vs]
+        if any(len(v) == 1 for _, v in flat):  # every one-token verbalizer is read off one pass over the prompts
+            logp = self._next_token_logprobs(prompts, [(r, len(p) - 1) for r, p in enumerate(prompts)])  # [B, V]
+            for label, v in flat:
+                if len(v) == 1:
+                    scores[:, label] = torch.logaddexp(scores[:, label], logp[:, v[0]])
+        for label, v in flat:
+            if len(v) > 1:  # token v_j follows the prompt at len(p) + j and is predicted from len(p) + j - 1
+                picks = [(r, len(p) + j - 1) for r, p in enumerate(prompts) for j in range(len(v))]
+                logp = self._next_token_logprobs([p + v[:-1] for p in prompts], picks)  # [B * len(v), V]
+                picked = logp[torch.arange(len(picks)), torch.tensor(v * len(prompts))].view(len(prompts), len(v))
+                scores[:, label] = torch.logaddexp(scores[:, label], picked.sum(-1))
+        return scores
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **_: Any) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logp = self.label_scores(input_ids, attention_mask).log_softmax(-1)
+        if self.calibrated:
+            logp = (logp - self.log_prior).log_softmax(-1)
+        return SequenceClassifierOutput(logits=logp)
+
+    # -----------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
+        """The LM's folder (save_pretrained) plus zero_shot.json."""
+        self.lm.save_pretrained(folder, **kwargs)
+        meta = {"format": ZERO_SHOT_FORMAT, "label_names": self.label_names, "prefix_ids": self.prefix,
+                "suffix_ids": self.suffix, "verbalizer_ids": self.label_ids, "skip": list(self.skip),
+                "prior": self.log_prior.exp().tolist() if self.calibrated else None, **self.settings}
+        (Path(folder) / ZERO_SHOT_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def read_zero_shot(folder: str | Path) -> Optional[dict[str, Any]]:
+    """zero_shot.json of a saved zero-shot teacher, or None if the folder is not one."""
+    f = Path(folder) / ZERO_SHOT_FILE
+    if not f.is_file():
+        return None
+    try:
+        meta: dict[str, Any] = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HybridFTError(f"{f} is not valid JSON; restore the folder or re-run the teacher stage") from None
+    if meta.get("format") != ZERO_SHOT_FORMAT:
+        raise HybridFTError(f"{f} has format {meta.get('format')!r}, expected {ZERO_SHOT_FORMAT!r}")
+    return meta
+
+
+def load_zero_shot(folder: str | Path, key: str) -> ZeroShotClassifier:
+    """A zero-shot teacher saved by `ZeroShotClassifier.save_pretrained`."""
+    from hybridft.tasks import causal_lm
+
+    meta = read_zero_shot(folder)
+    if meta is None:
+        raise HybridFTError(f"{key}: {folder} has no {ZERO_SHOT_FILE}; it is not a zero-shot teacher")
+    lm = causal_lm._load_lm(str(folder), key).eval()
+    prior = torch.tensor(meta["prior"]).log() if meta.get("prior") is not None else None
+    settings = {k: meta[k] for k in ("prompt", "verbalizers", "chat_template") if k in meta}
+    return ZeroShotClassifier(lm, meta["prefix_ids"], meta["suffix_ids"], meta["verbalizer_ids"], meta["label_names"],
+                              settings, prior, tuple(meta.get("skip", (0, 0))))
+
+
+def build_zero_shot(lm: nn.Module, tokenizer: Any, template: str, verbalizers: list[list[str]],
+                    label_names: list[str], chat_template: bool = True, calibrated: bool = True,
+                    content_free: tuple[str, ...] = CONTENT_FREE) -> ZeroShotClassifier:
+    """A `ZeroShotClassifier` for `label_names`, with the contextual-calibration prior measured on `content_free`
+    inputs (Zhao et al. 2021) when `calibrated`. Raises HybridFTError for a bad template or verbalizers, or
+    verbalizers that do not match the labels one to one."""
+    if len(verbalizers) != len(label_names):
+        raise HybridFTError(f"teacher.zero_shot.verbalizers has {len(verbalizers)} entries but the data has "
+                            f"{len(label_names)} labels ({', '.join(label_names)}); give one list of words per label, "
+                            f"in data.labels order")
+    label_ids = verbalizer_ids(tokenizer, verbalizers)
+    prefix, suffix = prompt_parts(tokenizer, template, chat_template)
+    head, tail, _ = special_counts(tokenizer)
+    settings = {"prompt": template, "verbalizers": verbalizers, "chat_template": chat_template}
+    model = ZeroShotClassifier(lm.eval(), prefix, suffix, label_ids, label_names, settings, None, (head, tail))
+    if calibrated:
+        model.to(next(lm.parameters()).device)
+        with torch.no_grad():
+            ids, mask = encode_texts(tokenizer, list(content_free))
+            scores = model.label_scores(ids.to(model.log_prior.device), mask.to(model.log_prior.device))
+        model.log_prior = scores.softmax(-1).mean(0).clamp_min(1e-12).log()
+        model.calibrated = True
+    return model
+
+
+def encode_texts(tokenizer: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts as the classification task encodes them (special tokens included), right-padded by hand (the mask
+    says what is real, so a tokenizer without a pad token works): input_ids and attention_mask, [N, W]."""
+    ids = [list(tokenizer(t)["input_ids"]) for t in texts]
+    width = max(map(len, ids), default=0) or 1
+    return (torch.tensor([i + [0] * (width - len(i)) for i in ids]),
+            torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]))
 
 
 @torch.no_grad()
 def label_scores(model: nn.Module, tokenizer: Any, texts: list[str], template: str, verbalizers: list[list[str]],
                  device: torch.device, batch_size: int = 16, chat_template: bool = True) -> torch.Tensor:
     """Per text and label, the log-probability of the label's verbalizers after the prompt (logsumexp over a
-    label's verbalizers).
+    label's verbalizers), uncalibrated.
 
     Args:
         model: a causal LM (eval mode is set here); tokenizer: its tokenizer.
@@ -83,30 +283,13 @@ def label_scores(model: nn.Module, tokenizer: Any, texts: list[str], template: s
     Raises:
         HybridFTError: for a template without `{text}` or unusable verbalizers.
     """
-    label_ids = verbalizer_ids(tokenizer, verbalizers)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = [(i, label, v) for i in range(len(texts)) for label, vs in enumerate(label_ids) for v in vs]
-    prompts = [prompt_ids(tokenizer, template, t, chat_template) for t in texts]
-    logp = torch.empty(len(pairs))
-    model.to(device).eval()
-    # One sequence per (text, verbalizer): right-padded, so positions need no shift; longest first pads least.
-    order = sorted(range(len(pairs)), key=lambda k: -(len(prompts[pairs[k][0]]) + len(pairs[k][2])))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        seqs = [prompts[pairs[k][0]] + pairs[k][2] for k in chunk]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # [B, W, V]
-        for row, k in enumerate(chunk):
-            p_len, v = len(prompts[pairs[k][0]]), pairs[k][2]
-            # token v_j sits at position p_len + j and is predicted from position p_len + j - 1
-            positions = torch.arange(p_len - 1, p_len - 1 + len(v), device=device)
-            logp[k] = logits[row, positions, torch.tensor(v, device=device)].sum().cpu()
-    scores = torch.full((len(texts), len(label_ids)), float("-inf"))
-    for k, (i, label, _) in enumerate(pairs):
-        scores[i, label] = torch.logaddexp(scores[i, label], logp[k])
-    return scores
+    zs = build_zero_shot(model, tokenizer, template, verbalizers, [str(i) for i in range(len(verbalizers))],
+                         chat_template=chat_template, calibrated=False).to(device)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = encode_texts(tokenizer, texts[start:start + batch_size])
+        out.append(zs.label_scores(ids.to(device), mask.to(device)).cpu())
+    return torch.cat(out) if out else torch.empty(0, len(verbalizers))
 
 
 def content_free_prior(model: nn.Module, tokenizer: Any, template: str, verbalizers: list[list[str]],

