@@ -196,6 +196,23 @@ class LossConfig:
 
 
 @dataclass
+class SequenceKDConfig:
+    """causal_lm: sequence-level KD (Kim & Rush 2016; `hybridft.sequence_kd`): the student trains on the teacher's
+    generated responses. The generations are stored and reused like the teacher's token outputs."""
+
+    fraction: float = 0.0
+    """Share of the training prompts whose response is replaced by the teacher's (a seeded choice): 0 is off, 1
+    trains on the teacher's responses alone. Prompts in data.unlabeled always get the teacher's response."""
+    do_sample: bool = False
+    """Greedy decoding (false), or sampling with `temperature` and `top_p`, seeded by the run's seed."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    """Prompts per generation batch (left-padded)."""
+
+
+@dataclass
 class DistillConfig:
     online: bool = False
     """Run the teacher on every batch instead of reading stored logits: slower, the same targets (for comparisons)."""
@@ -211,6 +228,7 @@ class DistillConfig:
     `draws` ids sampled from its distribution with their counts (Anshumann et al., ACL 2025)."""
     top_k: int = 64
     draws: int = 64
+    sequence: SequenceKDConfig = field(default_factory=SequenceKDConfig)
 
 
 @dataclass
@@ -437,10 +455,12 @@ def validate(cfg: RunConfig) -> None:
             _fail("loss.strategy", "causal_lm trains jointly (KD and CE on the same tokens); use loss.strategy=joint")
         if cfg.export.enabled:
             _fail("export.enabled", "the ONNX export is for classifiers; a causal_lm run has none (set it to false)")
-        if loss.pseudo_label_threshold is not None or d.unlabeled or d.label_fraction < 1:
-            _fail("loss.pseudo_label_threshold" if loss.pseudo_label_threshold is not None else
-                  ("data.unlabeled" if d.unlabeled else "data.label_fraction"),
+        if loss.pseudo_label_threshold is not None or d.label_fraction < 1:
+            _fail("loss.pseudo_label_threshold" if loss.pseudo_label_threshold is not None else "data.label_fraction",
                   "is for classification; a causal_lm run learns from prompt/response or text rows")
+        if d.unlabeled and cfg.distill.teacher_logits:
+            _fail("data.unlabeled", "causal_lm: unlabeled prompts are answered by the teacher (sequence KD), but "
+                                    "distill.teacher_logits replaces the teacher; drop one of them")
     if cfg.distill.online and cfg.distill.teacher_logits:
         _fail("distill.online", "online distillation runs the teacher; it cannot use distill.teacher_logits")
     for name in ("hidden_weight", "attention_weight"):  # intermediate-layer distillation (issue 10)
@@ -453,6 +473,26 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"loss.{name}", "needs the teacher's hidden states on every batch, but distill.teacher_logits "
                                   "replaces the teacher; set it to 0 or drop distill.teacher_logits")
     validate_zero_shot(cfg)
+    validate_sequence_kd(cfg)
+
+
+def validate_sequence_kd(cfg: RunConfig) -> None:
+    q = cfg.distill.sequence
+    if not 0 <= q.fraction <= 1:
+        _fail("distill.sequence.fraction", f"must be in [0, 1], got {q.fraction}")
+    if not q.temperature > 0:
+        _fail("distill.sequence.temperature", f"must be > 0, got {q.temperature}")
+    if not 0 < q.top_p <= 1:
+        _fail("distill.sequence.top_p", f"must be in (0, 1], got {q.top_p}")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(q, name) < 1:
+            _fail(f"distill.sequence.{name}", f"must be >= 1, got {getattr(q, name)}")
+    if q.fraction > 0 and cfg.task != "causal_lm":
+        _fail("distill.sequence.fraction", "sequence-level KD trains a causal LM on generated responses; for "
+                                           "classification use the teacher's soft labels (loss.alpha)")
+    if q.fraction > 0 and cfg.distill.teacher_logits:
+        _fail("distill.sequence.fraction", "the teacher generates the responses, but distill.teacher_logits "
+                                           "replaces the teacher; drop one of them")
 
 
 def validate_zero_shot(cfg: RunConfig) -> None:

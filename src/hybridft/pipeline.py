@@ -309,8 +309,11 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
 
 
 def augment(ctx: Context, teacher: nn.Module, tokenizer: Any) -> None:
-    """Add the generated transfer set (`cfg.augment`) to the run's unlabeled pool, once the teacher is ready."""
-    ctx.splits = ctx.task.augment(ctx.splits, teacher, tokenizer, ctx.cfg, ctx.log)
+    """Once the teacher is ready, let it extend the transfer set: classification adds generated texts
+    (`cfg.augment`) to the unlabeled pool; causal_lm trains on the teacher's responses (`distill.sequence`)."""
+    cache = Path(ctx.cfg.distill.cache_dir) if ctx.cfg.distill.cache_dir else default_cache_dir()
+    ctx.splits = ctx.task.augment(ctx.splits, teacher, tokenizer, ctx.cfg, ctx.log, device=ctx.device,
+                                  teacher_folder=teacher_folder(ctx), cache_dir=cache)
 
 
 def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Any:

@@ -259,7 +259,28 @@ def load_splits(cfg: RunConfig, seed: int) -> Splits:
         validation = validation.subset(list(range(min(d.max_eval_samples, len(validation)))))
         if test is not None:
             test = test.subset(list(range(min(d.max_eval_samples, len(test)))))
-    return Splits(train=train, validation=validation, test=test, unlabeled=None, label_names=[])
+    unlabeled = _read_prompts(d.unlabeled, cfg) if d.unlabeled else None
+    return Splits(train=train, validation=validation, test=test, unlabeled=unlabeled, label_names=[])
+
+
+def _read_prompts(path: str, cfg: RunConfig) -> Examples:
+    """Prompts without responses (data.unlabeled), for the teacher to answer (sequence KD)."""
+    d = cfg.data
+    rows, lines, source = read_rows(path, d, "unlabeled")
+    if d.max_train_samples:
+        rows, lines = rows[:d.max_train_samples], lines[:d.max_train_samples]
+    if rows and d.prompt_column not in rows[0]:
+        raise HybridFTError(f"data.unlabeled {source} has no prompt column '{d.prompt_column}' (columns: "
+                            f"{', '.join(sorted(rows[0]))}); give prompts for the teacher to answer, or set "
+                            f"data.prompt_column")
+    texts = []
+    for row, line in zip(rows, lines):
+        value = row.get(d.prompt_column)
+        if not isinstance(value, str) or not value.strip():
+            raise HybridFTError(f"data.unlabeled {source} line {line}: the prompt is empty or not text ({value!r}); "
+                                f"remove the row or fill it in")
+        texts.append(value)
+    return Examples(texts=texts, labels=[0] * len(texts), pairs=[""] * len(texts), source=source, lines=lines)
 
 
 def _read(path: str, cfg: RunConfig, role: str, limit: Optional[int]) -> Examples:
@@ -306,9 +327,13 @@ def _from_rows(rows: list[dict[str, Any]], source: str, cfg: RunConfig, prompts:
                     lines=lines)
 
 
-def augment(splits: Splits, teacher: Any, tokenizer: Any, cfg: RunConfig, log: Any) -> Splits:
-    """No generated transfer set for causal LMs (the config refuses augment.factor > 0 for them)."""
-    return splits
+def augment(splits: Splits, teacher: Any, tokenizer: Any, cfg: RunConfig, log: Any, device: torch.device,
+            teacher_folder: Path, cache_dir: Path) -> Splits:
+    """Sequence-level KD (`distill.sequence`, `hybridft.sequence_kd`): the teacher's responses replace a share of
+    the true ones, and answer the unlabeled prompts. No word-level augmentation for causal LMs."""
+    from hybridft import sequence_kd
+
+    return sequence_kd.apply(splits, teacher, tokenizer, cfg, log, device, teacher_folder, cache_dir)
 
 
 def transfer_set(splits: Splits) -> Examples:
@@ -602,9 +627,11 @@ def validate(model: nn.Module, loader: Any, device: torch.device, precision: str
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, device: torch.device,
-             batch_size: int = 8, min_new_tokens: int = 0) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches, through the chat template when the tokenizer
-    has one), decoded without special tokens."""
+             batch_size: int = 8, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0) -> list[str]:
+    """Greedy (or, with `do_sample`, sampled at `temperature` and `top_p`; seed torch first) continuations of
+    `prompts` (left-padded batches, through the chat template when the tokenizer has one), decoded without
+    special tokens."""
     use_template = uses_template(tokenizer)
     model.to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -614,8 +641,10 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
+            dict(do_sample=False)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens, do_sample=False, pad_token_id=pad_id)
+                             min_new_tokens=min_new_tokens, pad_token_id=pad_id, **sampling)
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [o.strip() for o in outputs]
 

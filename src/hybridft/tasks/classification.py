@@ -201,7 +201,7 @@ def augment_factor(splits: Splits, tokenizer: Any, cfg: RunConfig) -> tuple[int,
     return factor, f"factor {factor} of {asked} asked: {limit}"
 
 
-def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, log: Any) -> Splits:
+def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, log: Any, **_: Any) -> Splits:
     """The splits with generated texts (`cfg.augment`) added to the unlabeled pool, for the teacher to label.
 
     Unlabeled text comes first: generated rows fill what is left of `augment.max_rows` (and `max_tokens`), the

@@ -1,6 +1,9 @@
-"""A causal LM as the zero-shot teacher of a small classifier (issue 11, part 3a): the LM's calibrated verbalizer
-scores become a classification store, a student with its own tokenizer learns from them on unlabeled text alone,
-the hybrid cascade runs with the LM as its teacher, and everything survives a save and a second run."""
+"""A causal LM as the teacher of a small classifier (issue 11, part 3).
+
+(a) Zero-shot: the LM's calibrated verbalizer scores become a classification store, a student with its own
+tokenizer learns from them on unlabeled text alone, the hybrid cascade runs with the LM as its teacher, and
+everything survives a save and a second run. (b) Fine-tuned: the LM with a sequence-classification head is the
+teacher stage, distilled into a student with another tokenizer."""
 
 from __future__ import annotations
 
@@ -170,3 +173,29 @@ def test_verbalizers_without_a_prompt_are_refused(tmp_path: Path):
 
     with pytest.raises(HybridFTError, match="needs teacher.zero_shot.prompt"):
         load_config(None, ["teacher.zero_shot.verbalizers=[[a],[b]]"])
+
+
+def test_a_causal_lm_fine_tuned_with_a_classification_head_teaches_a_student_with_its_own_tokenizer(
+        tiny_teacher_dir: Path, tiny_data, tmp_path: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridft import pipeline
+    from hybridft.config import load_config
+    from hybridft.hybrid import HybridModel
+    from conftest import tiny_overrides
+
+    lm_dir = tmp_path / "lm"
+    tok = make_word_tokenizer(lm_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(lm_dir)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_teacher_dir, tiny_data, out) + [
+        f"teacher.model={lm_dir}", f"student.model={tiny_teacher_dir}", "export.enabled=false"]
+    summary = pipeline.run(load_config(None, overrides))
+    saved = json.loads((out / "teacher" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"]  # the LM got a classification head
+    assert summary["teacher"]["accuracy"] >= 0.9 and summary["student"]["accuracy"] >= 0.85
+    hybrid = HybridModel.load(out / "hybrid")
+    assert hybrid.predict([" ".join(POSITIVE[:3]), " ".join(NEGATIVE[:3])]).label_ids.tolist() == [1, 0]

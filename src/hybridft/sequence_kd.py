@@ -1,0 +1,136 @@
+"""Sequence-level knowledge distillation for causal LMs (issue 11, part 1).
+
+Kim & Rush 2016, "Sequence-Level Knowledge Distillation" (EMNLP): the student trains on the teacher's own
+generated responses instead of (or beside) the true ones, which approximates matching the teacher's distribution
+over whole sequences rather than over next tokens given the *true* prefix. With token KD on top (`loss.alpha` > 0)
+the student also matches the teacher's next-token distribution along the teacher's own responses.
+
+What is generated (`distill.sequence`):
+    fraction   the share of training prompts whose response is replaced by the teacher's (a seeded choice):
+               0 is off, 1 trains on generations alone, in between mixes the two.
+    data.unlabeled prompts (a file with a prompt column, no response needed) always get the teacher's response and
+               join the training rows.
+Decoding: greedy, or sampling with `temperature` and `top_p`, at most `max_new_tokens` tokens, seeded per batch
+from the run's seed (the same run draws the same responses on any batch split of one machine).
+
+The generations are stored in the teacher-output cache like the teacher's token outputs, as
+`<fingerprint>.generations.json`, the fingerprint hashing the teacher's files, its tokenizer, the prompts and the
+decoding settings: a second run with the same teacher, prompts and settings reuses them; changing any recomputes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from hybridft.data import Examples, Splits, concat, example_key
+from hybridft.errors import HybridFTError
+
+FORMAT = "hybridft.generations/1"
+
+
+def decoding_settings(cfg: Any) -> str:
+    """What the generations depend on beyond the teacher, its tokenizer and the prompts."""
+    s = cfg.distill.sequence
+    sampling = f"sample;temperature={s.temperature};top_p={s.top_p};seed={cfg.seed}" if s.do_sample else "greedy"
+    return f"generations;{sampling};max_new_tokens={s.max_new_tokens};chat_template={cfg.data.chat_template}"
+
+
+def chosen_rows(n: int, fraction: float, seed: int) -> list[int]:
+    """Which of n training rows get the teacher's response: round(fraction * n) of them, a seeded choice, in order."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:round(fraction * n)])
+
+
+@torch.no_grad()
+def generate(teacher: nn.Module, tokenizer: Any, prompts: list[str], cfg: Any, device: torch.device,
+             progress: bool = False) -> list[str]:
+    """The teacher's responses to `prompts` (decoded without special tokens, stripped), in batches of
+    `distill.sequence.batch_size`, left-padded, through the chat template when the tokenizer has one."""
+    from hybridft.tasks import causal_lm
+
+    s = cfg.distill.sequence
+    out: list[str] = []
+    for start in range(0, len(prompts), s.batch_size):
+        torch.manual_seed(cfg.seed + start)  # sampling: the same draws for the same prompts and batch size
+        out += causal_lm.generate(teacher, tokenizer, prompts[start:start + s.batch_size], s.max_new_tokens, device,
+                                  batch_size=s.batch_size, do_sample=s.do_sample, temperature=s.temperature,
+                                  top_p=s.top_p)
+        if progress:
+            print(f"[hybridft] teacher generations: {len(out)}/{len(prompts)}", flush=True)
+    return out
+
+
+def read_generations(path: Path, keys: list[str]) -> Optional[list[str]]:
+    """Stored generations for `keys` in order, or None when the file is missing or holds other prompts."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a damaged cache entry is recomputed
+    if stored.get("format") != FORMAT or stored.get("keys") != keys:
+        return None
+    return list(stored["responses"])
+
+
+def write_generations(path: Path, keys: list[str], responses: list[str], settings: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"format": FORMAT, "settings": settings, "keys": keys, "responses": responses}),
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def apply(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: Any, log: Any, device: torch.device,
+          teacher_folder: Path, cache_dir: Path) -> Splits:
+    """The splits with the teacher's responses in place of the chosen training rows' responses, and the unlabeled
+    prompts added with theirs. `splits.augmented` records the counts and where the generations came from."""
+    from hybridft.teacher_outputs import fingerprint
+
+    s = cfg.distill.sequence
+    train, pool = splits.train, splits.unlabeled
+    if s.fraction == 0 and pool is None:
+        return splits
+    if train.pairs is None:
+        raise HybridFTError("distill.sequence needs prompt/response rows (a prompt column); plain-text rows have no "
+                            "prompts for the teacher to answer")
+    rows = chosen_rows(len(train), s.fraction, cfg.seed)
+    prompts = [train.texts[i] for i in rows] + (list(pool.texts) if pool is not None else [])
+    keys = [example_key(p) for p in prompts]
+    settings = decoding_settings(cfg)
+    path = cache_dir / f"{fingerprint(teacher_folder, tokenizer, settings, keys)}.generations.json"
+    responses = read_generations(path, keys)
+    start = time.perf_counter()
+    if responses is not None:
+        log(f"sequence KD: reusing {len(responses)} stored teacher generations {path}")
+    else:
+        log(f"sequence KD: the teacher generates responses for {len(prompts)} prompts ({settings})")
+        responses = generate(teacher, tokenizer, prompts, cfg, device, progress=cfg.progress)
+        write_generations(path, keys, responses, settings)
+        log(f"sequence KD: {len(prompts)} generations in {time.perf_counter() - start:.1f} s -> {path}")
+    empty = [k for k, r in enumerate(responses) if not r.strip()]
+    pairs = list(train.pairs)
+    for k, i in enumerate(rows):
+        if responses[k].strip():  # an empty generation (EOS at once) keeps the true response
+            pairs[i] = responses[k]
+    new_train = replace(train, pairs=pairs)
+    if pool is not None:
+        keep = [k for k in range(len(rows), len(prompts)) if responses[k].strip()]
+        generated = Examples(texts=[prompts[k] for k in keep], labels=[0] * len(keep),
+                             pairs=[responses[k] for k in keep], source=f"{pool.source} (teacher responses)",
+                             lines=[pool.lines[k - len(rows)] for k in keep] if pool.lines else [])
+        new_train = concat(new_train, generated)
+    record = {"sequence_kd": {"replaced": len(rows) - sum(k < len(rows) for k in empty),
+                              "from_unlabeled_prompts": len(prompts) - len(rows) - sum(k >= len(rows) for k in empty),
+                              "empty_generations_skipped": len(empty), "decoding": settings, "store": str(path)}}
+    return replace(splits, train=new_train, unlabeled=None, augmented={**splits.augmented, **record})

@@ -1,0 +1,133 @@
+"""Sequence-level KD (issue 11, part 1): the student trains on the teacher's generated responses, which are
+stored, reused on a second run and recomputed when the decoding settings change; a fraction mixes them with the
+true responses; unlabeled prompts get the teacher's answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridft import sequence_kd
+from hybridft.errors import HybridFTError
+from hybridft.tasks import causal_lm as task
+from test_causal_lm import lm_rows, make_llama, make_lm_tokenizer, write_jsonl
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama trained a little on the task (its greedy answers are words, not end-of-sequence at once)."""
+    folder = tmp_path_factory.mktemp("seq") / "teacher"
+    tok = make_lm_tokenizer(folder)
+    model = make_llama(len(tok), layers=2, seed=3)
+    rows = [tok(f"{r['prompt']} {r['response']}")["input_ids"] + [tok.eos_token_id] for r in lm_rows(64, seed=5)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+def run_args(tmp_path: Path, teacher: Path, name: str, *extra: str) -> list[str]:
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", lm_rows(24, seed=1)),
+            "validation": write_jsonl(tmp_path / "val.jsonl", lm_rows(8, seed=2)),
+            "test": write_jsonl(tmp_path / "test.jsonl", lm_rows(8, seed=3))}
+    return ["run", "task=causal_lm", f"teacher.model={teacher}", f"output_dir={tmp_path / name}",
+            f"data.train={data['train']}", f"data.validation={data['validation']}", f"data.test={data['test']}",
+            "data.max_length=32", "progress=true", "precision=fp32", "student.num_layers=1", "student.train.epochs=1",
+            "student.train.batch_size=8", "distill.top_k=8", "distill.sequence.max_new_tokens=5",
+            "distill.sequence.batch_size=5", "eval.generate_examples=1", "eval.max_new_tokens=2",
+            "eval.speed_batches=1", "hybrid.enabled=false", *extra]
+
+
+def test_the_student_trains_on_the_teachers_greedy_responses_and_they_are_reused(tmp_path: Path, teacher_dir: Path,
+                                                                                capsys):
+    from hybridft import pipeline
+    from hybridft.cli import main
+
+    seen = []
+    real = pipeline.distill
+    pipeline.distill = lambda ctx, *a, **k: seen.append(ctx.splits.train) or real(ctx, *a, **k)  # type: ignore
+    try:
+        assert main(run_args(tmp_path, teacher_dir, "a", "distill.sequence.fraction=1")) == 0
+    finally:
+        pipeline.distill = real  # type: ignore
+    out = capsys.readouterr().out
+    assert "the teacher generates responses for 24 prompts" in out
+    train, true = seen[0], [r["response"] for r in lm_rows(24, seed=1)]
+    model, tok = task.load_model(str(teacher_dir), None, "t")  # type: ignore[arg-type]
+    expected = task.generate(model, tok, train.texts, 5, CPU, batch_size=5)  # the run's batches: the same text
+    assert train.pairs == [g if g else t for g, t in zip(expected, true)]  # an empty generation keeps the truth
+    assert sum(1 for g in expected if g) >= 12
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    record = summary["transfer_set"]["augment"]["sequence_kd"]
+    assert record["replaced"] == sum(1 for g in expected if g) and record["decoding"].startswith("generations;greedy")
+
+    # a second run with the same teacher, prompts and settings reads the stored generations
+    assert main(run_args(tmp_path, teacher_dir, "b", "distill.sequence.fraction=1")) == 0
+    assert "reusing 24 stored teacher generations" in capsys.readouterr().out
+    # other decoding settings: generated anew, and sampling draws other responses than greedy
+    assert main(run_args(tmp_path, teacher_dir, "c", "distill.sequence.fraction=1", "distill.sequence.do_sample=true",
+                         "distill.sequence.temperature=2.0")) == 0
+    assert "the teacher generates responses for 24 prompts" in capsys.readouterr().out
+    stores = sorted((tmp_path / "cache").rglob("*.generations.json"))
+    assert len(stores) == 2
+    greedy, sampled = (json.loads(p.read_text()) for p in sorted(stores, key=lambda p: "sample" in p.read_text()))
+    assert greedy["keys"] == sampled["keys"] and greedy["responses"] != sampled["responses"]
+
+
+def test_a_fraction_mixes_generated_and_true_responses_and_unlabeled_prompts_are_answered(tmp_path: Path,
+                                                                                         teacher_dir: Path):
+    from hybridft import pipeline
+    from hybridft.config import load_config
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in lm_rows(6, seed=9)])
+    cfg = load_config(None, run_args(tmp_path, teacher_dir, "m", "distill.sequence.fraction=0.5",
+                                     f"data.unlabeled={prompts}", "progress=false")[1:])
+    ctx = pipeline.prepare(cfg)
+    teacher, tok = pipeline.train_teacher(ctx)
+    true = list(ctx.splits.train.pairs)
+    pipeline.augment(ctx, teacher, tok)
+    train = ctx.splits.train
+    chosen = sequence_kd.chosen_rows(len(true), 0.5, cfg.seed)
+    assert len(chosen) == len(true) // 2
+    for i in range(len(true)):  # the other half keeps its true response
+        if i not in chosen:
+            assert train.pairs[i] == true[i]
+    record = ctx.splits.augmented["sequence_kd"]
+    assert len(train) == len(true) + record["from_unlabeled_prompts"] and record["from_unlabeled_prompts"] >= 3
+    assert train.texts[len(true):] == [r["prompt"] for r in lm_rows(6, seed=9)][:record["from_unlabeled_prompts"]] \
+        or record["empty_generations_skipped"] > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.sequence.fraction=1.5", "must be in \\[0, 1\\]"),
+    ("distill.sequence.top_p=0", "top_p"),
+    ("distill.sequence.max_new_tokens=0", "max_new_tokens"),
+])
+def test_bad_sequence_settings_are_refused(override: str, message: str, tmp_path: Path):
+    from hybridft.config import load_config
+
+    with pytest.raises(HybridFTError, match=message):
+        load_config(None, ["task=causal_lm", override])
+    with pytest.raises(HybridFTError, match="sequence-level KD trains a causal LM"):
+        load_config(None, ["distill.sequence.fraction=0.5"])
+
+
+def test_unlabeled_prompts_need_a_prompt_column(tmp_path: Path, teacher_dir: Path, capsys):
+    from hybridft.cli import main
+
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "red blue"}])
+    assert main(run_args(tmp_path, teacher_dir, "x", f"data.unlabeled={texts}")) == 2
+    assert "no prompt column 'prompt'" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "summary.json").exists()
