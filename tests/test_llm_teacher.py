@@ -199,3 +199,28 @@ def test_a_causal_lm_fine_tuned_with_a_classification_head_teaches_a_student_wit
     assert summary["teacher"]["accuracy"] >= 0.9 and summary["student"]["accuracy"] >= 0.85
     hybrid = HybridModel.load(out / "hybrid")
     assert hybrid.predict([" ".join(POSITIVE[:3]), " ".join(NEGATIVE[:3])]).label_ids.tolist() == [1, 0]
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2").is_dir(),
+                    reason="needs ../shared/data/sst2 (the SST-2 files are not part of the repository)")
+@pytest.mark.parametrize("mode", ["zero_shot", "finetuned"])
+def test_llm_teacher_bench_quick_mode_reports_teacher_student_and_baseline(mode: str, sentiment_lm: Path,
+                                                                           tiny_teacher_dir: Path, tmp_path: Path):
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "llm_teacher.py"
+    spec = importlib.util.spec_from_file_location("bench_llm_teacher", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "result.json"
+    assert module.main(["--quick", "--mode", mode, "--teacher", str(sentiment_lm), "--student", str(tiny_teacher_dir),
+                        "--workdir", str(tmp_path / "work"), "--out", str(out), "--set=progress=false",
+                        "--set=precision=fp32", "--set=data.max_length=32"]) == 0
+    result = json.loads(out.read_text())
+    rows = [result["zero_shot"]] if mode == "zero_shot" else [result["kd"], result["ce_only"]]
+    for r in rows:
+        assert 0 <= r["student_accuracy"] <= 1 and 0 <= r["teacher_accuracy"] <= 1 and r["speedup"] > 0
+    if mode == "zero_shot":
+        assert result["zero_shot"]["transfer_set"]["labeled"] == 0 and "hybrid_accuracy" in result["zero_shot"]
+    else:
+        assert result["kd_minus_ce"] == round(result["kd"]["student_accuracy"] - result["ce_only"]["student_accuracy"], 4)
