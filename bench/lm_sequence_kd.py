@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"token_kd": ["distill.sequence.fraction=0"], "sequence_kd": ["distill.sequence.fraction=1"],
-            "mixed": ["distill.sequence.fraction=0.5"]}
+GENERATE = ["distill.sequence.max_new_tokens=64"]  # the exchanges' answers: 14 tokens on average, 127 at most
+VARIANTS = {"token_kd": ["distill.sequence.fraction=0"], "sequence_kd": ["distill.sequence.fraction=1", *GENERATE],
+            "mixed": ["distill.sequence.fraction=0.5", *GENERATE]}
 
 
 def run(args: list[str]) -> None:
