@@ -110,7 +110,7 @@ class ZeroShotClassifier(nn.Module):
 
     The LM's output layer runs only at the positions that predict a verbalizer token, never over [B, W, V].
     Verbalizers of one token cost nothing beyond the prompt's pass; each longer verbalizer costs one more pass.
-    Saved as the LM's own folder plus `zero_shot.json` (prompt, verbalizers, prior); `load` reads it back.
+    Saved as the LM's own folder plus `zero_shot.json` (prompt, verbalizers, prior); `load_zero_shot` reads it back.
     """
 
     def __init__(self, lm: nn.Module, prefix: list[int], suffix: list[int], label_ids: list[list[list[int]]],
