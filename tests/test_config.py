@@ -56,3 +56,15 @@ def test_overrides_reach_nested_keys_and_keep_sibling_defaults(tmp_path: Path):
 def test_bad_values_are_refused_by_name(overrides, key):
     with pytest.raises(HybridFTError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_a_text_setting_given_on_the_command_line_keeps_colons_and_braces():
+    """YAML would read "Review: {text}" as a mapping; a string setting keeps the text as written, newline included."""
+    from hybridft.config import load_config
+
+    cfg = load_config(None, ["teacher.zero_shot.prompt=Review: {text}\nSentiment:", "data.labels=[a,b]",
+                             "teacher.zero_shot.verbalizers=[[x],[y]]", "student.model=m", "data.train=t.csv"])
+    assert cfg.teacher.zero_shot.prompt == "Review: {text}\nSentiment:"
+    assert load_config(None, ["output_dir=a: b"]).output_dir == "a: b"
+    with pytest.raises(HybridFTError, match="student.train.epochs"):  # other settings keep their type checks
+        load_config(None, ["student.train.epochs={a: 1}"])

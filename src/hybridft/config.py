@@ -645,6 +645,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _is_text_field(keys: list[str]) -> bool:
+    """Whether the dotted key names a string setting (str or Optional[str]) of `RunConfig`."""
+    tp: Any = RunConfig
+    for k in keys:
+        if not dataclasses.is_dataclass(tp):
+            return False
+        hints = typing.get_type_hints(tp)
+        if k not in hints:
+            return False
+        tp = hints[k]
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (Union, types.UnionType) else {tp}
+    return args - {type(None)} == {str}
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Build a `RunConfig` from an optional YAML file and `section.key=value` overrides (applied in order)."""
     data: dict[str, Any] = {}
@@ -663,6 +677,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         data = loaded
     for item in overrides or []:
         keys, value = parse_override(item)
+        if isinstance(value, (dict, list)) and _is_text_field(keys):
+            value = item.split("=", 1)[1]  # a prompt such as "Review: {text}" reads as a YAML mapping: keep the text
         node = data
         for k in keys[:-1]:
             child = node.get(k)
