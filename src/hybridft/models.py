@@ -198,6 +198,14 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which `model.forward` takes a KV cache: transformers renamed `past_key_values` to `cache`
+    (5.2x; the old name warns until 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def count_params(model: nn.Module) -> dict[str, int]:
     """Total parameters and parameters outside the embedding tables (the compute-relevant part)."""
     total = sum(p.numel() for p in model.parameters())

@@ -311,9 +311,13 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
 def augment(ctx: Context, teacher: nn.Module, tokenizer: Any) -> None:
     """Once the teacher is ready, let it extend the transfer set: classification adds generated texts
     (`cfg.augment`) to the unlabeled pool; causal_lm trains on the teacher's responses (`distill.sequence`)."""
-    cache = Path(ctx.cfg.distill.cache_dir) if ctx.cfg.distill.cache_dir else default_cache_dir()
     ctx.splits = ctx.task.augment(ctx.splits, teacher, tokenizer, ctx.cfg, ctx.log, device=ctx.device,
-                                  teacher_folder=teacher_folder(ctx), cache_dir=cache)
+                                  teacher_folder=teacher_folder(ctx), cache_dir=store_dir(ctx.cfg))
+
+
+def store_dir(cfg: RunConfig) -> Path:
+    """Where teacher outputs (and teacher generations) are stored and reused across runs."""
+    return Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else default_cache_dir()
 
 
 def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Any:
@@ -324,8 +328,7 @@ def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Any:
     # The main process decides, and its store is shared: the default cache is under $HOME, which on several
     # machines is a different folder on each. The teacher folder was saved on the main process.
     fp = dist.from_main(lambda: fingerprint(teacher_folder(ctx), tokenizer, task.store_settings(cfg), keys))
-    cache = Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else default_cache_dir()
-    cached = cache / f"{fp}.safetensors"
+    cached = store_dir(cfg) / f"{fp}.safetensors"
     if dist.from_main(cached.is_file):
         ctx.log(f"reusing stored teacher outputs {cached}")
     else:

@@ -20,7 +20,6 @@ Batch size 1 only: the accepted length differs per sequence, and batch 1 is wher
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +70,9 @@ class SpeculativeStats:
 
 def _forward(model: nn.Module, ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """Logits [1, T, V] of `ids` [1, T] appended to what `cache` holds (the cache grows by T)."""
-    # transformers renamed `past_key_values` to `cache` (5.2x; the old name warns until 5.40)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=ids, use_cache=True, **{key: cache}).logits
+    from hybridft.models import cache_argument
+
+    return model(input_ids=ids, use_cache=True, **{cache_argument(model): cache}).logits
 
 
 def _cut(cache: Any, keep: int) -> None:

@@ -23,7 +23,6 @@ on their own (so " positive" with its leading space is one word for a BPE tokeni
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -158,9 +157,9 @@ class ZeroShotClassifier(nn.Module):
         if shared:
             from transformers import DynamicCache
 
-            # transformers renamed `past_key_values` to `cache` (5.2x; the old name warns until 5.40)
-            key = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-            cache = DynamicCache()
+            from hybridft.models import cache_argument
+
+            key, cache = cache_argument(body), DynamicCache()
             body(input_ids=torch.tensor([self.prefix], device=device), use_cache=True, **{key: cache})
             cache.batch_repeat_interleave(len(seqs))
             kwargs = {key: cache, "use_cache": True}

@@ -59,13 +59,15 @@ def load_classifier(path: str, label_names: list[str], key: str) -> nn.Module:
 
     quiet_transformers()
     check_model_folder(path, key)
-    existing = classifier_labels(path)
-    if read_zero_shot(path) is not None:  # a causal LM read through verbalizers (hybridft.verbalizer)
+    zero_shot = read_zero_shot(path)
+    if zero_shot is not None:  # a causal LM read through verbalizers (hybridft.verbalizer)
         from hybridft.verbalizer import load_zero_shot
 
-        if existing != label_names:
-            raise HybridFTError(f"{key}: the zero-shot teacher {path} scores labels {existing}, not {label_names}")
+        if zero_shot["label_names"] != label_names:
+            raise HybridFTError(f"{key}: the zero-shot teacher {path} scores labels {zero_shot['label_names']}, "
+                                f"not {label_names}")
         return load_zero_shot(path, key)
+    existing = classifier_labels(path)
     kwargs: dict[str, Any] = dict(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
