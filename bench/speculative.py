@@ -2,9 +2,11 @@
 same layers before distillation as the teacher's draft model, same prompts, same process.
 
     python bench/speculative.py --run runs/causal_lm_demo                    # draft lengths 1, 2, 3, 4, 6
+    python bench/speculative.py --run runs/causal_lm_demo --vocabularies 0,8192 --confidences 0,0.4
     python bench/speculative.py --run runs/causal_lm_demo --quick            # a smoke run of the same code
 
-Per draft length k: acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for
+Per draft length k, draft vocabulary size and confidence threshold (hybrid.draft_vocabulary, draft_confidence):
+acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for
 both drafts; and whether every hybrid output equals the teacher's greedy output. Batch 1, greedy, fp32, the
 first `--prompts` test prompts of the run, `--max-new-tokens` each. Writes bench/results/speculative.json
 (or --out). Compare ratios within one run: seconds depend on the machine and what else runs on it.
@@ -27,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a finished causal_lm run folder (config.yaml, hybrid/)")
     p.add_argument("--draft-tokens", default="1,2,3,4,6", help="comma-separated draft lengths")
+    p.add_argument("--vocabularies", default="0",
+                   help="comma-separated draft vocabulary sizes (hybrid.draft_vocabulary; 0 = the whole vocabulary)")
+    p.add_argument("--confidences", default="0", help="comma-separated hybrid.draft_confidence values")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens, draft lengths 1 and 3")
@@ -34,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens, args.draft_tokens = 2, 8, "1,3"
+        args.vocabularies, args.confidences = "0,12", "0,0.3"
 
     import torch
     import transformers
@@ -52,20 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     examples = splits.test if splits.test is not None else splits.validation
     prompts = examples.texts[:args.prompts] if examples.pairs is not None else \
         [t[:200] for t in examples.texts[:args.prompts]]
-    teacher, draft, tokenizer, _ = speculative.load_hybrid(run / "hybrid")
+    hybrid = speculative.load_hybrid(run / "hybrid")
+    teacher, draft, tokenizer = hybrid.teacher, hybrid.draft, hybrid.tokenizer
     undistilled = causal_lm.build_student(cfg, teacher, tokenizer, splits)[0].eval()
+    responses = causal_lm.response_tokens(splits.train, tokenizer, cfg.data.max_length)
+    vocab = teacher.get_output_embeddings().weight.shape[0]
     cpu = torch.device("cpu")
     rows = {}
     for k in [int(x) for x in args.draft_tokens.split(",")]:
-        r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu)
-        rows[k] = r
-        print(f"k={k}: teacher {r['teacher']['tokens_per_s']}/s; distilled draft: acceptance "
-              f"{r['hybrid']['acceptance_rate']:.1%}, {r['hybrid']['tokens_per_s']}/s "
-              f"({r['hybrid']['speedup_vs_teacher']}x); undistilled draft: acceptance "
-              f"{r['undistilled_hybrid']['acceptance_rate']:.1%}, {r['undistilled_hybrid']['tokens_per_s']}/s "
-              f"({r['undistilled_hybrid']['speedup_vs_teacher']}x); outputs equal to the teacher's: "
-              f"{r['matches_teacher']}/{r['prompts']} and {r['undistilled_hybrid']['matches_teacher']}/{r['prompts']}",
-              flush=True)
+        for size in [int(x) for x in args.vocabularies.split(",")]:
+            ids = speculative.choose_draft_vocabulary(responses, vocab, size, speculative.eos_ids(teacher, tokenizer)) \
+                if size else None
+            for confidence in [float(x) for x in args.confidences.split(",")]:
+                r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu,
+                                        ids, confidence)
+                rows[f"k={k} vocabulary={size or vocab} confidence={confidence}"] = r
+                coverage = r.get("draft_vocabulary", {}).get("teacher_token_coverage", 1.0)
+                print(f"k={k} vocabulary={size or vocab} (covers {coverage:.1%} of the teacher's tokens) "
+                      f"confidence={confidence}: teacher {r['teacher']['tokens_per_s']}/s; distilled draft: acceptance "
+                      f"{r['hybrid']['acceptance_rate']:.1%}, {r['hybrid']['tokens_per_s']}/s "
+                      f"({r['hybrid']['speedup_vs_teacher']}x); undistilled draft: acceptance "
+                      f"{r['undistilled_hybrid']['acceptance_rate']:.1%}, {r['undistilled_hybrid']['tokens_per_s']}/s "
+                      f"({r['undistilled_hybrid']['speedup_vs_teacher']}x); outputs equal to the teacher's: "
+                      f"{r['matches_teacher']}/{r['prompts']} and "
+                      f"{r['undistilled_hybrid']['matches_teacher']}/{r['prompts']}", flush=True)
     report = {"run": str(run), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__,

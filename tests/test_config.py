@@ -52,6 +52,8 @@ def test_overrides_reach_nested_keys_and_keep_sibling_defaults(tmp_path: Path):
     (["student.train.length_splits=0"], "student.train.length_splits"),
     (["precision=fp8"], "precision"),
     (["progress=maybe"], "progress"),
+    (["hybrid.draft_vocabulary=-1"], "hybrid.draft_vocabulary"),
+    (["hybrid.draft_confidence=1"], "hybrid.draft_confidence"),
 ])
 def test_bad_values_are_refused_by_name(overrides, key):
     with pytest.raises(HybridFTError, match=key.replace(".", r"\.")):

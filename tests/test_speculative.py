@@ -74,6 +74,51 @@ def test_output_is_the_teachers_greedy_output_token_for_token(k: int):
     assert total.teacher_passes < total.new_tokens
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_cut_draft_vocabulary_and_a_confidence_threshold_keep_the_teachers_output(k: int):
+    teacher = _teacher()
+    draft = _half_agreeing_draft(teacher)
+    allowed = list(range(0, VOCAB, 2))  # half the tokens: the teacher emits the other half as its corrections
+    vocabulary = speculative.DraftVocabulary(draft, allowed)
+    totals = {c: speculative.SpeculativeStats() for c in (0.0, 0.6)}
+    for ids in _prompts(8):
+        expected = _hf_greedy(teacher, ids, 20)
+        for c, total in totals.items():
+            out, stats = speculative.speculative_generate(teacher, draft, ids, 20, k, vocabulary=vocabulary,
+                                                          confidence=c)
+            assert out[0, ids.shape[1]:].tolist() == expected
+            total.add(stats)
+    assert totals[0.0].accepted > 0
+    # the threshold drafts fewer tokens, and a larger share of them is accepted
+    assert totals[0.6].drafted < totals[0.0].drafted
+    assert totals[0.6].acceptance_rate > totals[0.0].acceptance_rate
+
+
+def test_the_cut_output_layer_scores_the_chosen_tokens_as_the_whole_one_does():
+    from transformers import DynamicCache
+
+    draft = _half_agreeing_draft(_teacher())
+    ids = _prompts(3)[2]
+    chosen = [3, 7, 8, 20, 39]
+    full = draft(input_ids=ids).logits[0, -1]
+    cut = speculative.DraftVocabulary(draft, chosen).logits(ids, DynamicCache())
+    torch.testing.assert_close(cut, full[chosen], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        speculative.DraftVocabulary(draft, [0, VOCAB])
+    with pytest.raises(ValueError, match="at least one"):
+        speculative.DraftVocabulary(draft, [])
+
+
+def test_the_draft_vocabulary_is_the_most_frequent_response_tokens_then_the_lowest_ids():
+    choose = speculative.choose_draft_vocabulary
+    sequences = [[9, 9, 9, 5, 5, 7], [5, 9, 12]]
+    assert choose(sequences, 20, 2) == [5, 9]  # 9 four times, 5 three times
+    assert choose(sequences, 20, 3, always={19}) == [5, 9, 19]  # the end-of-sequence token always stays
+    assert choose(sequences, 20, 6) == [0, 1, 5, 7, 9, 12]  # four seen tokens, then the lowest ids
+    assert choose(sequences, 20, 25) == list(range(20))
+    assert choose([[4, 6], [6, 4]], 20, 1) == [4]  # a tie goes to the lower id
+
+
 def test_a_draft_equal_to_the_teacher_is_always_accepted():
     teacher = _teacher()
     ids = _prompts(1)[0]
@@ -113,13 +158,16 @@ def test_bad_inputs_are_refused():
     other = make_llama(VOCAB + 5, layers=1)
     with pytest.raises(HybridFTError, match="vocabulary"):
         speculative.speculative_generate(teacher, other, torch.zeros(1, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="confidence"):
+        speculative.speculative_generate(teacher, teacher, torch.zeros(1, 3, dtype=torch.long), 4, confidence=1.0)
 
 
 def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Path, tiny_lm_dir: Path, lm_data, capsys):
     from hybridft.cli import main
 
     assert main(_run_args(tmp_path, tiny_lm_dir, lm_data, "a", "hybrid.speculative_prompts=3",
-                          "hybrid.draft_tokens=3", "eval.max_new_tokens=6")) == 0
+                          "hybrid.draft_tokens=3", "eval.max_new_tokens=6", "hybrid.draft_vocabulary=12",
+                          "hybrid.draft_confidence=0.05")) == 0
     run = tmp_path / "a"
     h = json.loads((run / "summary.json").read_text())["hybrid"]
     assert h["prompts"] == 3 and h["draft_tokens"] == 3
@@ -130,7 +178,12 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     assert h["hybrid"]["drafted"] > 0
     assert "speculative hybrid" in capsys.readouterr().out
     folder = run / "hybrid"
-    assert json.loads((folder / "hybrid.json").read_text())["kind"] == "speculative"
+    settings = json.loads((folder / "hybrid.json").read_text())
+    assert settings["kind"] == "speculative" and settings["draft_confidence"] == 0.05
+    assert len(settings["draft_vocabulary"]) == h["draft_vocabulary"]["size"] == 12
+    assert 0 < h["draft_vocabulary"]["teacher_token_coverage"] <= 1
+    loaded = speculative.load_hybrid(folder)
+    assert loaded.vocabulary.token_ids.tolist() == settings["draft_vocabulary"] and loaded.confidence == 0.05
 
     # `generate` on the hybrid writes what the teacher alone writes
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"]} for r in lm_rows(4, seed=9)])
@@ -154,7 +207,8 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     report = tmp_path / "spec.json"
     assert bench.main(["--run", str(run), "--quick", "--out", str(report)]) == 0
     rows = json.loads(report.read_text())["rows"]
-    assert sorted(rows) == ["1", "3"]
+    assert len(rows) == 8  # draft lengths 1 and 3, the whole vocabulary and 12 tokens, confidence 0 and 0.3
+    assert all(r["draft_vocabulary"]["size"] == 12 for key, r in rows.items() if "vocabulary=12 " in key)
     for r in rows.values():
         assert r["matches_teacher"] == r["prompts"] == r["undistilled_hybrid"]["matches_teacher"] == 2
         assert r["hybrid"]["tokens_per_s"] > 0 and r["undistilled_hybrid"]["tokens_per_s"] > 0

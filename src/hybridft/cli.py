@@ -198,15 +198,14 @@ def _generate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     folder = Path(args.model)
     if speculative.is_speculative_folder(folder):  # OUTPUT_DIR/hybrid: the teacher's greedy output, drafted
-        teacher, draft, tokenizer, draft_tokens = speculative.load_hybrid(folder)
-        teacher.to(device), draft.to(device)
-        eos, stats = speculative.eos_ids(teacher, tokenizer), speculative.SpeculativeStats()
+        hybrid = speculative.load_hybrid(folder).to(device)
+        tokenizer, stats = hybrid.tokenizer, speculative.SpeculativeStats()
 
         def generate_batch(prompts: list[str], _pairs: Any) -> list[dict[str, Any]]:
             rows = []
             for p in prompts:  # batch 1: the accepted length differs per sequence
                 ids = speculative.prompt_tensor(tokenizer, p, device)
-                out, st = speculative.speculative_generate(teacher, draft, ids, args.max_new_tokens, draft_tokens, eos)
+                out, st = hybrid.generate(ids, args.max_new_tokens)
                 stats.add(st)
                 text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
                 rows.append({"generation": text, "acceptance_rate": round(st.acceptance_rate, 4)})

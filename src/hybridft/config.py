@@ -281,6 +281,12 @@ class HybridConfig:
     teacher pass."""
     speculative_prompts: int = 4
     """causal_lm: test prompts generated at batch 1 to measure the speculative hybrid (acceptance, tokens/s)."""
+    draft_vocabulary: int = 0
+    """causal_lm: the draft proposes only this many tokens, the most frequent in the training responses, through
+    its output layer cut to them (`speculative.DraftVocabulary`); 0 keeps the whole vocabulary. The output is the
+    teacher's greedy output either way."""
+    draft_confidence: float = 0.0
+    """causal_lm: a round's drafting stops before a token the draft gives less than this probability; 0 is off."""
 
 
 @dataclass
@@ -377,6 +383,10 @@ def validate(cfg: RunConfig) -> None:
                                 "replaces the teacher; set augment.factor=0 or drop distill.teacher_logits")
     if cfg.hybrid.draft_tokens < 1 or cfg.hybrid.speculative_prompts < 1:
         _fail("hybrid.draft_tokens" if cfg.hybrid.draft_tokens < 1 else "hybrid.speculative_prompts", "must be >= 1")
+    if cfg.hybrid.draft_vocabulary < 0:
+        _fail("hybrid.draft_vocabulary", f"must be >= 0 (0 keeps the whole vocabulary), got {cfg.hybrid.draft_vocabulary}")
+    if not 0 <= cfg.hybrid.draft_confidence < 1:
+        _fail("hybrid.draft_confidence", f"must be in [0, 1) (0 is off), got {cfg.hybrid.draft_confidence}")
     builtin = BUILTIN_DATASETS[cfg.task]
     if d.dataset is not None and d.dataset not in builtin:
         _fail("data.dataset", f"unknown built-in dataset '{d.dataset}' for task {cfg.task}; the built-in one is "

@@ -567,10 +567,18 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
     undistilled = ctx.task.build_student(cfg, t_model, tokenizer, s)[0]  # the same layers or model, untrained
     ctx.log(f"speculative hybrid: the student drafts {cfg.hybrid.draft_tokens} tokens per teacher pass; measuring "
             f"on {len(prompts)} test prompts at batch 1")
+    vocabulary = None
+    if cfg.hybrid.draft_vocabulary:
+        from hybridft.tasks import causal_lm
+
+        vocabulary = speculative.choose_draft_vocabulary(
+            causal_lm.response_tokens(ctx.task.transfer_set(s), tokenizer, cfg.data.max_length),
+            t_model.get_output_embeddings().weight.shape[0], cfg.hybrid.draft_vocabulary,
+            speculative.eos_ids(t_model, tokenizer))
     result = speculative.measure(t_model, s_model, undistilled, tokenizer, prompts, cfg.eval.max_new_tokens,
-                                 cfg.hybrid.draft_tokens, ctx.device)
+                                 cfg.hybrid.draft_tokens, ctx.device, vocabulary, cfg.hybrid.draft_confidence)
     speculative.save_hybrid(ctx.run_dir / "hybrid", ctx.run_dir / "teacher", ctx.run_dir / "student",
-                            cfg.hybrid.draft_tokens)
+                            cfg.hybrid.draft_tokens, vocabulary, cfg.hybrid.draft_confidence)
     h, u = result["hybrid"], result.get("undistilled_hybrid", {})
     ctx.log(f"speculative hybrid: {result['matches_teacher']}/{len(prompts)} outputs equal the teacher's greedy ones; "
             f"acceptance {h['acceptance_rate']:.1%}, {h['tokens_per_s']} tokens/s = {h['speedup_vs_teacher']}x the "

@@ -68,11 +68,85 @@ class SpeculativeStats:
                 "tokens_per_teacher_pass": round(self.tokens_per_teacher_pass, 3)}
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Logits [1, T, V] of `ids` [1, T] appended to what `cache` holds (the cache grows by T)."""
+def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, keep: int = 0) -> torch.Tensor:
+    """Logits [1, T', V] of `ids` [1, T] appended to what `cache` holds (the cache grows by T): T' = T, or the last
+    `keep` positions only, where the output layer then runs on those alone (`logits_to_keep`; SmolLM2's 49,152-word
+    output layer costs as much as 8 of its layers)."""
     from hybridft.models import cache_argument
 
-    return model(input_ids=ids, use_cache=True, **{cache_argument(model): cache}).logits
+    kwargs = {cache_argument(model): cache}
+    if keep and _takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=ids, use_cache=True, **kwargs).logits
+    return logits[:, -keep:] if keep else logits
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+class DraftVocabulary:
+    """The tokens a draft model may propose, with its output layer cut to them (frequency-ranked vocabulary
+    pruning of the draft: Zhao et al. 2025, "FR-Spec", arXiv:2502.14856; Goel et al. 2025, "VocabTrim",
+    arXiv:2506.22694). The teacher still scores its whole vocabulary, so the output stays the teacher's greedy
+    output: a token outside the subset is never drafted, and the teacher emits it as its correction.
+
+    Args:
+        draft: the draft causal LM; its output layer (`get_output_embeddings`, [V, H]) is copied at `token_ids`.
+        token_ids: the V' allowed token ids, each in [0, V).
+    Raises:
+        ValueError: for an empty subset, or an id outside the draft's vocabulary.
+    """
+
+    def __init__(self, draft: nn.Module, token_ids: list[int]):
+        head = draft.get_output_embeddings()
+        vocab = head.weight.shape[0]
+        if not token_ids:
+            raise ValueError("a draft vocabulary needs at least one token")
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"draft vocabulary ids {bad[:5]} are outside the draft's vocabulary of {vocab}")
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long, device=head.weight.device)
+        self.weight = head.weight.detach()[self.token_ids].clone()  # [V', H]
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach()[self.token_ids].clone()
+        self.decoder = draft.get_decoder()
+
+    def __len__(self) -> int:
+        return int(self.token_ids.numel())
+
+    def logits(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """[V'] logits of the allowed tokens after the last of `ids` [1, T] (the cache grows by T). A model that
+        scales or soft-caps its logits after the output layer does so monotonically, so the argmax is the same."""
+        from hybridft.models import cache_argument
+
+        hidden = self.decoder(input_ids=ids, use_cache=True, **{cache_argument(self.decoder): cache})
+        return nn.functional.linear(hidden.last_hidden_state[0, -1], self.weight, self.bias)
+
+
+def choose_draft_vocabulary(sequences: list[list[int]], vocab_size: int, size: int,
+                            always: set[int] = frozenset()) -> list[int]:
+    """The `size` token ids a draft may propose: the tokens of `always` (end-of-sequence ids), then the most frequent
+    tokens of `sequences` (the training responses, which the teacher's answers resemble), then, while room is left,
+    the lowest ids (a BPE vocabulary lists its earliest, most frequent merges first). Ascending ids; all of
+    [0, vocab_size) when size >= vocab_size."""
+    from collections import Counter
+
+    if size >= vocab_size:
+        return list(range(vocab_size))
+    counts = Counter(t for seq in sequences for t in seq if 0 <= t < vocab_size)
+    chosen = {t for t in always if 0 <= t < vocab_size}
+    for token, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(chosen) >= size:
+            break
+        chosen.add(token)
+    next_id = 0
+    while len(chosen) < size:
+        chosen.add(next_id)
+        next_id += 1
+    return sorted(chosen)
 
 
 def _cut(cache: Any, keep: int) -> None:
@@ -97,9 +171,19 @@ def _check_vocabularies(teacher: nn.Module, draft: nn.Module) -> None:
                             f"from this teacher")
 
 
+def _draft_token(draft: nn.Module, vocabulary: Optional[DraftVocabulary], feed: torch.Tensor, cache: Any,
+                 confidence: float) -> tuple[int, float]:
+    """The draft's greedy next token after `feed` and its probability (1.0 when `confidence` is off: not computed)."""
+    logits = vocabulary.logits(feed, cache) if vocabulary is not None else _forward(draft, feed, cache, keep=1)[0, -1]
+    best = int(logits.argmax())
+    prob = float(torch.softmax(logits.float(), -1)[best]) if confidence > 0 else 1.0
+    return (int(vocabulary.token_ids[best]) if vocabulary is not None else best), prob
+
+
 @torch.no_grad()
 def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
-                         draft_tokens: int = 4, eos_token_ids: Optional[set[int]] = None
+                         draft_tokens: int = 4, eos_token_ids: Optional[set[int]] = None,
+                         vocabulary: Optional[DraftVocabulary] = None, confidence: float = 0.0
                          ) -> tuple[torch.Tensor, SpeculativeStats]:
     """Greedy decoding of `teacher`, drafted by `draft`.
 
@@ -109,10 +193,14 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         max_new_tokens: at most this many new tokens.
         draft_tokens: tokens drafted per round (k); each round costs k draft passes and one teacher pass.
         eos_token_ids: generation stops after emitting one of these.
+        vocabulary: the draft proposes only these tokens, through its output layer cut to them (None: all).
+        confidence: a round's drafting stops before a token the draft gives less than this probability (0: off).
+            Such a token is usually rejected, and on a CPU each token the teacher verifies has a cost (the
+            dynamic draft length of transformers' assisted generation, `assistant_confidence_threshold`).
     Returns:
         ([1, P + N] the prompt and the N <= max_new_tokens new tokens, the round's counts).
     Raises:
-        ValueError: for a batch of more than one sequence or draft_tokens < 1.
+        ValueError: for a batch of more than one sequence, draft_tokens < 1 or confidence outside [0, 1).
         HybridFTError: when the vocabularies differ.
     """
     from transformers import DynamicCache
@@ -121,6 +209,8 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         raise ValueError(f"speculative decoding takes one sequence ([1, P]), got shape {list(input_ids.shape)}")
     if draft_tokens < 1:
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+    if not 0 <= confidence < 1:
+        raise ValueError(f"confidence must be in [0, 1), got {confidence}")
     _check_vocabularies(teacher, draft)
     eos = eos_token_ids or set()
     stats = SpeculativeStats()
@@ -130,25 +220,27 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
     t_cache, d_cache = DynamicCache(), DynamicCache()
     # Both caches hold every token but the newest one, which starts the next forward pass.
     if prompt_len > 1:
-        _forward(teacher, input_ids[:, :-1], t_cache)
-        _forward(draft, input_ids[:, :-1], d_cache)
+        _forward(teacher, input_ids[:, :-1], t_cache, keep=1)
+        _forward(draft, input_ids[:, :-1], d_cache, keep=1)
     device = input_ids.device
     while len(tokens) - prompt_len < max_new_tokens:
         left = max_new_tokens - (len(tokens) - prompt_len)
         k = min(draft_tokens, left)  # never draft past the limit (the teacher's bonus token may still be dropped)
-        # 1. draft k tokens; the draft cache may lag several tokens behind (all drafts accepted last round)
+        # 1. draft up to k tokens; the draft cache may lag several tokens behind (all drafts accepted last round)
         feed = torch.tensor([tokens[d_cache.get_seq_length():]], device=device)
         drafted: list[int] = []
         for _ in range(k):
-            nxt = int(_forward(draft, feed, d_cache)[0, -1].argmax())
+            nxt, prob = _draft_token(draft, vocabulary, feed, d_cache, confidence)
+            if prob < confidence:
+                break  # the token stays in neither the draft nor its cache beyond the cut below
             drafted.append(nxt)
             if nxt in eos:
                 break
             feed = torch.tensor([[nxt]], device=device)
         # 2. the teacher scores the newest accepted token and the drafts in one pass
         candidate = torch.tensor([tokens[t_cache.get_seq_length():] + drafted], device=device)
-        logits = _forward(teacher, candidate, t_cache)[0]
-        choices = logits[-(len(drafted) + 1):].argmax(-1).tolist()  # the teacher's token after each prefix
+        choices = _forward(teacher, candidate, t_cache, keep=len(drafted) + 1)[0].argmax(-1).tolist()
+        # choices[i]: the teacher's token after the accepted tokens and drafted[:i]
         # 3. accept the agreeing prefix, then the teacher's own token
         n = 0
         while n < len(drafted) and drafted[n] == choices[n]:
@@ -187,7 +279,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
     tokens, cache = input_ids[0].tolist(), DynamicCache()
     feed = input_ids
     for _ in range(max_new_tokens):
-        nxt = int(_forward(model, feed, cache)[0, -1].argmax())
+        nxt = int(_forward(model, feed, cache, keep=1)[0, -1].argmax())
         tokens.append(nxt)
         if nxt in eos:
             break
@@ -224,9 +316,11 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: int) -> Path:
-    """OUTPUT_DIR/hybrid of a causal_lm run: teacher/, draft/, hybrid.json and manifest.json (checksums), written
-    beside the target and renamed, so a failed save never leaves a half folder in its place."""
+def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: int,
+                draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0) -> Path:
+    """OUTPUT_DIR/hybrid of a causal_lm run: teacher/, draft/, hybrid.json (the decoding settings, and the draft's
+    token ids when its vocabulary is cut) and manifest.json (checksums), written beside the target and renamed, so
+    a failed save never leaves a half folder in its place."""
     import json
     import shutil
 
@@ -238,8 +332,9 @@ def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: 
     tmp.mkdir(parents=True)
     shutil.copytree(teacher_dir, tmp / "teacher", copy_function=_link_or_copy)
     shutil.copytree(draft_dir, tmp / "draft", copy_function=_link_or_copy)
-    settings = {"format": FORMAT, "kind": "speculative", "draft_tokens": draft_tokens}
-    (tmp / "hybrid.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    settings = {"format": FORMAT, "kind": "speculative", "draft_tokens": draft_tokens,
+                "draft_confidence": draft_confidence, "draft_vocabulary": draft_vocabulary}
+    (tmp / "hybrid.json").write_text(json.dumps(settings), encoding="utf-8")
     write_manifest(tmp)
     if folder.exists():
         shutil.rmtree(folder)
@@ -259,8 +354,31 @@ def is_speculative_folder(folder: Path) -> bool:
         return False
 
 
-def load_hybrid(folder: Path) -> tuple[nn.Module, nn.Module, Any, int]:
-    """(teacher, draft, tokenizer, draft_tokens) of a folder written by `save_hybrid`, checksums verified.
+@dataclass
+class SpeculativeHybrid:
+    """A loaded OUTPUT_DIR/hybrid: the teacher, its draft model and the decoding settings."""
+
+    teacher: nn.Module
+    draft: nn.Module
+    tokenizer: Any
+    draft_tokens: int
+    confidence: float = 0.0
+    vocabulary: Optional[DraftVocabulary] = None
+
+    def to(self, device: torch.device) -> "SpeculativeHybrid":
+        self.teacher.to(device), self.draft.to(device)
+        if self.vocabulary is not None:  # rebuilt from the moved draft: the cut output layer lives on its device
+            self.vocabulary = DraftVocabulary(self.draft, self.vocabulary.token_ids.tolist())
+        return self
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, SpeculativeStats]:
+        """The teacher's greedy output for `input_ids` [1, P]: see `speculative_generate`."""
+        return speculative_generate(self.teacher, self.draft, input_ids, max_new_tokens, self.draft_tokens,
+                                    eos_ids(self.teacher, self.tokenizer), self.vocabulary, self.confidence)
+
+
+def load_hybrid(folder: Path) -> SpeculativeHybrid:
+    """The hybrid in a folder written by `save_hybrid`, checksums verified, in eval mode, on the CPU.
     Raises HybridFTError for a damaged or foreign folder."""
     import json
 
@@ -275,7 +393,14 @@ def load_hybrid(folder: Path) -> tuple[nn.Module, nn.Module, Any, int]:
     teacher, tokenizer = causal_lm.load_model(str(folder / "teacher"), None, "hybrid teacher")  # type: ignore[arg-type]
     draft, _ = causal_lm.load_model(str(folder / "draft"), None, "hybrid draft")  # type: ignore[arg-type]
     _check_vocabularies(teacher, draft)
-    return teacher.eval(), draft.eval(), tokenizer, int(settings["draft_tokens"])
+    teacher.eval(), draft.eval()
+    ids = settings.get("draft_vocabulary")
+    try:
+        vocabulary = DraftVocabulary(draft, ids) if ids else None
+    except ValueError as e:
+        raise HybridFTError(f"{folder}/hybrid.json: {e}") from None
+    return SpeculativeHybrid(teacher, draft, tokenizer, int(settings["draft_tokens"]),
+                             float(settings.get("draft_confidence", 0.0)), vocabulary)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,13 +415,16 @@ def prompt_tensor(tokenizer: Any, prompt: str, device: torch.device) -> torch.Te
 
 
 def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Module], tokenizer: Any,
-            prompts: list[str], max_new_tokens: int, draft_tokens: int, device: torch.device) -> dict[str, Any]:
+            prompts: list[str], max_new_tokens: int, draft_tokens: int, device: torch.device,
+            draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0) -> dict[str, Any]:
     """Speculative decoding against its parts, at batch 1, greedy, on `prompts`, fp32.
 
     Reported: tokens/s of the teacher alone, the hybrid (the teacher drafted by the distilled student), the
-    student alone and, with `undistilled`, the same draft model before distillation, as a draft and alone; the
-    acceptance rates; and how many hybrid outputs equal the teacher's own greedy output token for token.
-    Every timing runs after one untimed warm-up generation of that configuration.
+    student alone and, with `undistilled`, the same draft model before distillation, as a draft (with the same
+    vocabulary and confidence settings) and alone; the acceptance rates; how many hybrid outputs equal the
+    teacher's own greedy output token for token; and, with `draft_vocabulary`, its size and the share of the
+    teacher's greedy tokens inside it. Every timing runs after one untimed warm-up generation of that
+    configuration.
     """
     eos = eos_ids(teacher, tokenizer)
     inputs = [prompt_tensor(tokenizer, p, device) for p in prompts]
@@ -316,19 +444,31 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
     def rate(st: SpeculativeStats) -> float:
         return round(st.new_tokens / st.seconds, 2) if st.seconds else 0.0
 
+    def hybrid(model: nn.Module) -> Any:
+        vocabulary = DraftVocabulary(model, draft_vocabulary) if draft_vocabulary else None
+        return lambda ids: speculative_generate(teacher, model, ids, max_new_tokens, draft_tokens, eos, vocabulary,
+                                                draft_confidence)
+
     t_out, t_st = timed(lambda ids: greedy_generate(teacher, ids, max_new_tokens, eos))
-    h_out, h_st = timed(lambda ids: speculative_generate(teacher, draft, ids, max_new_tokens, draft_tokens, eos))
+    h_out, h_st = timed(hybrid(draft))
     _, s_st = timed(lambda ids: greedy_generate(draft, ids, max_new_tokens, eos))
     result: dict[str, Any] = {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "draft_tokens": draft_tokens, "batch_size": 1,
+        "draft_confidence": draft_confidence,
         "matches_teacher": sum(a == b for a, b in zip(h_out, t_out)),
         "teacher": {"tokens_per_s": rate(t_st), "new_tokens": t_st.new_tokens},
         "hybrid": {"tokens_per_s": rate(h_st), **h_st.to_dict(),
                    "speedup_vs_teacher": round(rate(h_st) / rate(t_st), 3) if rate(t_st) else None},
         "student": {"tokens_per_s": rate(s_st), "new_tokens": s_st.new_tokens},
     }
+    if draft_vocabulary:
+        allowed = set(draft_vocabulary)
+        teacher_tokens = [t for out in t_out for t in out]
+        result["draft_vocabulary"] = {
+            "size": len(allowed),
+            "teacher_token_coverage": round(sum(t in allowed for t in teacher_tokens) / max(len(teacher_tokens), 1), 4)}
     if undistilled is not None:
-        u_out, u_st = timed(lambda ids: speculative_generate(teacher, undistilled, ids, max_new_tokens, draft_tokens, eos))
+        u_out, u_st = timed(hybrid(undistilled))
         _, ua_st = timed(lambda ids: greedy_generate(undistilled, ids, max_new_tokens, eos))
         result["undistilled_hybrid"] = {"tokens_per_s": rate(u_st), **u_st.to_dict(),
                                         "speedup_vs_teacher": round(rate(u_st) / rate(t_st), 3) if rate(t_st) else None,

@@ -391,6 +391,11 @@ def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optiona
     return items
 
 
+def response_tokens(examples: Examples, tokenizer: Any, max_length: int) -> list[list[int]]:
+    """The token ids each example trains on (its response, or the whole text chunk), as `encode` cuts them."""
+    return [item["input_ids"][item["prompt_length"]:] for item in encode(examples, tokenizer, max_length)]
+
+
 def chunk_texts(examples: Examples, tokenizer: Any, max_length: int) -> Examples:
     """Plain texts longer than `max_length` tokens become consecutive chunks of at most that many tokens (cut
     at token boundaries, by character offsets), each its own example."""
