@@ -4,6 +4,7 @@ and contextual calibration makes a content-free input uniform."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,31 @@ def test_a_long_shared_prefix_gives_the_same_scores_as_full_passes(tmp_path: Pat
                 logits = model(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
             expected = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
             assert scores[i, label].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_prefix_runs_once_across_calls_and_again_after_the_weights_change(tmp_path: Path):
+    """The hybrid calls the teacher one input at a time: the prompt prefix's keys and values are kept across
+    calls, and recomputed when the weights change (a stale cache would score against the old weights)."""
+    tok = make_lm_tokenizer(tmp_path / "t", template=True)
+    model = make_llama(len(tok), layers=2, seed=5).eval()
+    template = "Q: red green blue Q: one two A: {text} A:"
+    zs = vb.build_zero_shot(model, tok, template, [["blue"], ["one two three"]], ["a", "b"], calibrated=False)
+    fresh = vb.build_zero_shot(copy.deepcopy(model), tok, template, [["blue"], ["one two three"]], ["a", "b"],
+                               calibrated=False)
+    prefix_passes = []
+    model.base_model.register_forward_pre_hook(
+        lambda _m, _a, kw: prefix_passes.append(1) if kw["input_ids"].shape == (1, len(zs.prefix)) else None,
+        with_kwargs=True)
+    ids, mask = vb.encode_texts(tok, ["red", "one two three gold"])
+    with torch.no_grad():
+        first = zs.label_scores(ids, mask)
+        for i in range(2):
+            torch.testing.assert_close(zs.label_scores(ids[i:i + 1], mask[i:i + 1])[0], first[i], atol=1e-5, rtol=0)
+    assert len(prefix_passes) == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+        for p in fresh.lm.parameters():
+            p.mul_(1.5)
+        torch.testing.assert_close(zs.label_scores(ids, mask), fresh.label_scores(ids, mask), atol=1e-5, rtol=0)
+    assert len(prefix_passes) == 2

@@ -23,6 +23,8 @@ on their own (so " positive" with its leading space is one word for a BPE tokeni
 
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -122,6 +124,7 @@ class ZeroShotClassifier(nn.Module):
         self.register_buffer("log_prior", log_prior if log_prior is not None else torch.zeros(len(label_ids)),
                              persistent=False)
         self.calibrated = log_prior is not None
+        self._prefix_cache: Optional[tuple[tuple[Any, ...], Any]] = None  # (what it was computed under, KV cache)
 
     @property
     def config(self) -> Any:  # the LM's config: pad token, dtype and size checks read it as any model's
@@ -155,17 +158,35 @@ class ZeroShotClassifier(nn.Module):
         mask = torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rests], device=device)
         kwargs: dict[str, Any] = {}
         if shared:
-            from transformers import DynamicCache
-
             from hybridft.models import cache_argument
 
-            key, cache = cache_argument(body), DynamicCache()
-            body(input_ids=torch.tensor([self.prefix], device=device), use_cache=True, **{key: cache})
+            cache = copy.deepcopy(self._prefix_kv(body, device))  # the batch's pass appends to it
             cache.batch_repeat_interleave(len(seqs))
-            kwargs = {key: cache, "use_cache": True}
+            kwargs = {cache_argument(body): cache, "use_cache": True}
         hidden = body(input_ids=ids, attention_mask=mask, **kwargs)[0]  # [B, W - shared, d]
         rows, positions = (torch.tensor(x, device=device) for x in zip(*picks))
         return self.lm.get_output_embeddings()(hidden[rows, positions - shared]).float().log_softmax(-1)
+
+    def _prefix_kv(self, body: nn.Module, device: torch.device) -> Any:
+        """The prompt prefix's KV cache, computed once and kept across calls (the hybrid's calls of one input would
+        otherwise pay for the prefix, often longer than the text, every time). Recomputed when the device, the
+        weights' dtype, autocast or the weights' version counter change; the LM is frozen, so they do not while
+        it teaches."""
+        from transformers import DynamicCache
+
+        from hybridft.models import cache_argument
+
+        weight = self.lm.get_output_embeddings().weight
+        autocast = torch.is_autocast_enabled(device.type)
+        state = (device, weight.dtype, autocast, torch.get_autocast_dtype(device.type) if autocast else None,
+                 tuple(p._version for p in self.lm.parameters()))
+        if self._prefix_cache is None or self._prefix_cache[0] != state:
+            cache = DynamicCache()
+            with torch.no_grad():
+                body(input_ids=torch.tensor([self.prefix], device=device), use_cache=True,
+                     **{cache_argument(body): cache})
+            self._prefix_cache = (state, cache)
+        return self._prefix_cache[1]
 
     def label_scores(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Uncalibrated scores [B, L]: per label, logsumexp over its verbalizers of log P(verbalizer | prompt)."""
