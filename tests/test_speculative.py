@@ -87,6 +87,9 @@ def test_a_cut_draft_vocabulary_and_a_confidence_threshold_keep_the_teachers_out
             out, stats = speculative.speculative_generate(teacher, draft, ids, 20, k, vocabulary=vocabulary,
                                                           confidence=c)
             assert out[0, ids.shape[1]:].tolist() == expected
+            padded, _ = speculative.speculative_generate(teacher, draft, ids, 20, k, vocabulary=vocabulary,
+                                                         confidence=c, verify_width=6)
+            assert padded[0, ids.shape[1]:].tolist() == expected  # padding after the real tokens changes nothing
             total.add(stats)
     assert totals[0.0].accepted > 0
     # the threshold drafts fewer tokens, and a larger share of them is accepted
@@ -158,6 +161,8 @@ def test_bad_inputs_are_refused():
     other = make_llama(VOCAB + 5, layers=1)
     with pytest.raises(HybridFTError, match="vocabulary"):
         speculative.speculative_generate(teacher, other, torch.zeros(1, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="verify_width"):
+        speculative.speculative_generate(teacher, teacher, torch.zeros(1, 3, dtype=torch.long), 4, verify_width=0)
     with pytest.raises(ValueError, match="confidence"):
         speculative.speculative_generate(teacher, teacher, torch.zeros(1, 3, dtype=torch.long), 4, confidence=1.0)
 

@@ -183,8 +183,8 @@ def _draft_token(draft: nn.Module, vocabulary: Optional[DraftVocabulary], feed: 
 @torch.no_grad()
 def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
                          draft_tokens: int = 4, eos_token_ids: Optional[set[int]] = None,
-                         vocabulary: Optional[DraftVocabulary] = None, confidence: float = 0.0
-                         ) -> tuple[torch.Tensor, SpeculativeStats]:
+                         vocabulary: Optional[DraftVocabulary] = None, confidence: float = 0.0,
+                         verify_width: int = 1) -> tuple[torch.Tensor, SpeculativeStats]:
     """Greedy decoding of `teacher`, drafted by `draft`.
 
     Args:
@@ -197,6 +197,10 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         confidence: a round's drafting stops before a token the draft gives less than this probability (0: off).
             Such a token is usually rejected, and on a CPU each token the teacher verifies has a cost (the
             dynamic draft length of transformers' assisted generation, `assistant_confidence_threshold`).
+        verify_width: each teacher pass scores at least this many positions, padded with copies of its last
+            token after the real ones (causal attention keeps the real positions' logits; the cache is cut back).
+            On a CPU, torch runs a linear layer on 2 or 3 rows as 2 or 3 matrix-vector products but on 4 or more
+            as one matrix product, so a pass over 5 tokens can cost less than one over 2 (`pass_costs`).
     Returns:
         ([1, P + N] the prompt and the N <= max_new_tokens new tokens, the round's counts).
     Raises:
@@ -211,6 +215,8 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
     if not 0 <= confidence < 1:
         raise ValueError(f"confidence must be in [0, 1), got {confidence}")
+    if verify_width < 1:
+        raise ValueError(f"verify_width must be >= 1, got {verify_width}")
     _check_vocabularies(teacher, draft)
     eos = eos_token_ids or set()
     stats = SpeculativeStats()
@@ -238,8 +244,11 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
                 break
             feed = torch.tensor([[nxt]], device=device)
         # 2. the teacher scores the newest accepted token and the drafts in one pass
-        candidate = torch.tensor([tokens[t_cache.get_seq_length():] + drafted], device=device)
-        choices = _forward(teacher, candidate, t_cache, keep=len(drafted) + 1)[0].argmax(-1).tolist()
+        real = tokens[t_cache.get_seq_length():] + drafted
+        padding = [real[-1]] * max(0, verify_width - len(real))
+        candidate = torch.tensor([real + padding], device=device)
+        logits = _forward(teacher, candidate, t_cache, keep=len(drafted) + 1 + len(padding))[0]
+        choices = logits[:len(drafted) + 1].argmax(-1).tolist()
         # choices[i]: the teacher's token after the accepted tokens and drafted[:i]
         # 3. accept the agreeing prefix, then the teacher's own token
         n = 0
