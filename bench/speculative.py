@@ -62,13 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher, draft, tokenizer = hybrid.teacher, hybrid.draft, hybrid.tokenizer
     undistilled = causal_lm.build_student(cfg, teacher, tokenizer, splits)[0].eval()
     responses = causal_lm.response_tokens(splits.train, tokenizer, cfg.data.max_length)
-    vocab = teacher.get_output_embeddings().weight.shape[0]
+    vocab = teacher.get_output_embeddings().weight.shape[0]  # the row name of the whole vocabulary
     cpu = torch.device("cpu")
     rows = {}
     for k in [int(x) for x in args.draft_tokens.split(",")]:
         for size in [int(x) for x in args.vocabularies.split(",")]:
-            ids = speculative.choose_draft_vocabulary(responses, vocab, size, speculative.eos_ids(teacher, tokenizer)) \
-                if size else None
+            ids = speculative.frequent_token_vocabulary(teacher, tokenizer, responses, size)
             for confidence in [float(x) for x in args.confidences.split(",")]:
                 r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu,
                                         ids, confidence)

@@ -571,10 +571,8 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
     if cfg.hybrid.draft_vocabulary:
         from hybridft.tasks import causal_lm
 
-        vocabulary = speculative.choose_draft_vocabulary(
-            causal_lm.response_tokens(ctx.task.transfer_set(s), tokenizer, cfg.data.max_length),
-            t_model.get_output_embeddings().weight.shape[0], cfg.hybrid.draft_vocabulary,
-            speculative.eos_ids(t_model, tokenizer))
+        responses = causal_lm.response_tokens(ctx.task.transfer_set(s), tokenizer, cfg.data.max_length)
+        vocabulary = speculative.frequent_token_vocabulary(t_model, tokenizer, responses, cfg.hybrid.draft_vocabulary)
     result = speculative.measure(t_model, s_model, undistilled, tokenizer, prompts, cfg.eval.max_new_tokens,
                                  cfg.hybrid.draft_tokens, ctx.device, vocabulary, cfg.hybrid.draft_confidence)
     speculative.save_hybrid(ctx.run_dir / "hybrid", ctx.run_dir / "teacher", ctx.run_dir / "student",

@@ -73,18 +73,13 @@ def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, keep: int = 0) -> 
     `keep` positions only, where the output layer then runs on those alone (`logits_to_keep`; SmolLM2's 49,152-word
     output layer costs as much as 8 of its layers)."""
     from hybridft.models import cache_argument
+    from hybridft.tasks.causal_lm import _takes_logits_to_keep
 
     kwargs = {cache_argument(model): cache}
     if keep and _takes_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
     logits = model(input_ids=ids, use_cache=True, **kwargs).logits
     return logits[:, -keep:] if keep else logits
-
-
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class DraftVocabulary:
@@ -113,9 +108,6 @@ class DraftVocabulary:
         bias = getattr(head, "bias", None)
         self.bias = None if bias is None else bias.detach()[self.token_ids].clone()
         self.decoder = draft.get_decoder()
-
-    def __len__(self) -> int:
-        return int(self.token_ids.numel())
 
     def logits(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
         """[V'] logits of the allowed tokens after the last of `ids` [1, T] (the cache grows by T). A model that
@@ -147,6 +139,16 @@ def choose_draft_vocabulary(sequences: list[list[int]], vocab_size: int, size: i
         chosen.add(next_id)
         next_id += 1
     return sorted(chosen)
+
+
+def frequent_token_vocabulary(teacher: nn.Module, tokenizer: Any, responses: list[list[int]],
+                              size: int) -> Optional[list[int]]:
+    """`choose_draft_vocabulary` for `teacher`: its vocabulary, its end-of-sequence tokens always in; None for
+    size 0 (the whole vocabulary)."""
+    if not size:
+        return None
+    return choose_draft_vocabulary(responses, teacher.get_output_embeddings().weight.shape[0], size,
+                                   eos_ids(teacher, tokenizer))
 
 
 def _cut(cache: Any, keep: int) -> None:
@@ -200,11 +202,12 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         verify_width: each teacher pass scores at least this many positions, padded with copies of its last
             token after the real ones (causal attention keeps the real positions' logits; the cache is cut back).
             On a CPU, torch runs a linear layer on 2 or 3 rows as 2 or 3 matrix-vector products but on 4 or more
-            as one matrix product, so a pass over 5 tokens can cost less than one over 2 (`pass_costs`).
+            as one matrix product, so a pass over 5 tokens can cost less than one over 2 (BENCHMARKS.md).
     Returns:
         ([1, P + N] the prompt and the N <= max_new_tokens new tokens, the round's counts).
     Raises:
-        ValueError: for a batch of more than one sequence, draft_tokens < 1 or confidence outside [0, 1).
+        ValueError: for a batch of more than one sequence, draft_tokens < 1, confidence outside [0, 1) or
+            verify_width < 1.
         HybridFTError: when the vocabularies differ.
     """
     from transformers import DynamicCache
