@@ -27,7 +27,7 @@ each reports its own peak memory and none inherits another's warm caches or allo
   opt-in with --rows:
     textbrewer-nocache
                     TextBrewer's BasicDistiller without the cache (the teacher runs on every step)
-    hybridft-fp32, hybridft-bf16
+    hybridft-fp32, hybridft-bf16, hybridft-fp32-unsplit
                     hybridft with the precision fixed, to separate the bf16 lever from the rest
 
 Usage (from the repository root, venv active):
@@ -65,6 +65,7 @@ BAR_SECONDS, BAR_ACCURACY, BAR_BASELINE_SECONDS = 35.0, 0.79, 88.0
 
 HYBRIDFT_ROWS = {"hybridft": ("auto", ()), "hybridft-fp32": ("fp32", ()), "hybridft-bf16": ("bf16", ()),
                  "hybridft-unsplit": ("auto", ("student.train.length_splits=1",)),
+                 "hybridft-fp32-unsplit": ("fp32", ("student.train.length_splits=1",)),
                  "hybridft-grouped": ("auto", ("student.train.group_by_length=true",))}
 PEER_ROWS = ("baseline", "trainer", "textbrewer", "textbrewer-nocache")
 ROWS = (*PEER_ROWS, *HYBRIDFT_ROWS)

@@ -77,6 +77,7 @@ def test_auto_length_splits_split_only_where_it_saves_padding():
     assert train.length_splits(tc, cpu, varied) == train.CPU_LENGTH_SPLITS
     assert train.length_splits(tc, cpu, articles) == 1
     assert train.length_splits(tc, gpu, varied) == 1
+    assert train.length_splits(tc, cpu, varied, "bf16") == 1  # autocast's per-pass casts cost more than padding
     assert train.length_splits(TrainConfig(length_splits=3), gpu, articles) == 3  # an explicit number is kept
     assert train.length_splits(TrainConfig(batch_size=16), cpu, varied) <= 2  # passes keep at least 8 rows
     assert train.length_splits(TrainConfig(batch_size=8), cpu, varied) == 1
