@@ -3,12 +3,15 @@ same layers before distillation as the teacher's draft model, same prompts, same
 
     python bench/speculative.py --run runs/causal_lm_demo                    # draft lengths 1, 2, 3, 4, 6
     python bench/speculative.py --run runs/causal_lm_demo --vocabularies 0,8192 --confidences 0,0.4
+    python bench/speculative.py --run runs/causal_lm_demo --draft-precisions fp32,bf16,int8 --padding off,on
     python bench/speculative.py --run runs/causal_lm_demo --quick            # a smoke run of the same code
 
-Per draft length k, draft vocabulary size and confidence threshold (hybrid.draft_vocabulary, draft_confidence):
+Per draft length k, draft vocabulary size, confidence threshold, draft precision and verification padding
+(hybrid.draft_vocabulary, draft_confidence, draft_precision, verify_padding):
 acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for
 both drafts; and whether every hybrid output equals the teacher's greedy output. Batch 1, greedy, fp32, the
-first `--prompts` test prompts of the run, `--max-new-tokens` each. Writes bench/results/speculative.json
+first `--prompts` test prompts of the run, `--max-new-tokens` each; the teacher in fp32. With padding on, the
+report also holds the timed cost of a teacher pass per width. Writes bench/results/speculative.json
 (or --out). Compare ratios within one run: seconds depend on the machine and what else runs on it.
 """
 
@@ -32,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocabularies", default="0",
                    help="comma-separated draft vocabulary sizes (hybrid.draft_vocabulary; 0 = the whole vocabulary)")
     p.add_argument("--confidences", default="0", help="comma-separated hybrid.draft_confidence values")
+    p.add_argument("--draft-precisions", default="fp32",
+                   help="comma-separated hybrid.draft_precision values (auto, fp32, bf16, int8)")
+    p.add_argument("--padding", default="off", help="comma-separated hybrid.verify_padding values (off, on)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens, draft lengths 1 and 3")
@@ -40,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.prompts, args.max_new_tokens, args.draft_tokens = 2, 8, "1,3"
         args.vocabularies, args.confidences = "0,12", "0,0.3"
+        args.draft_precisions, args.padding = "fp32,int8", "off"
 
     import torch
     import transformers
@@ -62,25 +69,35 @@ def main(argv: list[str] | None = None) -> int:
     teacher, draft, tokenizer = hybrid.teacher, hybrid.draft, hybrid.tokenizer
     undistilled = causal_lm.build_student(cfg, teacher, tokenizer, splits)[0].eval()
     responses = causal_lm.response_tokens(splits.train, tokenizer, cfg.data.max_length)
-    vocab = teacher.get_output_embeddings().weight.shape[0]  # the row name of the whole vocabulary
+    vocab = speculative.output_vocabulary_size(teacher)  # the row name of the whole vocabulary
     cpu = torch.device("cpu")
     rows = {}
-    for k in [int(x) for x in args.draft_tokens.split(",")]:
-        for size in [int(x) for x in args.vocabularies.split(",")]:
-            ids = speculative.frequent_token_vocabulary(teacher, tokenizer, responses, size)
-            for confidence in [float(x) for x in args.confidences.split(",")]:
-                r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu,
-                                        ids, confidence)
-                rows[f"k={k} vocabulary={size or vocab} confidence={confidence}"] = r
-                coverage = r.get("draft_vocabulary", {}).get("teacher_token_coverage", 1.0)
-                print(f"k={k} vocabulary={size or vocab} (covers {coverage:.1%} of the teacher's tokens) "
-                      f"confidence={confidence}: teacher {r['teacher']['tokens_per_s']}/s; distilled draft: acceptance "
-                      f"{r['hybrid']['acceptance_rate']:.1%}, {r['hybrid']['tokens_per_s']}/s "
-                      f"({r['hybrid']['speedup_vs_teacher']}x); undistilled draft: acceptance "
-                      f"{r['undistilled_hybrid']['acceptance_rate']:.1%}, {r['undistilled_hybrid']['tokens_per_s']}/s "
-                      f"({r['undistilled_hybrid']['speedup_vs_teacher']}x); outputs equal to the teacher's: "
-                      f"{r['matches_teacher']}/{r['prompts']} and "
-                      f"{r['undistilled_hybrid']['matches_teacher']}/{r['prompts']}", flush=True)
+    bad = [x for x in args.padding.split(",") if x not in ("off", "on")]
+    if bad:
+        print(f"--padding takes off and on, got {bad}", file=sys.stderr)
+        return 2
+    settings = [(k, size, confidence, precision, padding)
+                for k in [int(x) for x in args.draft_tokens.split(",")]
+                for size in [int(x) for x in args.vocabularies.split(",")]
+                for confidence in [float(x) for x in args.confidences.split(",")]
+                for precision in args.draft_precisions.split(",")
+                for padding in args.padding.split(",")]
+    for k, size, confidence, precision, padding in settings:
+        ids = speculative.frequent_token_vocabulary(teacher, tokenizer, responses, size)
+        r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu,
+                                ids, confidence, precision, padding == "on")
+        name = f"k={k} vocabulary={size or vocab} confidence={confidence} draft={precision} padding={padding}"
+        rows[name] = r
+        coverage = r.get("draft_vocabulary", {}).get("teacher_token_coverage", 1.0)
+        widths = f", widths {r['verify_padding']['pad_to']}" if "verify_padding" in r else ""
+        print(f"{name} (covers {coverage:.1%} of the teacher's tokens{widths}): "
+              f"teacher {r['teacher']['tokens_per_s']}/s; distilled draft: acceptance "
+              f"{r['hybrid']['acceptance_rate']:.1%}, {r['hybrid']['tokens_per_s']}/s "
+              f"({r['hybrid']['speedup_vs_teacher']}x); undistilled draft: acceptance "
+              f"{r['undistilled_hybrid']['acceptance_rate']:.1%}, {r['undistilled_hybrid']['tokens_per_s']}/s "
+              f"({r['undistilled_hybrid']['speedup_vs_teacher']}x); outputs equal to the teacher's: "
+              f"{r['matches_teacher']}/{r['prompts']} and "
+              f"{r['undistilled_hybrid']['matches_teacher']}/{r['prompts']}", flush=True)
     report = {"run": str(run), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__,

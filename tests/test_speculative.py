@@ -88,7 +88,7 @@ def test_a_cut_draft_vocabulary_and_a_confidence_threshold_keep_the_teachers_out
                                                           confidence=c)
             assert out[0, ids.shape[1]:].tolist() == expected
             padded, _ = speculative.speculative_generate(teacher, draft, ids, 20, k, vocabulary=vocabulary,
-                                                         confidence=c, verify_width=6)
+                                                         confidence=c, pad_to=[6] * 6)
             assert padded[0, ids.shape[1]:].tolist() == expected  # padding after the real tokens changes nothing
             total.add(stats)
     assert totals[0.0].accepted > 0
@@ -110,6 +110,56 @@ def test_the_cut_output_layer_scores_the_chosen_tokens_as_the_whole_one_does():
         speculative.DraftVocabulary(draft, [0, VOCAB])
     with pytest.raises(ValueError, match="at least one"):
         speculative.DraftVocabulary(draft, [])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_draft_in_lower_precision_keeps_the_teachers_output_and_mostly_its_agreement(precision: str):
+    teacher = _teacher()
+    draft = _half_agreeing_draft(teacher)
+    before = [p.clone() for p in draft.parameters()]
+    allowed = list(range(0, VOCAB, 2))
+    totals = {}
+    for name, prec in (("fp32", "fp32"), (precision, precision)):
+        model, vocabulary = speculative.prepare_draft(draft, prec, allowed)
+        totals[name] = speculative.SpeculativeStats()
+        for ids in _prompts(6):
+            out, stats = speculative.speculative_generate(teacher, model, ids, 16, 3, vocabulary=vocabulary)
+            assert out[0, ids.shape[1]:].tolist() == _hf_greedy(teacher, ids, 16)
+            totals[name].add(stats)
+    assert all(torch.equal(a, b) for a, b in zip(before, draft.parameters()))  # the saved draft is not touched
+    assert totals[precision].accepted > 0
+    # the same draft, rounded: it proposes nearly the same tokens (it is the teacher's verification that is exact)
+    assert abs(totals[precision].acceptance_rate - totals["fp32"].acceptance_rate) < 0.25
+    if precision == "int8":
+        assert model.model.layers[0].mlp.down_proj.weight().dtype == torch.qint8
+        assert vocabulary.head[0].weight().dtype == torch.qint8  # the cut output layer too
+        assert speculative.output_vocabulary_size(model) == VOCAB
+    else:
+        assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_draft_precision_auto_follows_the_device(monkeypatch: pytest.MonkeyPatch):
+    from hybridft import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert speculative.choose_draft_precision("auto", cpu)[0] == "bf16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
+    assert speculative.choose_draft_precision("auto", cpu) == ("fp32", "no native bf16 on this cpu (it would be emulated)")
+    assert speculative.choose_draft_precision("int8", cpu)[0] == "int8"
+    with pytest.raises(HybridFTError, match="CPU only"):
+        speculative.choose_draft_precision("int8", torch.device("cuda"))
+    with pytest.raises(HybridFTError, match="draft_precision"):
+        speculative.choose_draft_precision("fp8", cpu)
+
+
+def test_padded_widths_pick_the_cheapest_pass_at_least_as_wide():
+    # a CPU where 2 and 3 rows run as matrix-vector products and 4+ as one matrix product
+    costs = [44.0, 69.0, 86.0, 50.0, 55.0, 60.0]
+    assert speculative.padded_widths(costs) == [1, 4, 4, 4, 5, 6]
+    assert speculative.padded_widths([10.0, 10.2, 9.9, 12.0]) == [1, 2, 3, 4]  # noise within 5% never pads
+    measured = speculative.teacher_pass_ms(_teacher(), 3, context=4, repeats=1)
+    assert len(measured) == 3 and all(ms > 0 for ms in measured)
 
 
 def test_the_draft_vocabulary_is_the_most_frequent_response_tokens_then_the_lowest_ids():
@@ -161,8 +211,8 @@ def test_bad_inputs_are_refused():
     other = make_llama(VOCAB + 5, layers=1)
     with pytest.raises(HybridFTError, match="vocabulary"):
         speculative.speculative_generate(teacher, other, torch.zeros(1, 3, dtype=torch.long), 4)
-    with pytest.raises(ValueError, match="verify_width"):
-        speculative.speculative_generate(teacher, teacher, torch.zeros(1, 3, dtype=torch.long), 4, verify_width=0)
+    with pytest.raises(ValueError, match="pad_to"):
+        speculative.speculative_generate(teacher, teacher, torch.zeros(1, 3, dtype=torch.long), 4, pad_to=[1, 1])
     with pytest.raises(ValueError, match="confidence"):
         speculative.speculative_generate(teacher, teacher, torch.zeros(1, 3, dtype=torch.long), 4, confidence=1.0)
 
@@ -172,7 +222,7 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
 
     assert main(_run_args(tmp_path, tiny_lm_dir, lm_data, "a", "hybrid.speculative_prompts=3",
                           "hybrid.draft_tokens=3", "eval.max_new_tokens=6", "hybrid.draft_vocabulary=12",
-                          "hybrid.draft_confidence=0.05")) == 0
+                          "hybrid.draft_confidence=0.05", "hybrid.draft_precision=int8")) == 0
     run = tmp_path / "a"
     h = json.loads((run / "summary.json").read_text())["hybrid"]
     assert h["prompts"] == 3 and h["draft_tokens"] == 3
@@ -187,8 +237,13 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     assert settings["kind"] == "speculative" and settings["draft_confidence"] == 0.05
     assert len(settings["draft_vocabulary"]) == h["draft_vocabulary"]["size"] == 12
     assert 0 < h["draft_vocabulary"]["teacher_token_coverage"] <= 1
+    assert settings["draft_precision"] == "int8" and settings["verify_padding"] is True
+    assert h["draft_precision"]["chosen"] == "int8"
+    pad_to, costs = h["verify_padding"]["pad_to"], h["verify_padding"]["teacher_pass_ms"]
+    assert len(pad_to) == len(costs) == 3 + 1 + speculative.MAX_PADDING and all(w >= r for r, w in enumerate(pad_to, 1))
     loaded = speculative.load_hybrid(folder)
-    assert loaded.vocabulary.token_ids.tolist() == settings["draft_vocabulary"] and loaded.confidence == 0.05
+    assert loaded.vocabulary_ids == settings["draft_vocabulary"] and loaded.confidence == 0.05
+    assert loaded.draft_precision == "int8" and loaded.prepared is None
 
     # `generate` on the hybrid writes what the teacher alone writes
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"]} for r in lm_rows(4, seed=9)])
@@ -212,7 +267,8 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     report = tmp_path / "spec.json"
     assert bench.main(["--run", str(run), "--quick", "--out", str(report)]) == 0
     rows = json.loads(report.read_text())["rows"]
-    assert len(rows) == 8  # draft lengths 1 and 3, the whole vocabulary and 12 tokens, confidence 0 and 0.3
+    assert len(rows) == 16  # draft lengths 1 and 3, the whole vocabulary and 12 tokens, confidence 0 and 0.3,
+    # the draft in fp32 and int8
     assert all(r["draft_vocabulary"]["size"] == 12 for key, r in rows.items() if "vocabulary=12 " in key)
     for r in rows.values():
         assert r["matches_teacher"] == r["prompts"] == r["undistilled_hybrid"]["matches_teacher"] == 2

@@ -227,7 +227,8 @@ def _generate(args: argparse.Namespace) -> int:
     if stats is not None:
         print(f"speculative decoding: {stats.acceptance_rate:.1%} of {stats.drafted} drafted tokens accepted, "
               f"{stats.tokens_per_teacher_pass:.2f} tokens per teacher pass, "
-              f"{stats.new_tokens / stats.seconds if stats.seconds else 0:.1f} tokens/s")
+              f"{stats.new_tokens / stats.seconds if stats.seconds else 0:.1f} tokens/s"
+              + (f"; the draft ran in {hybrid.prepared['precision']}" if hybrid.prepared else ""))
     return 0
 
 

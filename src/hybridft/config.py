@@ -116,9 +116,9 @@ class TrainConfig:
     length_splits: Union[Literal["auto"], int] = "auto"
     """Without group_by_length: each micro-batch's rows (a uniform draw) are sorted by length and run as this
     many forward/backward passes; the loss is normalised over the step, so the gradient is unchanged and only
-    padding drops. `auto`: on CPU, up to 4 passes of at least 8 rows where that saves a quarter of the padded
-    tokens of random batches; 1 on GPU, where small passes are bound by kernel launches. Ignored with
-    group_by_length."""
+    padding drops. `auto`: on CPU in fp32, up to 4 passes of at least 8 rows where that saves a quarter of the
+    padded tokens of random batches; 1 on GPU, where small passes are bound by kernel launches, and 1 under bf16
+    autocast on CPU, where each pass's casts cost more than the padding saves. Ignored with group_by_length."""
 
 
 @dataclass
@@ -287,6 +287,14 @@ class HybridConfig:
     teacher's greedy output either way."""
     draft_confidence: float = 0.0
     """causal_lm: a round's drafting stops before a token the draft gives less than this probability; 0 is off."""
+    draft_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    """causal_lm: the draft model's weights while it drafts; the output stays the teacher's greedy output (the
+    teacher verifies in its own precision). `auto`: bf16 where the device computes it natively (a CPU with
+    AVX512-BF16 or AMX, a CUDA GPU), else fp32; `int8` (CPU) quantizes its linear layers dynamically. Resolved
+    where the hybrid runs (`speculative.choose_draft_precision`)."""
+    verify_padding: bool = True
+    """causal_lm: time the teacher's forward pass over 1, 2, ... tokens once per device and run each verification at
+    the cheapest width at least its length (on a CPU a pass over 4 tokens can cost less than one over 2)."""
 
 
 @dataclass

@@ -573,11 +573,18 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
 
         responses = causal_lm.response_tokens(ctx.task.transfer_set(s), tokenizer, cfg.data.max_length)
         vocabulary = speculative.frequent_token_vocabulary(t_model, tokenizer, responses, cfg.hybrid.draft_vocabulary)
+    hc = cfg.hybrid
     result = speculative.measure(t_model, s_model, undistilled, tokenizer, prompts, cfg.eval.max_new_tokens,
-                                 cfg.hybrid.draft_tokens, ctx.device, vocabulary, cfg.hybrid.draft_confidence)
+                                 hc.draft_tokens, ctx.device, vocabulary, hc.draft_confidence, hc.draft_precision,
+                                 hc.verify_padding)
     speculative.save_hybrid(ctx.run_dir / "hybrid", ctx.run_dir / "teacher", ctx.run_dir / "student",
-                            cfg.hybrid.draft_tokens, vocabulary, cfg.hybrid.draft_confidence)
+                            hc.draft_tokens, vocabulary, hc.draft_confidence, hc.draft_precision, hc.verify_padding)
     h, u = result["hybrid"], result.get("undistilled_hybrid", {})
+    padding = result.get("verify_padding")
+    ctx.log(f"speculative hybrid: the draft runs in {result['draft_precision']['chosen']} "
+            f"({result['draft_precision']['reason']})"
+            + (f"; teacher passes of 1.. tokens timed at {padding['teacher_pass_ms']} ms, so r real tokens are "
+               f"verified at widths {padding['pad_to']}" if padding else ""))
     ctx.log(f"speculative hybrid: {result['matches_teacher']}/{len(prompts)} outputs equal the teacher's greedy ones; "
             f"acceptance {h['acceptance_rate']:.1%}, {h['tokens_per_s']} tokens/s = {h['speedup_vs_teacher']}x the "
             f"teacher alone ({result['teacher']['tokens_per_s']}/s); undistilled draft: acceptance "

@@ -96,17 +96,23 @@ class DraftVocabulary:
     """
 
     def __init__(self, draft: nn.Module, token_ids: list[int]):
-        head = draft.get_output_embeddings()
-        vocab = head.weight.shape[0]
+        vocab = output_vocabulary_size(draft)
         if not token_ids:
             raise ValueError("a draft vocabulary needs at least one token")
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"draft vocabulary ids {bad[:5]} are outside the draft's vocabulary of {vocab}")
-        self.token_ids = torch.tensor(token_ids, dtype=torch.long, device=head.weight.device)
-        self.weight = head.weight.detach()[self.token_ids].clone()  # [V', H]
-        bias = getattr(head, "bias", None)
-        self.bias = None if bias is None else bias.detach()[self.token_ids].clone()
+        whole = draft.get_output_embeddings()
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long, device=whole.weight.device)
+        bias = getattr(whole, "bias", None)
+        # a module of its own, so that it follows the draft's precision (cast to bf16 or quantized to int8)
+        self.head = nn.Linear(whole.weight.shape[1], len(token_ids), bias=bias is not None,
+                              device=whole.weight.device, dtype=whole.weight.dtype)
+        with torch.no_grad():
+            self.head.weight.copy_(whole.weight[self.token_ids])  # [V', H]
+            if bias is not None:
+                self.head.bias.copy_(bias[self.token_ids])
+        self.head.requires_grad_(False)
         self.decoder = draft.get_decoder()
 
     def logits(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -115,7 +121,7 @@ class DraftVocabulary:
         from hybridft.models import cache_argument
 
         hidden = self.decoder(input_ids=ids, use_cache=True, **{cache_argument(self.decoder): cache})
-        return nn.functional.linear(hidden.last_hidden_state[0, -1], self.weight, self.bias)
+        return self.head(hidden.last_hidden_state[0, -1:])[0]  # [1, H] in: an int8 layer takes no 1-D input
 
 
 def choose_draft_vocabulary(sequences: list[list[int]], vocab_size: int, size: int,
@@ -147,8 +153,7 @@ def frequent_token_vocabulary(teacher: nn.Module, tokenizer: Any, responses: lis
     size 0 (the whole vocabulary)."""
     if not size:
         return None
-    return choose_draft_vocabulary(responses, teacher.get_output_embeddings().weight.shape[0], size,
-                                   eos_ids(teacher, tokenizer))
+    return choose_draft_vocabulary(responses, output_vocabulary_size(teacher), size, eos_ids(teacher, tokenizer))
 
 
 def _cut(cache: Any, keep: int) -> None:
@@ -158,9 +163,15 @@ def _cut(cache: Any, keep: int) -> None:
         cache.crop(-extra)
 
 
+def output_vocabulary_size(model: nn.Module) -> int:
+    """Tokens the model's output layer scores (also for an int8 layer, whose `weight` is a method)."""
+    weight = model.get_output_embeddings().weight
+    return (weight() if callable(weight) else weight).shape[0]
+
+
 def vocabulary_mismatch(teacher: nn.Module, draft: nn.Module) -> Optional[str]:
     """Why `draft` cannot draft for `teacher` (their output layers score different vocabularies), or None."""
-    t, d = teacher.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0]
+    t, d = output_vocabulary_size(teacher), output_vocabulary_size(draft)
     return None if t == d else f"the draft model's vocabulary ({d} tokens) differs from the teacher's ({t})"
 
 
@@ -182,11 +193,146 @@ def _draft_token(draft: nn.Module, vocabulary: Optional[DraftVocabulary], feed: 
     return (int(vocabulary.token_ids[best]) if vocabulary is not None else best), prob
 
 
+# ---------------------------------------------------------------------------------------------------
+# what makes a round cheap: the draft's precision and the verification's width
+
+
+DRAFT_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+def choose_draft_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """(the draft model's precision, why) for `hybrid.draft_precision`.
+
+    The draft's precision never changes the output: the teacher verifies every token in its own precision. It
+    changes how fast the draft drafts (at batch 1 a draft token is bound by reading the weights, so half the bytes
+    take about half the time: 13.7 ms to 6.8 ms for the 8-layer SmolLM2 draft with a cut vocabulary on an
+    AVX512-BF16 CPU) and, slightly, how often it agrees. `auto`: bf16 on a device that computes it natively (a
+    CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere, where bf16 is emulated. `int8` (CPU only)
+    quantizes the draft's linear layers dynamically (`torch.ao.quantization.quantize_dynamic`).
+
+    Raises:
+        HybridFTError: for int8 on a GPU, or a value outside DRAFT_PRECISIONS.
+    """
+    from hybridft.errors import HybridFTError
+    from hybridft.precision import cpu_flags
+
+    if precision not in DRAFT_PRECISIONS:
+        raise HybridFTError(f"hybrid.draft_precision must be one of {', '.join(DRAFT_PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and device.type != "cpu":
+        raise HybridFTError("hybrid.draft_precision=int8 runs on a CPU only (torch's dynamic quantization); "
+                            "use bf16 on a GPU")
+    if precision != "auto":
+        return precision, "set in the config"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "CUDA GPU with bf16 support"
+        return "fp32", "CUDA GPU without bf16 support"
+    if device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return "bf16", "CPU with bf16 instructions: half the bytes to read per draft token"
+    return "fp32", f"no native bf16 on this {device.type} (it would be emulated)"
+
+
+def prepare_draft(draft: nn.Module, precision: str, token_ids: Optional[list[int]] = None
+                  ) -> tuple[nn.Module, Optional[DraftVocabulary]]:
+    """The draft model as it drafts: its weights in `precision` ("fp32", "bf16" or "int8"), with its output layer
+    cut to `token_ids` (None: the whole vocabulary). A copy when the precision changes, so the model passed in (the
+    saved student) stays as it is.
+
+    Raises:
+        HybridFTError: for int8 where this torch has no dynamic quantization.
+    """
+    import copy
+
+    model = draft if precision == "fp32" else copy.deepcopy(draft)
+    vocabulary = DraftVocabulary(model, token_ids) if token_ids else None  # cut from the fp32 rows
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+        if vocabulary is not None:
+            vocabulary.head.to(torch.bfloat16)
+    elif precision == "int8":
+        _quantize_int8(model)
+        if vocabulary is not None:
+            vocabulary.head = _quantize_int8(nn.Sequential(vocabulary.head))  # only children are swapped
+    return model.eval(), vocabulary
+
+
+def _quantize_int8(module: nn.Module) -> nn.Module:
+    """`module`'s linear layers as int8 weights with activations quantized on the fly, in place."""
+    import warnings
+
+    from hybridft.errors import HybridFTError
+
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:
+        raise HybridFTError("hybrid.draft_precision=int8 needs torch.ao.quantization.quantize_dynamic, which this "
+                            "torch lacks; use bf16 or fp32") from None
+    with warnings.catch_warnings():  # torch 2.13 announces the API's future removal on every call
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+@torch.no_grad()
+def teacher_pass_ms(teacher: nn.Module, widths: int, context: int = 32, repeats: int = 3) -> list[float]:
+    """[widths] median milliseconds of one forward pass of the teacher over w = 1..widths new tokens after
+    `context` cached ones (index w - 1): what a verification of w tokens costs on this device. Widths are timed in
+    turn within each repeat, so that a burst of other load hits them alike; the first repeat only warms up."""
+    from transformers import DynamicCache
+
+    device = next(teacher.parameters()).device
+    vocab = output_vocabulary_size(teacher)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(vocab, (1, context), generator=g).to(device)
+    cache = DynamicCache()
+    _forward(teacher, prefix, cache, keep=1)
+    times: list[list[float]] = [[] for _ in range(widths)]
+    for rep in range(repeats + 1):
+        for w in range(1, widths + 1):
+            ids = torch.randint(vocab, (1, w), generator=g).to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            _forward(teacher, ids, cache, keep=w)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                times[w - 1].append(time.perf_counter() - start)
+            _cut(cache, context)
+    return [round(sorted(t)[len(t) // 2] * 1000, 2) for t in times]
+
+
+PAD_GAIN = 0.95
+"""A wider pass is chosen only when it costs less than this share of the narrower one: timing noise must not pad."""
+
+
+def padded_widths(pass_ms: list[float]) -> list[int]:
+    """`speculative_generate`'s pad_to from `teacher_pass_ms`: for r = 1..len(pass_ms) real tokens, the width that
+    runs fastest among r..len(pass_ms) (a wider one only when clearly cheaper, PAD_GAIN)."""
+    out = []
+    for r in range(1, len(pass_ms) + 1):
+        best = r
+        for w in range(r + 1, len(pass_ms) + 1):
+            if pass_ms[w - 1] < PAD_GAIN * pass_ms[best - 1]:
+                best = w
+        out.append(best)
+    return out
+
+
+MAX_PADDING = 4
+"""`verify_padding` times passes up to draft_tokens + 1 + this many tokens."""
+
+
+def verification_widths(teacher: nn.Module, draft_tokens: int) -> tuple[list[int], list[float]]:
+    """(pad_to, the timed pass costs in ms) for a hybrid drafting `draft_tokens` tokens per round."""
+    costs = teacher_pass_ms(teacher, draft_tokens + 1 + MAX_PADDING)
+    return padded_widths(costs), costs
+
+
 @torch.no_grad()
 def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
                          draft_tokens: int = 4, eos_token_ids: Optional[set[int]] = None,
                          vocabulary: Optional[DraftVocabulary] = None, confidence: float = 0.0,
-                         verify_width: int = 1) -> tuple[torch.Tensor, SpeculativeStats]:
+                         pad_to: Optional[list[int]] = None) -> tuple[torch.Tensor, SpeculativeStats]:
     """Greedy decoding of `teacher`, drafted by `draft`.
 
     Args:
@@ -199,15 +345,16 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         confidence: a round's drafting stops before a token the draft gives less than this probability (0: off).
             Such a token is usually rejected, and on a CPU each token the teacher verifies has a cost (the
             dynamic draft length of transformers' assisted generation, `assistant_confidence_threshold`).
-        verify_width: each teacher pass scores at least this many positions, padded with copies of its last
+        pad_to: a teacher pass over r real tokens runs at width pad_to[r - 1] >= r, padded with copies of its last
             token after the real ones (causal attention keeps the real positions' logits; the cache is cut back).
             On a CPU, torch runs a linear layer on 2 or 3 rows as 2 or 3 matrix-vector products but on 4 or more
-            as one matrix product, so a pass over 5 tokens can cost less than one over 2 (BENCHMARKS.md).
+            as one matrix product, so a pass over 4 tokens can cost less than one over 2 (`padded_widths` picks
+            the widths from timings, `teacher_pass_ms`). None, or r past its end: no padding.
     Returns:
         ([1, P + N] the prompt and the N <= max_new_tokens new tokens, the round's counts).
     Raises:
-        ValueError: for a batch of more than one sequence, draft_tokens < 1, confidence outside [0, 1) or
-            verify_width < 1.
+        ValueError: for a batch of more than one sequence, draft_tokens < 1, confidence outside [0, 1) or a
+            pad_to width below its real length.
         HybridFTError: when the vocabularies differ.
     """
     from transformers import DynamicCache
@@ -218,8 +365,8 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
     if not 0 <= confidence < 1:
         raise ValueError(f"confidence must be in [0, 1), got {confidence}")
-    if verify_width < 1:
-        raise ValueError(f"verify_width must be >= 1, got {verify_width}")
+    if pad_to is not None and any(w < r for r, w in enumerate(pad_to, 1)):
+        raise ValueError(f"pad_to[r - 1] must be >= r (a pass cannot be narrower than its real tokens), got {pad_to}")
     _check_vocabularies(teacher, draft)
     eos = eos_token_ids or set()
     stats = SpeculativeStats()
@@ -248,7 +395,8 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
             feed = torch.tensor([[nxt]], device=device)
         # 2. the teacher scores the newest accepted token and the drafts in one pass
         real = tokens[t_cache.get_seq_length():] + drafted
-        padding = [real[-1]] * max(0, verify_width - len(real))
+        width = pad_to[len(real) - 1] if pad_to is not None and len(real) <= len(pad_to) else len(real)
+        padding = [real[-1]] * (width - len(real))
         candidate = torch.tensor([real + padding], device=device)
         logits = _forward(teacher, candidate, t_cache, keep=len(drafted) + 1 + len(padding))[0]
         choices = logits[:len(drafted) + 1].argmax(-1).tolist()
@@ -329,10 +477,12 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: int,
-                draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0) -> Path:
-    """OUTPUT_DIR/hybrid of a causal_lm run: teacher/, draft/, hybrid.json (the decoding settings, and the draft's
-    token ids when its vocabulary is cut) and manifest.json (checksums), written beside the target and renamed, so
-    a failed save never leaves a half folder in its place."""
+                draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0,
+                draft_precision: str = "auto", verify_padding: bool = True) -> Path:
+    """OUTPUT_DIR/hybrid of a causal_lm run: teacher/, draft/ (fp32, as trained), hybrid.json (the decoding settings,
+    and the draft's token ids when its vocabulary is cut; `draft_precision` is resolved where the hybrid is loaded,
+    as `auto` depends on the device) and manifest.json (checksums), written beside the target and renamed, so a
+    failed save never leaves a half folder in its place."""
     import json
     import shutil
 
@@ -345,7 +495,8 @@ def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: 
     shutil.copytree(teacher_dir, tmp / "teacher", copy_function=_link_or_copy)
     shutil.copytree(draft_dir, tmp / "draft", copy_function=_link_or_copy)
     settings = {"format": FORMAT, "kind": "speculative", "draft_tokens": draft_tokens,
-                "draft_confidence": draft_confidence, "draft_vocabulary": draft_vocabulary}
+                "draft_confidence": draft_confidence, "draft_vocabulary": draft_vocabulary,
+                "draft_precision": draft_precision, "verify_padding": verify_padding}
     (tmp / "hybrid.json").write_text(json.dumps(settings), encoding="utf-8")
     write_manifest(tmp)
     if folder.exists():
@@ -368,25 +519,44 @@ def is_speculative_folder(folder: Path) -> bool:
 
 @dataclass
 class SpeculativeHybrid:
-    """A loaded OUTPUT_DIR/hybrid: the teacher, its draft model and the decoding settings."""
+    """A loaded OUTPUT_DIR/hybrid: the teacher, its draft model (fp32, as saved) and the decoding settings. The draft
+    as it drafts (precision, cut output layer) and the verification widths are prepared on the first `generate`
+    on the current device (timing the teacher's passes takes a second or two)."""
 
     teacher: nn.Module
     draft: nn.Module
     tokenizer: Any
     draft_tokens: int
     confidence: float = 0.0
-    vocabulary: Optional[DraftVocabulary] = None
+    vocabulary_ids: Optional[list[int]] = None
+    draft_precision: str = "fp32"
+    """`hybrid.draft_precision`: auto, fp32, bf16 or int8."""
+    verify_padding: bool = False
+    prepared: Optional[dict[str, Any]] = field(default=None, repr=False)
+    """After the first `generate`: draft (the model as it drafts), vocabulary, precision, precision_reason, pad_to,
+    teacher_pass_ms."""
 
     def to(self, device: torch.device) -> "SpeculativeHybrid":
         self.teacher.to(device), self.draft.to(device)
-        if self.vocabulary is not None:  # rebuilt from the moved draft: the cut output layer lives on its device
-            self.vocabulary = DraftVocabulary(self.draft, self.vocabulary.token_ids.tolist())
+        self.prepared = None  # the draft's precision and the timed widths depend on the device
         return self
+
+    def prepare(self) -> dict[str, Any]:
+        if self.prepared is None:
+            device = next(self.teacher.parameters()).device
+            precision, reason = choose_draft_precision(self.draft_precision, device)
+            draft, vocabulary = prepare_draft(self.draft, precision, self.vocabulary_ids)
+            pad_to, costs = verification_widths(self.teacher, self.draft_tokens) if self.verify_padding else (None, None)
+            self.prepared = {"draft": draft, "vocabulary": vocabulary, "precision": precision,
+                             "precision_reason": reason, "pad_to": pad_to, "teacher_pass_ms": costs}
+        return self.prepared
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, SpeculativeStats]:
         """The teacher's greedy output for `input_ids` [1, P]: see `speculative_generate`."""
-        return speculative_generate(self.teacher, self.draft, input_ids, max_new_tokens, self.draft_tokens,
-                                    eos_ids(self.teacher, self.tokenizer), self.vocabulary, self.confidence)
+        p = self.prepare()
+        return speculative_generate(self.teacher, p["draft"], input_ids, max_new_tokens, self.draft_tokens,
+                                    eos_ids(self.teacher, self.tokenizer), p["vocabulary"], self.confidence,
+                                    p["pad_to"])
 
 
 def load_hybrid(folder: Path) -> SpeculativeHybrid:
@@ -407,12 +577,17 @@ def load_hybrid(folder: Path) -> SpeculativeHybrid:
     _check_vocabularies(teacher, draft)
     teacher.eval(), draft.eval()
     ids = settings.get("draft_vocabulary")
+    precision = settings.get("draft_precision", "fp32")  # folders saved before the setting drafted in fp32
     try:
-        vocabulary = DraftVocabulary(draft, ids) if ids else None
+        if ids:
+            DraftVocabulary(draft, ids)  # checks the ids now, with one clear line, not at the first generation
+        if precision not in DRAFT_PRECISIONS:
+            raise ValueError(f"draft_precision {precision!r} is not one of {', '.join(DRAFT_PRECISIONS)}")
     except ValueError as e:
         raise HybridFTError(f"{folder}/hybrid.json: {e}") from None
     return SpeculativeHybrid(teacher, draft, tokenizer, int(settings["draft_tokens"]),
-                             float(settings.get("draft_confidence", 0.0)), vocabulary)
+                             float(settings.get("draft_confidence", 0.0)), ids or None, precision,
+                             bool(settings.get("verify_padding", False)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,21 +603,31 @@ def prompt_tensor(tokenizer: Any, prompt: str, device: torch.device) -> torch.Te
 
 def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Module], tokenizer: Any,
             prompts: list[str], max_new_tokens: int, draft_tokens: int, device: torch.device,
-            draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0) -> dict[str, Any]:
-    """Speculative decoding against its parts, at batch 1, greedy, on `prompts`, fp32.
+            draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0,
+            draft_precision: str = "fp32", verify_padding: bool = False) -> dict[str, Any]:
+    """Speculative decoding against its parts, at batch 1, greedy, on `prompts`; the teacher in fp32, the drafts in
+    `draft_precision` (resolved by `choose_draft_precision`).
 
     Reported: tokens/s of the teacher alone, the hybrid (the teacher drafted by the distilled student), the
-    student alone and, with `undistilled`, the same draft model before distillation, as a draft (with the same
-    vocabulary and confidence settings) and alone; the acceptance rates; how many hybrid outputs equal the
-    teacher's own greedy output token for token; and, with `draft_vocabulary`, its size and the share of the
-    teacher's greedy tokens inside it. Every timing runs after one untimed warm-up generation of that
-    configuration.
+    student alone (in the draft's precision) and, with `undistilled`, the same draft model before distillation, as
+    a draft (with the same settings) and alone; the acceptance rates; how many hybrid outputs equal the
+    teacher's own greedy output token for token; the draft's precision and why; with `verify_padding`, the timed
+    cost of a teacher pass per width and the widths chosen (timed once, before the generations, untimed); and,
+    with `draft_vocabulary`, its size and the share of the teacher's greedy tokens inside it. Every timing runs
+    after one untimed warm-up generation of that configuration.
     """
     eos = eos_ids(teacher, tokenizer)
     inputs = [prompt_tensor(tokenizer, p, device) for p in prompts]
     for m in (teacher, draft, undistilled):
         if m is not None:
             m.to(device).eval()
+    hybrids = {name: SpeculativeHybrid(teacher, model, tokenizer, draft_tokens, draft_confidence, draft_vocabulary,
+                                       draft_precision, verify_padding)
+               for name, model in (("distilled", draft), ("undistilled", undistilled)) if model is not None}
+    first = hybrids["distilled"].prepare()
+    for h in hybrids.values():  # one timing of the teacher's passes serves both drafts
+        h.verify_padding = False
+        h.prepare().update(pad_to=first["pad_to"], teacher_pass_ms=first["teacher_pass_ms"])
 
     def timed(fn: Any) -> tuple[list[list[int]], SpeculativeStats]:
         fn(inputs[0])  # warm-up
@@ -456,23 +641,24 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
     def rate(st: SpeculativeStats) -> float:
         return round(st.new_tokens / st.seconds, 2) if st.seconds else 0.0
 
-    def hybrid(model: nn.Module) -> Any:
-        vocabulary = DraftVocabulary(model, draft_vocabulary) if draft_vocabulary else None
-        return lambda ids: speculative_generate(teacher, model, ids, max_new_tokens, draft_tokens, eos, vocabulary,
-                                                draft_confidence)
+    def alone(h: SpeculativeHybrid) -> Any:
+        return lambda ids: greedy_generate(h.prepared["draft"], ids, max_new_tokens, eos)
 
     t_out, t_st = timed(lambda ids: greedy_generate(teacher, ids, max_new_tokens, eos))
-    h_out, h_st = timed(hybrid(draft))
-    _, s_st = timed(lambda ids: greedy_generate(draft, ids, max_new_tokens, eos))
+    h_out, h_st = timed(lambda ids: hybrids["distilled"].generate(ids, max_new_tokens))
+    _, s_st = timed(alone(hybrids["distilled"]))
     result: dict[str, Any] = {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "draft_tokens": draft_tokens, "batch_size": 1,
         "draft_confidence": draft_confidence,
+        "draft_precision": {"chosen": first["precision"], "reason": first["precision_reason"]},
         "matches_teacher": sum(a == b for a, b in zip(h_out, t_out)),
         "teacher": {"tokens_per_s": rate(t_st), "new_tokens": t_st.new_tokens},
         "hybrid": {"tokens_per_s": rate(h_st), **h_st.to_dict(),
                    "speedup_vs_teacher": round(rate(h_st) / rate(t_st), 3) if rate(t_st) else None},
         "student": {"tokens_per_s": rate(s_st), "new_tokens": s_st.new_tokens},
     }
+    if verify_padding:
+        result["verify_padding"] = {"teacher_pass_ms": first["teacher_pass_ms"], "pad_to": first["pad_to"]}
     if draft_vocabulary:
         allowed = set(draft_vocabulary)
         teacher_tokens = [t for out in t_out for t in out]
@@ -480,8 +666,8 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
             "size": len(allowed),
             "teacher_token_coverage": round(sum(t in allowed for t in teacher_tokens) / max(len(teacher_tokens), 1), 4)}
     if undistilled is not None:
-        u_out, u_st = timed(hybrid(undistilled))
-        _, ua_st = timed(lambda ids: greedy_generate(undistilled, ids, max_new_tokens, eos))
+        u_out, u_st = timed(lambda ids: hybrids["undistilled"].generate(ids, max_new_tokens))
+        _, ua_st = timed(alone(hybrids["undistilled"]))
         result["undistilled_hybrid"] = {"tokens_per_s": rate(u_st), **u_st.to_dict(),
                                         "speedup_vs_teacher": round(rate(u_st) / rate(t_st), 3) if rate(t_st) else None,
                                         "matches_teacher": sum(a == b for a, b in zip(u_out, t_out))}
