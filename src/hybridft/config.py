@@ -289,9 +289,9 @@ class HybridConfig:
     """causal_lm: a round's drafting stops before a token the draft gives less than this probability; 0 is off."""
     draft_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     """causal_lm: the draft model's weights while it drafts; the output stays the teacher's greedy output (the
-    teacher verifies in its own precision). `auto`: bf16 where the device computes it natively (a CPU with
-    AVX512-BF16 or AMX, a CUDA GPU), else fp32; `int8` (CPU) quantizes its linear layers dynamically. Resolved
-    where the hybrid runs (`speculative.choose_draft_precision`)."""
+    teacher verifies in its own precision). `int8` (CPU) quantizes its linear layers dynamically. `auto`: on a CPU
+    int8 where torch has the kernels, else bf16 where native (AVX512-BF16, AMX), else fp32; on a GPU bf16 where
+    supported. Resolved where the hybrid runs (`speculative.choose_draft_precision`)."""
     verify_padding: bool = True
     """causal_lm: time the teacher's forward pass over 1, 2, ... tokens once per device and run each verification at
     the cheapest width at least its length (on a CPU a pass over 4 tokens can cost less than one over 2)."""
