@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                 for confidence in [float(x) for x in args.confidences.split(",")]
                 for precision in args.draft_precisions.split(",")
                 for padding in args.padding.split(",")]
+    vocabularies = {size: speculative.frequent_token_vocabulary(teacher, tokenizer, responses, size)
+                    for size in {s[1] for s in settings}}  # built once per size, not once per row
     for k, size, confidence, precision, padding in settings:
-        ids = speculative.frequent_token_vocabulary(teacher, tokenizer, responses, size)
         r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu,
-                                ids, confidence, precision, padding == "on")
+                                vocabularies[size], confidence, precision, padding == "on")
         name = f"k={k} vocabulary={size or vocab} confidence={confidence} draft={precision} padding={padding}"
         rows[name] = r
         coverage = r.get("draft_vocabulary", {}).get("teacher_token_coverage", 1.0)

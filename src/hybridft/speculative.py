@@ -21,7 +21,7 @@ Batch size 1 only: the accepted length differs per sequence, and batch 1 is wher
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -544,13 +544,14 @@ class SpeculativeHybrid:
     draft_precision: str = "fp32"
     """`hybrid.draft_precision`: auto, fp32, bf16 or int8."""
     verify_padding: bool = False
+    widths: Optional[tuple[list[int], list[float]]] = field(default=None, repr=False)
+    """With verify_padding, after the first `generate` (or given): `verification_widths` on this device."""
     prepared: Optional[dict[str, Any]] = field(default=None, repr=False)
-    """After the first `generate`: draft (the model as it drafts), vocabulary, precision, precision_reason, pad_to,
-    teacher_pass_ms."""
+    """After the first `generate`: draft (the model as it drafts), vocabulary, precision, precision_reason."""
 
     def to(self, device: torch.device) -> "SpeculativeHybrid":
         self.teacher.to(device), self.draft.to(device)
-        self.prepared = None  # the draft's precision and the timed widths depend on the device
+        self.prepared = self.widths = None  # the draft's precision and the timed widths depend on the device
         return self
 
     def prepare(self) -> dict[str, Any]:
@@ -558,9 +559,10 @@ class SpeculativeHybrid:
             device = next(self.teacher.parameters()).device
             precision, reason = choose_draft_precision(self.draft_precision, device)
             draft, vocabulary = prepare_draft(self.draft, precision, self.vocabulary_ids)
-            pad_to, costs = verification_widths(self.teacher, self.draft_tokens) if self.verify_padding else (None, None)
             self.prepared = {"draft": draft, "vocabulary": vocabulary, "precision": precision,
-                             "precision_reason": reason, "pad_to": pad_to, "teacher_pass_ms": costs}
+                             "precision_reason": reason}
+        if self.verify_padding and self.widths is None:
+            self.widths = verification_widths(self.teacher, self.draft_tokens)
         return self.prepared
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, SpeculativeStats]:
@@ -568,7 +570,7 @@ class SpeculativeHybrid:
         p = self.prepare()
         return speculative_generate(self.teacher, p["draft"], input_ids, max_new_tokens, self.draft_tokens,
                                     eos_ids(self.teacher, self.tokenizer), p["vocabulary"], self.confidence,
-                                    p["pad_to"])
+                                    self.widths[0] if self.widths else None)
 
 
 def load_hybrid(folder: Path) -> SpeculativeHybrid:
@@ -633,13 +635,13 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
     for m in (teacher, draft, undistilled):
         if m is not None:
             m.to(device).eval()
-    hybrids = {name: SpeculativeHybrid(teacher, model, tokenizer, draft_tokens, draft_confidence, draft_vocabulary,
-                                       draft_precision, verify_padding)
-               for name, model in (("distilled", draft), ("undistilled", undistilled)) if model is not None}
-    first = hybrids["distilled"].prepare()
-    for h in hybrids.values():  # one timing of the teacher's passes serves both drafts
-        h.verify_padding = False
-        h.prepare().update(pad_to=first["pad_to"], teacher_pass_ms=first["teacher_pass_ms"])
+    distilled = SpeculativeHybrid(teacher, draft, tokenizer, draft_tokens, draft_confidence, draft_vocabulary,
+                                  draft_precision, verify_padding)
+    first = distilled.prepare()
+    hybrids = {"distilled": distilled}
+    if undistilled is not None:  # the same settings; one timing of the teacher's passes serves both drafts
+        hybrids["undistilled"] = replace(distilled, draft=undistilled, prepared=None)
+        hybrids["undistilled"].prepare()
 
     def timed(fn: Any) -> tuple[list[list[int]], SpeculativeStats]:
         fn(inputs[0])  # warm-up
@@ -670,7 +672,7 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
         "student": {"tokens_per_s": rate(s_st), "new_tokens": s_st.new_tokens},
     }
     if verify_padding:
-        result["verify_padding"] = {"teacher_pass_ms": first["teacher_pass_ms"], "pad_to": first["pad_to"]}
+        result["verify_padding"] = {"teacher_pass_ms": distilled.widths[1], "pad_to": distilled.widths[0]}
     if draft_vocabulary:
         allowed = set(draft_vocabulary)
         teacher_tokens = [t for out in t_out for t in out]
