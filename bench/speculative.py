@@ -4,10 +4,11 @@ same layers before distillation as the teacher's draft model, same prompts, same
     python bench/speculative.py --run runs/causal_lm_demo                    # draft lengths 1, 2, 3, 4, 6
     python bench/speculative.py --run runs/causal_lm_demo --vocabularies 0,8192 --confidences 0,0.4
     python bench/speculative.py --run runs/causal_lm_demo --draft-precisions fp32,bf16,int8 --padding off,on
+    python bench/speculative.py --run runs/causal_lm_demo --prepack off,on   # oneDNN-prepacked weights on a CPU
     python bench/speculative.py --run runs/causal_lm_demo --quick            # a smoke run of the same code
 
-Per draft length k, draft vocabulary size, confidence threshold, draft precision and verification padding
-(hybrid.draft_vocabulary, draft_confidence, draft_precision, verify_padding):
+Per draft length k, draft vocabulary size, confidence threshold, draft precision, verification padding and
+prepacked weights (hybrid.draft_vocabulary, draft_confidence, draft_precision, verify_padding, eval.prepack_weights):
 acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for
 both drafts; and whether every hybrid output equals the teacher's greedy output. Batch 1, greedy, fp32, the
 first `--prompts` test prompts of the run, `--max-new-tokens` each; the teacher in fp32. With padding on, the
@@ -38,15 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-precisions", default="fp32",
                    help="comma-separated hybrid.draft_precision values (auto, fp32, bf16, int8)")
     p.add_argument("--padding", default="off", help="comma-separated hybrid.verify_padding values (off, on)")
+    p.add_argument("--prepack", default="off",
+                   help="comma-separated eval.prepack_weights values (off, on): the teacher (alone and verifying) and "
+                        "the fp32/bf16 drafts from weights prepacked for oneDNN")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens, draft lengths 1 and 3")
+    p.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens, draft lengths 1 and 3, prepacked")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "speculative.json"))
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens, args.draft_tokens = 2, 8, "1,3"
         args.vocabularies, args.confidences = "0,12", "0,0.3"
-        args.draft_precisions, args.padding = "fp32,int8", "off"
+        args.draft_precisions, args.padding, args.prepack = "fp32,int8", "off", "on"
 
     import torch
     import transformers
@@ -72,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     vocab = speculative.output_vocabulary_size(teacher)  # the row name of the whole vocabulary
     cpu = torch.device("cpu")
     rows = {}
-    bad = [x for x in args.padding.split(",") if x not in ("off", "on")]
-    if bad:
-        print(f"--padding takes off and on, got {bad}", file=sys.stderr)
-        return 2
-    settings = [(k, size, confidence, precision, padding)
+    for option, given in (("--padding", args.padding), ("--prepack", args.prepack)):
+        bad = [x for x in given.split(",") if x not in ("off", "on")]
+        if bad:
+            print(f"{option} takes off and on, got {bad}", file=sys.stderr)
+            return 2
+    settings = [(k, size, confidence, precision, padding, prepack)
+                for prepack in args.prepack.split(",")
                 for k in [int(x) for x in args.draft_tokens.split(",")]
                 for size in [int(x) for x in args.vocabularies.split(",")]
                 for confidence in [float(x) for x in args.confidences.split(",")]
@@ -84,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                 for padding in args.padding.split(",")]
     vocabularies = {size: speculative.frequent_token_vocabulary(teacher, tokenizer, responses, size)
                     for size in {s[1] for s in settings}}  # built once per size, not once per row
-    for k, size, confidence, precision, padding in settings:
+    for k, size, confidence, precision, padding, prepack in settings:
         r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu,
-                                vocabularies[size], confidence, precision, padding == "on")
-        name = f"k={k} vocabulary={size or vocab} confidence={confidence} draft={precision} padding={padding}"
+                                vocabularies[size], confidence, precision, padding == "on", prepack == "on")
+        name = f"k={k} vocabulary={size or vocab} confidence={confidence} draft={precision} padding={padding}" \
+            + (f" prepack={prepack}" if args.prepack != "off" else "")
         rows[name] = r
         coverage = r.get("draft_vocabulary", {}).get("teacher_token_coverage", 1.0)
         widths = f", widths {r['verify_padding']['pad_to']}" if "verify_padding" in r else ""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybridft import speculative
+from hybridft import packed_linear, speculative
 from hybridft.errors import HybridFTError
 from test_causal_lm import _run_args, lm_data, lm_rows, make_llama, make_lm_tokenizer, tiny_lm_dir, write_jsonl  # noqa: F401
 
@@ -241,6 +241,13 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     assert 0 < h["draft_vocabulary"]["teacher_token_coverage"] <= 1
     assert settings["draft_precision"] == "int8" and settings["verify_padding"] is True
     assert h["draft_precision"]["chosen"] == "int8"
+    # prepacked weights are timed against plain ones, and kept only where faster (these tiny models: rarely)
+    timing = h["prepacked"]["teacher_timing"]
+    assert h["prepacked"]["teacher"] == (timing["packed_ms"] < packed_linear.PACK_GAIN * timing["plain_ms"])
+    assert h["prepacked"]["draft"] is False  # an int8 draft has its own packed kernels
+    assert settings["prepack_weights"] is True
+    summary = json.loads((run / "summary.json").read_text())
+    assert isinstance(summary["teacher"]["generate_prepacked"], bool)
     pad_to, costs = h["verify_padding"]["pad_to"], h["verify_padding"]["teacher_pass_ms"]
     assert len(pad_to) == len(costs) == 3 + 1 + speculative.MAX_PADDING and all(w >= r for r, w in enumerate(pad_to, 1))
     loaded = speculative.load_hybrid(folder)
@@ -270,7 +277,9 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     assert bench.main(["--run", str(run), "--quick", "--out", str(report)]) == 0
     rows = json.loads(report.read_text())["rows"]
     assert len(rows) == 16  # draft lengths 1 and 3, the whole vocabulary and 12 tokens, confidence 0 and 0.3,
-    # the draft in fp32 and int8
+    # the draft in fp32 and int8, prepacked
+    assert all(set(r["prepacked"]) == {"teacher", "draft", "teacher_timing"} for r in rows.values())
+    assert not any(r["prepacked"]["draft"] for key, r in rows.items() if "draft=int8" in key)
     assert all(r["draft_vocabulary"]["size"] == 12 for key, r in rows.items() if "vocabulary=12 " in key)
     for r in rows.values():
         assert r["matches_teacher"] == r["prompts"] == r["undistilled_hybrid"]["matches_teacher"] == 2

@@ -576,9 +576,10 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
     hc = cfg.hybrid
     result = speculative.measure(t_model, s_model, undistilled, tokenizer, prompts, cfg.eval.max_new_tokens,
                                  hc.draft_tokens, ctx.device, vocabulary, hc.draft_confidence, hc.draft_precision,
-                                 hc.verify_padding)
+                                 hc.verify_padding, cfg.eval.prepack_weights)
     speculative.save_hybrid(ctx.run_dir / "hybrid", ctx.run_dir / "teacher", ctx.run_dir / "student",
-                            hc.draft_tokens, vocabulary, hc.draft_confidence, hc.draft_precision, hc.verify_padding)
+                            hc.draft_tokens, vocabulary, hc.draft_confidence, hc.draft_precision, hc.verify_padding,
+                            cfg.eval.prepack_weights)
     h, u = result["hybrid"], result.get("undistilled_hybrid", {})
     padding = result.get("verify_padding")
     ctx.log(f"speculative hybrid: the draft runs in {result['draft_precision']['chosen']} "

@@ -21,6 +21,7 @@ Batch size 1 only: the accepted length differs per sequence, and batch 1 is wher
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -164,8 +165,13 @@ def _cut(cache: Any, keep: int) -> None:
 
 
 def output_vocabulary_size(model: nn.Module) -> int:
-    """Tokens the model's output layer scores (also for an int8 layer, whose `weight` is a method)."""
-    weight = model.get_output_embeddings().weight
+    """Tokens the model's output layer scores. Read from the layer's `out_features` where it has one (nn.Linear,
+    int8 and prepacked layers): rebuilding a packed or quantized weight to read its shape took 50-110 ms, paid on
+    every generation."""
+    head = model.get_output_embeddings()
+    if isinstance(getattr(head, "out_features", None), int):
+        return head.out_features
+    weight = head.weight
     return (weight() if callable(weight) else weight).shape[0]
 
 
@@ -244,18 +250,21 @@ def _int8_available() -> bool:
     return any(e != "none" for e in torch.backends.quantized.supported_engines)
 
 
-def prepare_draft(draft: nn.Module, precision: str, token_ids: Optional[list[int]] = None
+def prepare_draft(draft: nn.Module, precision: str, token_ids: Optional[list[int]] = None, pack: bool = False
                   ) -> tuple[nn.Module, Optional[DraftVocabulary]]:
     """The draft model as it drafts: its weights in `precision` ("fp32", "bf16" or "int8"), with its output layer
-    cut to `token_ids` (None: the whole vocabulary). A copy when the precision changes, so the model passed in (the
-    saved student) stays as it is.
+    cut to `token_ids` (None: the whole vocabulary) and, with `pack` on a CPU, its fp32 or bf16 linear layers
+    prepacked where that is faster (`hybridft.packed_linear.prepack_if_faster`). A copy when anything changes, so the model passed in (the saved student)
+    stays as it is.
 
     Raises:
         HybridFTError: for int8 where this torch has no dynamic quantization.
     """
     import copy
 
-    model = draft if precision == "fp32" else copy.deepcopy(draft)
+    from hybridft.packed_linear import PackedLinear, is_packed, prepack_if_faster
+
+    model = draft if precision == "fp32" and not pack else copy.deepcopy(draft)
     vocabulary = DraftVocabulary(model, token_ids) if token_ids else None  # cut from the fp32 rows
     if precision == "bf16":
         model.to(torch.bfloat16)
@@ -265,6 +274,10 @@ def prepare_draft(draft: nn.Module, precision: str, token_ids: Optional[list[int
         _quantize_int8(model)
         if vocabulary is not None:
             vocabulary.head = _quantize_int8(nn.Sequential(vocabulary.head))  # only children are swapped
+    if pack and precision != "int8":
+        prepack_if_faster(model.eval())
+        if vocabulary is not None and is_packed(model):
+            vocabulary.head = PackedLinear(vocabulary.head)
     return model.eval(), vocabulary
 
 
@@ -490,7 +503,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: int,
                 draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0,
-                draft_precision: str = "auto", verify_padding: bool = True) -> Path:
+                draft_precision: str = "auto", verify_padding: bool = True, prepack_weights: bool = True) -> Path:
     """OUTPUT_DIR/hybrid of a causal_lm run: teacher/, draft/ (fp32, as trained), hybrid.json (the decoding settings,
     and the draft's token ids when its vocabulary is cut; `draft_precision` is resolved where the hybrid is loaded,
     as `auto` depends on the device) and manifest.json (checksums), written beside the target and renamed, so a
@@ -508,7 +521,8 @@ def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: 
     shutil.copytree(draft_dir, tmp / "draft", copy_function=_link_or_copy)
     settings = {"format": FORMAT, "kind": "speculative", "draft_tokens": draft_tokens,
                 "draft_confidence": draft_confidence, "draft_vocabulary": draft_vocabulary,
-                "draft_precision": draft_precision, "verify_padding": verify_padding}
+                "draft_precision": draft_precision, "verify_padding": verify_padding,
+                "prepack_weights": prepack_weights}
     (tmp / "hybrid.json").write_text(json.dumps(settings), encoding="utf-8")
     write_manifest(tmp)
     if folder.exists():
@@ -546,10 +560,24 @@ class SpeculativeHybrid:
     verify_padding: bool = False
     widths: Optional[tuple[list[int], list[float]]] = field(default=None, repr=False)
     """With verify_padding, after the first `generate` (or given): `verification_widths` on this device."""
+    prepack_weights: bool = True
+    """`eval.prepack_weights`: on a CPU, the teacher's and the draft's fp32/bf16 linear layers run from weights
+    prepacked once where that is faster (`hybridft.packed_linear`; the teacher is packed in place, for good)."""
+    teacher_pack: Optional[dict[str, Any]] = field(default=None, repr=False)
+    """The teacher's packing decision when made outside (`measure`); None: `prepare` makes it."""
     prepared: Optional[dict[str, Any]] = field(default=None, repr=False)
-    """After the first `generate`: draft (the model as it drafts), vocabulary, precision, precision_reason."""
+    """After the first `generate`: draft (the model as it drafts), vocabulary, precision, precision_reason, packed
+    (linear layers of the teacher and of the draft now prepacked)."""
 
     def to(self, device: torch.device) -> "SpeculativeHybrid":
+        """Move the hybrid; before its first `generate`, as a teacher prepacked for the CPU stays there.
+        Raises HybridFTError for a prepacked teacher and a device that is not the CPU."""
+        from hybridft.errors import HybridFTError
+        from hybridft.packed_linear import is_packed
+
+        if torch.device(device).type != "cpu" and is_packed(self.teacher):
+            raise HybridFTError("this hybrid's teacher is prepacked for the CPU; load the hybrid again to run it on "
+                                f"{device}")
         self.teacher.to(device), self.draft.to(device)
         self.prepared = self.widths = None  # the draft's precision and the timed widths depend on the device
         return self
@@ -557,10 +585,17 @@ class SpeculativeHybrid:
     def prepare(self) -> dict[str, Any]:
         if self.prepared is None:
             device = next(self.teacher.parameters()).device
+            from hybridft.packed_linear import is_packed, prepack_if_faster
+
             precision, reason = choose_draft_precision(self.draft_precision, device)
-            draft, vocabulary = prepare_draft(self.draft, precision, self.vocabulary_ids)
+            pack = self.prepack_weights and device.type == "cpu"
+            if pack and self.teacher_pack is None:  # before the widths are timed: packing changes what a pass costs
+                self.teacher_pack = prepack_if_faster(self.teacher, device)
+            draft, vocabulary = prepare_draft(self.draft, precision, self.vocabulary_ids, pack=pack)
             self.prepared = {"draft": draft, "vocabulary": vocabulary, "precision": precision,
-                             "precision_reason": reason}
+                             "precision_reason": reason,
+                             "packed": {"teacher": is_packed(self.teacher), "draft": is_packed(draft)},
+                             "teacher_pack": self.teacher_pack}
         if self.verify_padding and self.widths is None:
             self.widths = verification_widths(self.teacher, self.draft_tokens)
         return self.prepared
@@ -601,7 +636,8 @@ def load_hybrid(folder: Path) -> SpeculativeHybrid:
         raise HybridFTError(f"{folder}/hybrid.json: {e}") from None
     return SpeculativeHybrid(teacher, draft, tokenizer, int(settings["draft_tokens"]),
                              float(settings.get("draft_confidence", 0.0)), ids or None, precision,
-                             bool(settings.get("verify_padding", False)))
+                             bool(settings.get("verify_padding", False)),
+                             prepack_weights=bool(settings.get("prepack_weights", True)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -618,9 +654,12 @@ def prompt_tensor(tokenizer: Any, prompt: str, device: torch.device) -> torch.Te
 def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Module], tokenizer: Any,
             prompts: list[str], max_new_tokens: int, draft_tokens: int, device: torch.device,
             draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0,
-            draft_precision: str = "fp32", verify_padding: bool = False) -> dict[str, Any]:
+            draft_precision: str = "fp32", verify_padding: bool = False, prepack_weights: bool = False
+            ) -> dict[str, Any]:
     """Speculative decoding against its parts, at batch 1, greedy, on `prompts`; the teacher in fp32, the drafts in
-    `draft_precision` (resolved by `choose_draft_precision`).
+    `draft_precision` (resolved by `choose_draft_precision`); with `prepack_weights` on a CPU, the teacher (alone
+    and in the hybrid) and the drafts run from prepacked weights (`hybridft.packed_linear`; the teacher's layers
+    come back on return).
 
     Reported: tokens/s of the teacher alone, the hybrid (the teacher drafted by the distilled student), the
     student alone (in the draft's precision) and, with `undistilled`, the same draft model before distillation, as
@@ -630,13 +669,28 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
     with `draft_vocabulary`, its size and the share of the teacher's greedy tokens inside it. Every timing runs
     after one untimed warm-up generation of that configuration.
     """
+    from hybridft.packed_linear import packed_if_faster
+
+    teacher.to(device).eval()
+    with packed_if_faster(teacher, device) if prepack_weights else nullcontext() as decision:
+        return _measure(teacher, draft, undistilled, tokenizer, prompts, max_new_tokens, draft_tokens, device,
+                        draft_vocabulary, draft_confidence, draft_precision, verify_padding, prepack_weights,
+                        decision)
+
+
+def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Module], tokenizer: Any,
+             prompts: list[str], max_new_tokens: int, draft_tokens: int, device: torch.device,
+             draft_vocabulary: Optional[list[int]], draft_confidence: float, draft_precision: str,
+             verify_padding: bool, prepack_weights: bool, teacher_pack: Optional[dict[str, Any]]
+             ) -> dict[str, Any]:
     eos = eos_ids(teacher, tokenizer)
     inputs = [prompt_tensor(tokenizer, p, device) for p in prompts]
     for m in (teacher, draft, undistilled):
         if m is not None:
             m.to(device).eval()
     distilled = SpeculativeHybrid(teacher, draft, tokenizer, draft_tokens, draft_confidence, draft_vocabulary,
-                                  draft_precision, verify_padding)
+                                  draft_precision, verify_padding, prepack_weights=prepack_weights,
+                                  teacher_pack=teacher_pack)
     first = distilled.prepare()
     hybrids = {"distilled": distilled}
     if undistilled is not None:  # the same settings; one timing of the teacher's passes serves both drafts
@@ -665,6 +719,7 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "draft_tokens": draft_tokens, "batch_size": 1,
         "draft_confidence": draft_confidence,
         "draft_precision": {"chosen": first["precision"], "reason": first["precision_reason"]},
+        "prepacked": {**first["packed"], **({"teacher_timing": teacher_pack} if teacher_pack else {})},
         "matches_teacher": sum(a == b for a, b in zip(h_out, t_out)),
         "teacher": {"tokens_per_s": rate(t_st), "new_tokens": t_st.new_tokens},
         "hybrid": {"tokens_per_s": rate(h_st), **h_st.to_dict(),

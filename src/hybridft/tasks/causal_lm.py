@@ -18,6 +18,7 @@ import random
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,6 +33,7 @@ from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, SparseTargets
 from hybridft.models import (check_model_folder, count_params, ensure_pad_token, layer_cut_student,  # noqa: F401
                              load_tokenizer, quiet_transformers, save_model)
+from hybridft.packed_linear import packed_if_faster
 
 BEST = ("loss", "min")
 """The validation metric that picks the best checkpoint: the mean cross-entropy per response token."""
@@ -683,12 +685,14 @@ def report(model: nn.Module, tokenizer: Any, examples: Examples, splits: Splits,
     result["size_mb"] = size_on_disk_mb(folder)
     n = cfg.eval.generate_examples
     prompts = examples.texts[:n] if examples.pairs is not None else [t[:200] for t in examples.texts[:n]]
-    result["generations"] = [{"prompt": p, "output": o} for p, o in zip(prompts, generate(
-        model, tokenizer, prompts, cfg.eval.max_new_tokens, device))]
     speed_prompts = examples.texts[:8] if examples.pairs is not None else [t[:200] for t in examples.texts[:8]]
-    for b in (1, 8):
-        result[f"generate_tokens_per_s_batch{b}"] = generation_speed(
-            model, tokenizer, speed_prompts, cfg.eval.max_new_tokens, device, b)
+    with packed_if_faster(model, device) if cfg.eval.prepack_weights else nullcontext() as packing:
+        result["generations"] = [{"prompt": p, "output": o} for p, o in zip(prompts, generate(
+            model, tokenizer, prompts, cfg.eval.max_new_tokens, device))]
+        for b in (1, 8):
+            result[f"generate_tokens_per_s_batch{b}"] = generation_speed(
+                model, tokenizer, speed_prompts, cfg.eval.max_new_tokens, device, b)
+    result["generate_prepacked"] = bool(packing and packing["packed"])
     return result
 
 

@@ -1,0 +1,143 @@
+"""Linear layers prepacked for oneDNN (hybridft.packed_linear): the same products as nn.Linear, the same greedy
+tokens, the originals back after a `with` block, and nothing packed where the kernels are missing."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from hybridft import packed_linear
+from hybridft.packed_linear import PackedLinear, is_packed, packed_for_inference, prepack_linears
+from test_causal_lm import make_gpt2, make_llama
+
+pytestmark = pytest.mark.skipif(not packed_linear.packing_available()[0], reason="no oneDNN packed linear here")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 24), (3, 5, 24), (2, 0, 24)])
+def test_a_packed_layer_computes_what_the_linear_layer_computes(bias: bool, shape: tuple[int, ...]):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40, bias=bias)
+    packed = PackedLinear(linear)
+    x = torch.randn(shape)
+    torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert packed(x).shape == (*shape[:-1], 40)
+    # it saves as the layer it replaced, and refuses to load
+    state = packed.state_dict()
+    assert set(state) == ({"weight", "bias"} if bias else {"weight"})
+    torch.testing.assert_close(state["weight"], linear.weight.detach())
+    with pytest.raises(RuntimeError, match="inference only"):
+        packed.load_state_dict(linear.state_dict())
+
+
+def test_a_packed_llama_scores_and_generates_as_before():
+    model = make_llama(40, layers=2, seed=3).eval()
+    ids = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                do_sample=False, pad_token_id=0)
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert prepack_linears(model) == linears == 2 * 7 + 1  # q k v o gate up down per layer, and the output layer
+    assert is_packed(model) and prepack_linears(model) == 0  # packing twice packs nothing more
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                               do_sample=False, pad_token_id=0)
+    assert torch.equal(again, greedy)
+
+
+def test_packed_for_inference_gives_the_original_layers_back():
+    model = make_llama(40, layers=2, seed=3)
+    before = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    with packed_for_inference(model) as n:
+        assert n == len(before) and is_packed(model)
+    after = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    loss = model(input_ids=torch.tensor([[4, 5, 6]]), labels=torch.tensor([[4, 5, 6]])).loss
+    loss.backward()  # and it trains again
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_nothing_is_packed_where_it_cannot_be(monkeypatch: pytest.MonkeyPatch):
+    from hybridft import precision
+
+    gpt2 = make_gpt2(40)  # its projections are Conv1D, not nn.Linear: only its output layer is packed
+    assert prepack_linears(gpt2) == 1 and isinstance(gpt2.lm_head, PackedLinear)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
+    assert packing_reason(torch.bfloat16) == "this CPU has no native bf16"
+    assert prepack_linears(make_llama(40, layers=1).to(torch.bfloat16)) == 0
+
+    def broken(self, linear, batch_hint=8):
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(PackedLinear, "__init__", broken)
+    ok, why = packed_linear.packing_available(torch.float32)
+    assert not ok and "unavailable" in why
+    assert prepack_linears(make_llama(40, layers=1)) == 0
+
+
+def packing_reason(dtype: torch.dtype) -> str:
+    return packed_linear.packing_available(dtype)[1]
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_packing_is_kept_only_where_it_is_faster(monkeypatch: pytest.MonkeyPatch, faster: bool):
+    model = make_llama(40, layers=2, seed=3).eval()
+    before = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    cost = {True: 10.0, False: 20.0} if faster else {True: 19.0, False: 20.0}  # 19 is within timing noise of 20
+    monkeypatch.setattr(packed_linear, "decoding_pass_ms", lambda m: cost[is_packed(m)])
+    decision = packed_linear.prepack_if_faster(model)
+    assert decision["packed"] is faster and is_packed(model) is faster
+    assert (decision["plain_ms"], decision["packed_ms"]) == (cost[False], cost[True])
+    if faster:
+        assert decision["layers"] == len(before) == sum(isinstance(m, PackedLinear) for m in model.modules())
+    else:
+        assert all(dict(model.named_modules())[k] is m for k, m in before.items())  # the same layers, untouched
+    with packed_linear.packed_if_faster(make_llama(40, layers=1)) as inner:
+        assert inner["packed"] is faster
+
+
+def test_a_speculative_hybrid_with_a_packed_teacher_and_draft_keeps_the_teachers_output(monkeypatch):
+    from hybridft import speculative
+    from test_speculative import _half_agreeing_draft, _hf_greedy, _prompts, _teacher
+
+    monkeypatch.setattr(packed_linear, "decoding_pass_ms", lambda m: 1.0 if is_packed(m) else 2.0)
+    teacher = _teacher()
+    teacher.generation_config.eos_token_id = None  # no end token: 12 tokens from each prompt
+    want = [_hf_greedy(teacher, ids, 12) for ids in _prompts(4)]
+    no_eos = types.SimpleNamespace(eos_token_id=None)
+    hybrid = speculative.SpeculativeHybrid(teacher, _half_agreeing_draft(teacher), no_eos, 3,
+                                           vocabulary_ids=list(range(0, 40, 2)), draft_precision="fp32")
+    got = [hybrid.generate(ids, 12)[0][0, ids.shape[1]:].tolist() for ids in _prompts(4)]
+    assert got == want
+    assert hybrid.prepared["packed"] == {"teacher": True, "draft": True}
+    assert isinstance(hybrid.prepared["vocabulary"].head, PackedLinear)
+    assert not is_packed(hybrid.draft)  # the saved draft is not touched
+    from hybridft.errors import HybridFTError
+
+    with pytest.raises(HybridFTError, match="prepacked for the CPU"):
+        hybrid.to(torch.device("cuda"))
+
+
+def test_bench_packed_linear_quick(tmp_path):
+    """bench/packed_linear.py --quick: both kernels on a tiny Llama, same greedy tokens, the report written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "packed_linear.py"
+    spec = importlib.util.spec_from_file_location("bench_packed_linear", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "packed.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["packed_layers"] == 2 * 7 + 1 and report["same_greedy_outputs"] == report["prompts"] == 2
+    assert report["max_logit_difference"] < 1e-4
+    assert len(report["plain"]["pass_ms"]) == len(report["packed"]["pass_ms"]) == 8
+    assert report["plain"]["tokens_per_s_batch1"] > 0 and report["packed"]["tokens_per_s_batch8"] > 0
