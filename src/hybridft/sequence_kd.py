@@ -55,18 +55,24 @@ def chosen_rows(n: int, fraction: float, seed: int) -> list[int]:
 def generate(teacher: nn.Module, tokenizer: Any, prompts: list[str], cfg: Any, device: torch.device,
              progress: bool = False) -> list[str]:
     """The teacher's responses to `prompts` (decoded without special tokens, stripped), in batches of
-    `distill.sequence.batch_size`, left-padded, through the chat template when the tokenizer has one."""
+    `distill.sequence.batch_size`, left-padded, through the chat template when the tokenizer has one; on a CPU from
+    prepacked weights where faster (`eval.prepack_weights`)."""
+    from contextlib import nullcontext
+
+    from hybridft.packed_linear import packed_if_faster
     from hybridft.tasks import causal_lm
 
     s = cfg.distill.sequence
     out: list[str] = []
-    for start in range(0, len(prompts), s.batch_size):
-        torch.manual_seed(cfg.seed + start)  # sampling: the same draws for the same prompts and batch size
-        out += causal_lm.generate(teacher, tokenizer, prompts[start:start + s.batch_size], s.max_new_tokens, device,
-                                  batch_size=s.batch_size, do_sample=s.do_sample, temperature=s.temperature,
-                                  top_p=s.top_p)
-        if progress:
-            print(f"[hybridft] teacher generations: {len(out)}/{len(prompts)}", flush=True)
+    teacher.to(device).eval()
+    with packed_if_faster(teacher, device) if cfg.eval.prepack_weights else nullcontext():
+        for start in range(0, len(prompts), s.batch_size):
+            torch.manual_seed(cfg.seed + start)  # sampling: the same draws for the same prompts and batch size
+            out += causal_lm.generate(teacher, tokenizer, prompts[start:start + s.batch_size], s.max_new_tokens,
+                                      device, batch_size=s.batch_size, do_sample=s.do_sample,
+                                      temperature=s.temperature, top_p=s.top_p)
+            if progress:
+                print(f"[hybridft] teacher generations: {len(out)}/{len(prompts)}", flush=True)
     return out
 
 
