@@ -1,5 +1,6 @@
-"""Inference cost of a finished run's models, same process, same test texts: the teacher, the student in fp32
-and under bf16 autocast, and the student exported to ONNX fp32 and int8 (onnxruntime).
+"""Inference cost of a finished run's models, same process, same test texts: the teacher and the student in fp32,
+under bf16 autocast and in fp32 from weights prepacked for oneDNN (what `hybridft predict` runs where faster), and
+the student exported to ONNX fp32 and int8 (onnxruntime).
 
     python bench/inference.py --run runs/sst2_hybrid           # a finished `hybridft run` folder, with export/
     python bench/inference.py --run runs/sst2_hybrid --quick   # a smoke run of the same code
@@ -21,7 +22,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("teacher", "teacher_bf16", "student", "student_bf16", "student_onnx", "student_onnx_int8")
+ROWS = ("teacher", "teacher_bf16", "teacher_packed", "student", "student_bf16", "student_packed", "student_onnx",
+        "student_onnx_int8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from hybridft.dist import autocast
     from hybridft.evaluate import measure_speed
     from hybridft.export import INT8_FILE, ONNX_FILE, OnnxClassifier, file_size_mb
+    from hybridft.packed_linear import prepack_linears
     from hybridft.tasks import classification as task
 
     run = Path(args.run)
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             return OnnxClassifier(path), "fp32", file_size_mb(path)
         who = row.split("_")[0]
         model = task.load_classifier(str(run / who), splits.label_names, who)
+        if row.endswith("packed"):
+            prepack_linears(model.eval(), cpu)  # unconditionally: the row measures the packed kernels
         size = sum(f.stat().st_size for f in (run / who).glob("*.safetensors")) / 2**20
         return model, ("bf16" if row.endswith("bf16") else "fp32"), size
 

@@ -31,11 +31,14 @@ def test_inference_table_has_every_model_with_its_accuracy_speed_and_size(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
-    assert list(rows) == ["teacher", "teacher_bf16", "student", "student_bf16", "student_onnx", "student_onnx_int8"]
+    assert list(rows) == ["teacher", "teacher_bf16", "teacher_packed", "student", "student_bf16", "student_packed",
+                          "student_onnx", "student_onnx_int8"]
     summary = json.loads((run / "summary.json").read_text())
     # the same test split as the run's own report: the fp32 models score what summary.json says
     assert rows["teacher"]["accuracy"] == pytest.approx(summary["teacher"]["accuracy"], abs=1e-4)
     assert rows["student"]["accuracy"] == pytest.approx(summary["student"]["accuracy"], abs=1e-4)
+    for who in ("teacher", "student"):  # prepacked weights: the same model up to rounding
+        assert rows[f"{who}_packed"]["accuracy"] == pytest.approx(rows[who]["accuracy"], abs=1e-4)
     assert rows["teacher"]["speedup_batch32"] == rows["teacher"]["speedup_batch1"] == 1.0
     assert rows["student_onnx_int8"]["size_mb"] < rows["student_onnx"]["size_mb"]
     assert rows["student"]["size_mb"] < rows["teacher"]["size_mb"]  # 2 of the tiny teacher's 4 layers

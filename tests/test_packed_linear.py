@@ -141,3 +141,36 @@ def test_bench_packed_linear_quick(tmp_path):
     assert report["max_logit_difference"] < 1e-4
     assert len(report["plain"]["pass_ms"]) == len(report["packed"]["pass_ms"]) == 8
     assert report["plain"]["tokens_per_s_batch1"] > 0 and report["packed"]["tokens_per_s_batch8"] > 0
+
+
+def test_a_prepacked_cascade_predicts_what_the_plain_one_does(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """`HybridModel.prepack` (what `hybridft predict` does unless --no-prepack): same labels, probabilities to
+    rounding and routing, with the timed choice forced to pack; the real timer drives a BERT classifier."""
+    from hybridft import hybrid as hy
+    from conftest import make_bert, make_tokenizer, sentiment_rows
+
+    tok = make_tokenizer(tmp_path / "tok")
+    student, teacher = make_bert(layers=1, seed=1), make_bert(layers=2, seed=2)
+    labels = ["neg", "pos"]
+    texts = [t for t, _ in sentiment_rows(24, seed=4)]
+    model = hy.HybridModel(student, tok, teacher, tok, labels, threshold=0.9, student_temperature=0.05, max_length=16)
+    want = model.predict(texts)
+    assert packed_linear.encoder_pass_ms(student) > 0  # the real timer runs a classifier
+    monkeypatch.setattr(packed_linear, "encoder_pass_ms", lambda m: 1.0 if is_packed(m) else 2.0)
+    decisions = model.prepack()
+    assert decisions["student"]["packed"] and decisions["teacher"]["packed"]
+    assert is_packed(student) and is_packed(teacher)
+    model.reset_budget()
+    got = model.predict(texts)
+    assert torch.equal(got.label_ids, want.label_ids) and got.answered_by == want.answered_by
+    torch.testing.assert_close(got.probs, want.probs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_the_timer_cannot_drive_is_left_plain():
+    model = make_llama(40, layers=1)
+
+    def refuses(m):
+        raise TypeError("forward() got an unexpected keyword argument 'input_ids'")
+
+    decision = packed_linear.prepack_if_faster(model, None, refuses)
+    assert not decision["packed"] and "not timed" in decision["reason"] and not is_packed(model)
