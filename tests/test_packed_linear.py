@@ -160,6 +160,20 @@ def test_a_prepacked_cascade_predicts_what_the_plain_one_does(monkeypatch: pytes
     decisions = model.prepack()
     assert decisions["student"]["packed"] and decisions["teacher"]["packed"]
     assert is_packed(student) and is_packed(teacher)
+    again = model.prepack()  # a second call keeps the packing and says so
+    assert all(d["packed"] and d["layers"] == 0 and d["reason"] == "already prepacked" for d in again.values())
+    assert "student prepacked" in model.prepack_summary(decisions)
+    alone = hy.HybridModel(student, tok, student, tok, labels, threshold=float("-inf"))  # a single classifier
+    assert set(alone.prepack()) == {"student"}
+    # the Python API refuses a bare string with one clear line, and answers an empty list with nothing
+    from hybridft.errors import HybridFTError
+
+    with pytest.raises(HybridFTError, match="list of texts"):
+        model.predict("great movie")
+    with pytest.raises(HybridFTError, match="pairs"):
+        model.predict(["a", "b"], ["x"])
+    empty = model.predict([])
+    assert empty.label_ids.shape == (0,) and empty.probs.shape == (0, 2) and empty.answered_by == []
     model.reset_budget()
     got = model.predict(texts)
     assert torch.equal(got.label_ids, want.label_ids) and got.answered_by == want.answered_by

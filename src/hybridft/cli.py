@@ -184,7 +184,9 @@ def _predict(args: argparse.Namespace) -> int:
                                 f"has {model.label_names}; export the student of the same run")
         model.student = onnx_student
     if not args.no_prepack:
-        model.prepack()  # after the ONNX swap: an ONNX student is left to onnxruntime
+        decisions = model.prepack()  # after the ONNX swap: an ONNX student is left to onnxruntime
+        if not args.quiet:
+            print(model.prepack_summary(decisions), file=sys.stderr)
     report = predict_file(model.predict_batch, args.input, args.output, text_column=args.text_column,
                           text_pair_column=args.text_pair_column, delimiter=args.delimiter,
                           quoting=args.quoting, batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet)
@@ -227,7 +229,9 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.no_prepack:
             from hybridft.packed_linear import prepack_if_faster
 
-            prepack_if_faster(model, device)  # this model only generates from here on
+            decision = prepack_if_faster(model, device)  # this model only generates from here on
+            if not args.quiet:
+                print(f"linear weights: {decision['reason']}", file=sys.stderr)
 
         def generate_batch(prompts: list[str], _pairs: Any) -> list[dict[str, Any]]:
             outputs = causal_lm.generate(model, tokenizer, prompts, args.max_new_tokens, device, args.batch_size)
@@ -243,7 +247,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"speculative decoding: {stats.acceptance_rate:.1%} of {stats.drafted} drafted tokens accepted, "
               f"{stats.tokens_per_teacher_pass:.2f} tokens per teacher pass, "
               f"{stats.new_tokens / stats.seconds if stats.seconds else 0:.1f} tokens/s"
-              + (f"; the draft ran in {hybrid.prepared['precision']}" if hybrid.prepared else ""))
+              + (f"; the draft ran in {hybrid.prepared['precision']}; prepacked linear weights: teacher "
+                 f"{'yes' if hybrid.prepared['packed']['teacher'] else 'no'}, draft "
+                 f"{'yes' if hybrid.prepared['packed']['draft'] else 'no'}" if hybrid.prepared else ""))
     return 0
 
 

@@ -197,6 +197,15 @@ class HybridModel:
 
     @torch.no_grad()
     def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> HybridPrediction:
+        """Labels for `texts` (a list of N strings; `pairs`: N second texts or None). Raises HybridFTError for a
+        single string instead of a list, or pairs of another length."""
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise HybridFTError(f"predict takes a list of texts, got {type(texts).__name__}; wrap one text as [text]")
+        if pairs is not None and len(pairs) != len(texts):
+            raise HybridFTError(f"predict got {len(texts)} texts but {len(pairs)} pairs; give one pair per text")
+        if not texts:
+            return HybridPrediction(label_ids=torch.empty(0, dtype=torch.long),
+                                    probs=torch.empty(0, len(self.label_names)), answered_by=[])
         s_logits = self._logits(self.student, self.student_tokenizer, texts, pairs, batch_size)  # [N, C]
         probs = (s_logits / self.student_temperature).softmax(-1)
         conf = confidence(s_logits, self.student_temperature, self.confidence_kind)  # [N]
@@ -226,14 +235,24 @@ class HybridModel:
         where a timed pass is faster (`hybridft.packed_linear.prepack_if_faster`); for a model that only predicts
         from now on (`hybridft predict` does this unless --no-prepack). The all-MiniLM-L6-v2 teacher and its 2-layer
         student ran 1.8x faster at batch 32 and at batch 1 on a 2-core EPYC; the logits change only by rounding.
-        Returns {"student": decision, "teacher": decision}."""
+        Returns {"student": decision, "teacher": decision} (no teacher entry when the student answers alone).
+        Calling it again keeps the packing and reports it as already done."""
         from hybridft.packed_linear import encoder_pass_ms, prepack_if_faster
 
         out: dict[str, Any] = {}
         for name, model in (("student", self.student), ("teacher", self.teacher)):
+            if name == "teacher" and model is self.student:
+                continue  # a single classifier folder: the teacher slot holds the student itself
             if isinstance(model, nn.Module):
                 out[name] = prepack_if_faster(model, self.device, encoder_pass_ms)
         return out
+
+    def prepack_summary(self, decisions: dict[str, Any]) -> str:
+        """One line for the CLI: which models `prepack` packed."""
+        parts = [f"{name} {'prepacked' if d['packed'] else 'plain'}"
+                 + (f" ({d['plain_ms']:.0f} -> {d['packed_ms']:.0f} ms timed)" if "packed_ms" in d else "")
+                 for name, d in decisions.items()]
+        return "linear weights: " + ", ".join(parts) if parts else "linear weights: nothing to prepack"
 
     def reset_budget(self) -> None:
         """Start a new stream: the running teacher quota counts rows from zero again."""

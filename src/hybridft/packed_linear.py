@@ -191,7 +191,9 @@ def _decide(model: nn.Module, device: Optional[torch.device],
     timer = timer or (lambda m: decoding_pass_ms(m))  # looked up at call time, so that tests can replace it
     swapped = _swap(model, device, BATCH_HINT)
     if not swapped:
-        return {"packed": is_packed(model), "layers": 0, "reason": "no linear layer to pack here"}, []
+        already = is_packed(model)
+        return {"packed": already, "layers": 0,
+                "reason": "already prepacked" if already else "no linear layer that can be packed here"}, []
     packed = [getattr(parent, name) for parent, name, _ in swapped]
     try:
         packed_ms = timer(model)
