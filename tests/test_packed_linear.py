@@ -188,3 +188,51 @@ def test_a_model_the_timer_cannot_drive_is_left_plain():
 
     decision = packed_linear.prepack_if_faster(model, None, refuses)
     assert not decision["packed"] and "not timed" in decision["reason"] and not is_packed(model)
+
+
+@pytest.mark.parametrize("task_name", ["classification", "causal_lm"])
+def test_the_fp32_teacher_store_pass_packed_equals_the_plain_one(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                                 task_name: str):
+    """teacher_outputs.compute in fp32 on a CPU packs the teacher where faster (forced here both ways): the same
+    stored outputs to rounding, and the teacher's own layers afterwards."""
+    from conftest import make_bert, make_tokenizer, sentiment_rows
+    from hybridft.config import load_config
+    from hybridft.data import Examples
+    from hybridft.tasks import causal_lm, classification
+    from hybridft.teacher_outputs import compute
+    from test_causal_lm import lm_rows, make_lm_tokenizer
+
+    cpu = torch.device("cpu")
+    if task_name == "classification":
+        task, tok, teacher = classification, make_tokenizer(tmp_path / "tok"), make_bert(layers=2, seed=2)
+        rows = sentiment_rows(10)
+        exs = Examples(texts=[t for t, _ in rows], labels=[0] * len(rows), source="t")
+        cfg = load_config(None, ["data.train=unused"])
+    else:
+        task, tok = causal_lm, make_lm_tokenizer(tmp_path / "tok")
+        tok.pad_token = tok.eos_token
+        teacher = make_llama(len(tok), layers=2, seed=3)
+        rows = lm_rows(6)
+        exs = Examples(texts=[r["prompt"] for r in rows], labels=[0] * len(rows), source="t",
+                       pairs=[r["response"] for r in rows])
+        cfg = load_config(None, ["task=causal_lm", "data.train=unused"])
+    items = task.encode(exs, tok, 32)
+    layers = [m for m in teacher.modules() if type(m) is nn.Linear]
+    results = {}
+    for gain in (0.0, 1e9):  # never faster enough / always
+        monkeypatch.setattr(packed_linear, "PACK_GAIN", gain)
+        packed_seen = []
+        summarise = task.summarise(cfg)
+        results[gain] = compute(teacher, items, task.make_collate(tok), cpu, "fp32",
+                                lambda m, b: packed_seen.append(is_packed(m)) or summarise(m, b), batch_size=4)
+        batches = -(-len(items) // 4)  # the calls after the timing ones are the pass itself
+        assert set(packed_seen[-batches:]) == {gain > 1}, gain  # packed exactly when the timing said so
+        assert [m for m in teacher.modules() if type(m) is nn.Linear] == layers and not is_packed(teacher)
+    for plain, packed in zip(results[0.0], results[1e9]):
+        if isinstance(plain, torch.Tensor):
+            torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
+        else:  # a causal LM's token summary: top-k ids and log-probs, compared as dense rows (ties may reorder)
+            def dense(t):
+                out = torch.full((t.ids.shape[0], int(t.ids.max()) + 2), float("nan"))
+                return out.scatter_(1, t.ids.clamp(min=0), t.logprobs.float())
+            torch.testing.assert_close(dense(packed), dense(plain), rtol=1e-4, atol=1e-4, equal_nan=True)

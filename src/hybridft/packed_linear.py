@@ -217,10 +217,11 @@ def _decide(model: nn.Module, device: Optional[torch.device],
 
 
 @contextmanager
-def packed_if_faster(model: nn.Module, device: Optional[torch.device] = None) -> Iterator[dict[str, Any]]:
+def packed_if_faster(model: nn.Module, device: Optional[torch.device] = None,
+                     timer: Optional[Callable[[nn.Module], float]] = None) -> Iterator[dict[str, Any]]:
     """`prepack_if_faster` for the duration of a `with` block, yielding its decision; the original layers come back
     on exit (inside, the packed weights are held beside them: twice the linear weights' memory)."""
-    decision, swapped = _decide(model, device)
+    decision, swapped = _decide(model, device, timer)
     try:
         yield decision
     finally:
