@@ -207,3 +207,21 @@ def test_predict_with_the_exported_onnx_student_matches_pytorch(pair, tmp_path: 
         outs.append([json.loads(x) for x in out.read_text().splitlines()])
     assert [(r["label"], r["answered_by"]) for r in outs[0]] == [(r["label"], r["answered_by"]) for r in outs[1]]
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(*outs)) < 1e-4
+
+
+def test_predict_with_a_single_classifier_folder_reports_no_teacher(pair, tmp_path: Path, capsys):
+    from hybridft.cli import main
+
+    student, _, tok = pair
+    folder = tmp_path / "student"
+    student.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    src = tmp_path / "in.csv"
+    src.write_text("text\n" + "".join(f"{t}\n" for t in TEXTS[:5]), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main(["predict", "--model", str(folder), "--input", str(src), "--output", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "wrote 5 rows" in printed.out and "teacher" not in printed.out
+    assert "linear weights: student" in printed.err and "teacher" not in printed.err
+    assert {json.loads(x)["answered_by"] for x in out.read_text().splitlines()} == {"student"}

@@ -190,7 +190,7 @@ def _predict(args: argparse.Namespace) -> int:
     report = predict_file(model.predict_batch, args.input, args.output, text_column=args.text_column,
                           text_pair_column=args.text_pair_column, delimiter=args.delimiter,
                           quoting=args.quoting, batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet)
-    print(report.summary())
+    print(report.summary(with_teacher=model.teacher is not model.student))  # a single classifier has no teacher
     return 0
 
 

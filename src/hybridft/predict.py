@@ -89,9 +89,10 @@ class PredictReport:
         os.replace(tmp, target)
         return target
 
-    def summary(self) -> str:
-        """One line for the CLI, e.g. `wrote 998 rows to out.csv (teacher 12%); skipped 2 bad rows: ...`."""
-        answered = sum(self.answered_by.values())
+    def summary(self, with_teacher: bool = True) -> str:
+        """One line for the CLI, e.g. `wrote 998 rows to out.csv (teacher 12%); skipped 2 bad rows: ...`; without
+        the teacher's share when the model has no teacher (`with_teacher=False`)."""
+        answered = sum(self.answered_by.values()) if with_teacher else 0
         teacher = self.answered_by.get("teacher", 0) / answered if answered else 0.0
         line = f"wrote {self.rows_written} rows to {self.output} in {self.seconds:.1f}s"
         if answered:
