@@ -113,6 +113,11 @@ def _swap(model: nn.Module, device: Optional[torch.device], batch_hint: int) -> 
     return swapped
 
 
+def _restore(swapped: list[tuple[nn.Module, str, nn.Linear]]) -> None:
+    for parent, name, original in swapped:
+        setattr(parent, name, original)
+
+
 def prepack_linears(model: nn.Module, device: Optional[torch.device] = None, batch_hint: int = BATCH_HINT) -> int:
     """Replace, in place and for good, every `nn.Linear` of `model` (fp32, or bf16 where native) by a `PackedLinear`
     on a CPU where the packed kernels work; elsewhere (a GPU, a missing op) leave it unchanged. For a model that
@@ -132,8 +137,7 @@ def packed_for_inference(model: nn.Module, device: Optional[torch.device] = None
     try:
         yield len(swapped)
     finally:
-        for parent, name, original in swapped:
-            setattr(parent, name, original)
+        _restore(swapped)
 
 
 PACK_GAIN = 0.9
@@ -149,11 +153,22 @@ def decoding_pass_ms(model: nn.Module, widths: tuple[int, ...] = (1, 5), repeats
     return sum(costs[w - 1] for w in widths)
 
 
+def median_ms(run: Callable[[], Any], repeats: int = 3) -> float:
+    """The median milliseconds of `repeats` calls of `run`, after one untimed warm-up call."""
+    import time
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1000
+
+
 def encoder_pass_ms(model: nn.Module, repeats: int = 3) -> float:
     """The median milliseconds of a classifier's forward pass over a batch of 32 x 64 random token ids plus one of
     1 x 24 (throughput and latency), summed."""
-    import time
-
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1000)
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
@@ -161,13 +176,7 @@ def encoder_pass_ms(model: nn.Module, repeats: int = 3) -> float:
     with torch.no_grad():
         for shape in ((32, 64), (1, 24)):
             ids = torch.randint(min(vocab, 1000), shape, generator=g).to(device)
-            model(input_ids=ids)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(input_ids=ids)
-                times.append(time.perf_counter() - start)
-            total += sorted(times)[len(times) // 2] * 1000
+            total += median_ms(lambda: model(input_ids=ids), repeats)
     return total
 
 
@@ -200,8 +209,7 @@ def _decide(model: nn.Module, device: Optional[torch.device],
     except (RuntimeError, TypeError, ValueError) as e:  # a model the timer cannot drive: keep it as it was
         packed_ms = None
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    for parent, name, original in swapped:
-        setattr(parent, name, original)
+    _restore(swapped)
     if packed_ms is None:
         return {"packed": is_packed(model), "layers": 0, "reason": f"not timed ({why}); left plain"}, []
     plain_ms = timer(model)
@@ -225,8 +233,7 @@ def packed_if_faster(model: nn.Module, device: Optional[torch.device] = None,
     try:
         yield decision
     finally:
-        for parent, name, original in swapped:
-            setattr(parent, name, original)
+        _restore(swapped)
 
 
 def is_packed(model: nn.Module) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -285,7 +284,7 @@ def _packed_in_fp32(teacher: nn.Module, batches: Any, device: torch.device, prec
     from contextlib import nullcontext
 
     from hybridft.batching import to_device
-    from hybridft.packed_linear import packed_if_faster
+    from hybridft.packed_linear import median_ms, packed_if_faster
 
     if precision != "fp32" or device.type != "cpu":
         return nullcontext()
@@ -294,16 +293,7 @@ def _packed_in_fp32(teacher: nn.Module, batches: Any, device: torch.device, prec
         return nullcontext()
     first = to_device(first, device)
 
-    def timer(model: nn.Module) -> float:
-        summarise(model, first)  # warm-up
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            summarise(model, first)
-            times.append(time.perf_counter() - start)
-        return min(times) * 1000
-
-    return packed_if_faster(teacher, device, timer)
+    return packed_if_faster(teacher, device, lambda model: median_ms(lambda: summarise(model, first)))
 
 
 @torch.no_grad()
