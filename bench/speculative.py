@@ -11,9 +11,10 @@ Per draft length k, draft vocabulary size, confidence threshold, draft precision
 prepacked weights (hybrid.draft_vocabulary, draft_confidence, draft_precision, verify_padding, eval.prepack_weights):
 acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for
 both drafts; and whether every hybrid output equals the teacher's greedy output. Batch 1, greedy, fp32, the
-first `--prompts` test prompts of the run, `--max-new-tokens` each; the teacher in fp32. With padding on, the
-report also holds the timed cost of a teacher pass per width. Writes bench/results/speculative.json
-(or --out). Compare ratios within one run: seconds depend on the machine and what else runs on it.
+first `--prompts` test prompts of the run, `--max-new-tokens` each; the teacher in fp32; on `--device` (a CUDA
+GPU when one is visible). With padding on, the report also holds the timed cost of a teacher pass per width.
+Writes bench/results/speculative.json (or --out), rewritten after every row. Compare ratios within one run:
+seconds depend on the machine and what else runs on it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the fp32/bf16 drafts from weights prepacked for oneDNN")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the teacher and drafts run (auto: a CUDA GPU when one is visible, else the CPU)")
     p.add_argument("--quick", action="store_true", help="2 prompts, 8 new tokens, draft lengths 1 and 3, prepacked")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "speculative.json"))
     args = p.parse_args(argv)
@@ -54,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import transformers
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda" and args.quick:
+        args.draft_precisions = "fp32,bf16"  # int8 (dynamic quantization) is a CPU kernel
 
     from hybridft import speculative
     from hybridft.config import load_config
@@ -74,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     undistilled = causal_lm.build_student(cfg, teacher, tokenizer, splits)[0].eval()
     responses = causal_lm.response_tokens(splits.train, tokenizer, cfg.data.max_length)
     vocab = speculative.output_vocabulary_size(teacher)  # the row name of the whole vocabulary
-    cpu = torch.device("cpu")
     rows = {}
     for option, given in (("--padding", args.padding), ("--prepack", args.prepack)):
         bad = [x for x in given.split(",") if x not in ("off", "on")]
@@ -90,8 +97,16 @@ def main(argv: list[str] | None = None) -> int:
                 for padding in args.padding.split(",")]
     vocabularies = {size: speculative.frequent_token_vocabulary(teacher, tokenizer, responses, size)
                     for size in {s[1] for s in settings}}  # built once per size, not once per row
+    report = {"run": str(run), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "transformers": transformers.__version__, "device": str(device),
+                          **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for k, size, confidence, precision, padding, prepack in settings:
-        r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, cpu,
+        r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, device,
                                 vocabularies[size], confidence, precision, padding == "on", prepack == "on")
         name = f"k={k} vocabulary={size or vocab} confidence={confidence} draft={precision} padding={padding}" \
             + (f" prepack={prepack}" if args.prepack != "off" else "")
@@ -106,14 +121,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['undistilled_hybrid']['speedup_vs_teacher']}x); outputs equal to the teacher's: "
               f"{r['matches_teacher']}/{r['prompts']} and "
               f"{r['undistilled_hybrid']['matches_teacher']}/{r['prompts']}", flush=True)
-    report = {"run": str(run), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "transformers": transformers.__version__},
-              "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        # after every row, so that a run stopped at a time limit keeps the rows it finished
+        out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"wrote {out}")
     return 0
 

@@ -25,17 +25,22 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = make_lm_tokenizer(folder)
     model = make_llama(len(tok), layers=2, seed=3)
     rows = [tok(f"{r['prompt']} {r['response']}")["input_ids"] + [tok.eos_token_id] for r in lm_rows(64, seed=5)]
+    fit(model, rows, tok.eos_token_id, steps=60)
+    model.save_pretrained(folder)
+    return folder
+
+
+def fit(model: torch.nn.Module, rows: list[list[int]], eos: int, steps: int) -> None:
+    """A few full-batch Adam steps on token rows (padded with EOS, which takes no loss)."""
     width = max(map(len, rows))
-    ids = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+    ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
     labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
+    for _ in range(steps):
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.save_pretrained(folder)
-    return folder
 
 
 def run_args(tmp_path: Path, teacher: Path, name: str, *extra: str) -> list[str]:
@@ -131,3 +136,39 @@ def test_unlabeled_prompts_need_a_prompt_column(tmp_path: Path, teacher_dir: Pat
     assert main(run_args(tmp_path, teacher_dir, "x", f"data.unlabeled={texts}")) == 2
     assert "no prompt column 'prompt'" in capsys.readouterr().err
     assert not (tmp_path / "x" / "summary.json").exists()
+
+
+def test_generations_stop_at_the_tokenizers_eos_when_the_generation_config_names_another(tmp_path: Path):
+    """transformers' generate stops at the generation config's EOS alone; the responses hybridft trains on end with
+    the tokenizer's. A model whose config names another token (transformers 5.17's conversion of the SmolLM2 GGUF
+    left out <|im_end|>, and its generations ran on through the next turns) must still stop where it was taught
+    to, in batched generation (reports, sequence KD, `hybridft generate`) as in the speculative hybrid, and its
+    stored generations must not be mistaken for ones made with other stop tokens."""
+    from hybridft import speculative
+    from hybridft.config import load_config
+
+    # a tiny teacher that, like a chat model, goes on to another exchange after the end of its answer
+    tok = make_lm_tokenizer(tmp_path / "t")
+    model = make_llama(len(tok), layers=2, seed=3)
+    first, second = lm_rows(64, seed=5), lm_rows(64, seed=6)
+    rows = [tok(f"{a['prompt']} {a['response']}")["input_ids"] + [tok.eos_token_id]
+            + tok(f"{b['prompt']} {b['response']}")["input_ids"] + [tok.eos_token_id] for a, b in zip(first, second)]
+    fit(model, rows, tok.eos_token_id, steps=80)
+    model.eval()
+    prompts = [r["prompt"] for r in lm_rows(6, seed=11)]
+    model.generation_config.eos_token_id = None
+    assert task.stop_token_ids(model, tok) == {tok.eos_token_id}
+    expected = task.generate(model, tok, prompts, 16, CPU, batch_size=3)
+    assert sum(0 < len(g.split()) < 8 for g in expected) >= 3  # answers of a few words, ended by EOS
+
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("Q:")  # a token it never answers with
+    assert task.stop_token_ids(model, tok) == {tok.eos_token_id, tok.convert_tokens_to_ids("Q:")}
+    assert task.generate(model, tok, prompts, 16, CPU, batch_size=3) == expected
+    # the speculative hybrid's greedy loop stops at the same tokens, so its outputs equal these
+    for prompt, text in zip(prompts, expected):
+        ids = speculative.prompt_tensor(tok, prompt, CPU)
+        out, _ = speculative.greedy_generate(model, ids, 16, speculative.eos_ids(model, tok))
+        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == text
+
+    cfg = load_config(None, ["task=causal_lm"])
+    assert sequence_kd.decoding_settings(cfg, {1}) != sequence_kd.decoding_settings(cfg, {1, 3})

@@ -37,11 +37,14 @@ from hybridft.errors import HybridFTError
 FORMAT = "hybridft.generations/1"
 
 
-def decoding_settings(cfg: Any) -> str:
-    """What the generations depend on beyond the teacher, its tokenizer and the prompts."""
+def decoding_settings(cfg: Any, stop_ids: Optional[set[int]] = None) -> str:
+    """What the generations depend on beyond the teacher, its tokenizer and the prompts: the decoding settings and
+    the tokens a generation stops at (`causal_lm.stop_token_ids`; generations stored before these were stop tokens
+    ran on past them, and must not be reused)."""
     s = cfg.distill.sequence
     sampling = f"sample;temperature={s.temperature};top_p={s.top_p};seed={cfg.seed}" if s.do_sample else "greedy"
-    return f"generations;{sampling};max_new_tokens={s.max_new_tokens};chat_template={cfg.data.chat_template}"
+    stop = f";stop={','.join(map(str, sorted(stop_ids)))}" if stop_ids else ""
+    return f"generations;{sampling};max_new_tokens={s.max_new_tokens};chat_template={cfg.data.chat_template}{stop}"
 
 
 def chosen_rows(n: int, fraction: float, seed: int) -> list[int]:
@@ -113,7 +116,9 @@ def apply(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: Any, log: Any
     rows = chosen_rows(len(train), s.fraction, cfg.seed)
     prompts = [train.texts[i] for i in rows] + (list(pool.texts) if pool is not None else [])
     keys = [example_key(p) for p in prompts]
-    settings = decoding_settings(cfg)
+    from hybridft.tasks.causal_lm import stop_token_ids
+
+    settings = decoding_settings(cfg, stop_token_ids(teacher, tokenizer))
     path = cache_dir / f"{fingerprint(teacher_folder, tokenizer, settings, keys)}.generations.json"
     responses = read_generations(path, keys)
     start = time.perf_counter()

@@ -475,13 +475,11 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
 
 
 def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    """The tokens that end a generation: the tokenizer's EOS and the model's generation config's (an instruct
-    model often ends its turn with a chat token, e.g. SmolLM2's <|im_end|>)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if config_eos is not None:
-        ids |= set(config_eos) if isinstance(config_eos, (list, tuple)) else {config_eos}
-    return ids
+    """The tokens that end a generation (`causal_lm.stop_token_ids`: the tokenizer's EOS and the model's
+    generation config's), the same set as the teacher's batched generations stop at."""
+    from hybridft.tasks.causal_lm import stop_token_ids
+
+    return stop_token_ids(model, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------

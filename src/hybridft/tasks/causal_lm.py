@@ -633,13 +633,27 @@ def validate(model: nn.Module, loader: Any, device: torch.device, precision: str
 
 
 @torch.no_grad()
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """The tokens that end a generation: the tokenizer's EOS, which ends every response hybridft trains on
+    (`encode`), and the model's generation config's (an instruct model often ends its turn with a chat token, e.g.
+    SmolLM2's <|im_end|>). transformers' `generate` stops at the generation config's alone, and the two need not
+    agree: the same SmolLM2 GGUF converted by transformers 5.17 left <|im_end|> out of it, and every generation ran
+    on through "user ... assistant ..." turns to its token limit (seen on a GPU machine, 2026-12-04)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if config_eos is not None:
+        ids |= set(config_eos) if isinstance(config_eos, (list, tuple)) else {config_eos}
+    return ids
+
+
 def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, device: torch.device,
              batch_size: int = 8, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0) -> list[str]:
     """Greedy (or, with `do_sample`, sampled at `temperature` and `top_p`; seed torch first) continuations of
-    `prompts` (left-padded batches, through the chat template when the tokenizer has one), decoded without
-    special tokens."""
+    `prompts` (left-padded batches, through the chat template when the tokenizer has one), each ending at the
+    first of `stop_token_ids`, decoded without special tokens."""
     use_template = uses_template(tokenizer)
+    stop = sorted(stop_token_ids(model, tokenizer))
     model.to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
@@ -651,7 +665,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
             dict(do_sample=False)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens, pad_token_id=pad_id, **sampling)
+                             min_new_tokens=min_new_tokens, pad_token_id=pad_id, **sampling,
+                             **({"eos_token_id": stop} if stop else {}))
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [o.strip() for o in outputs]
 
