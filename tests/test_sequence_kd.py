@@ -172,3 +172,25 @@ def test_generations_stop_at_the_tokenizers_eos_when_the_generation_config_names
 
     cfg = load_config(None, ["task=causal_lm"])
     assert sequence_kd.decoding_settings(cfg, {1}) != sequence_kd.decoding_settings(cfg, {1, 3})
+
+
+def test_the_prompt_file_for_sequence_kd_reads_as_unlabeled_prompts(tmp_path: Path):
+    """bench/lm_prompts.py: a seeded mix of emotion and SST-2 training sentences, each a prompt hybridft reads."""
+    import subprocess
+    import sys
+
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "emotion" / "train.txt").is_file():
+        pytest.skip(f"no emotion data under {SHARED_DATA}")
+    from hybridft.config import load_config
+
+    out = tmp_path / "p.jsonl"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "lm_prompts.py"
+    runs = [subprocess.run([sys.executable, str(bench), "--emotion", "30", "--sst2", "20", "--data", str(SHARED_DATA),
+                            "--out", str(o)], capture_output=True, text=True, timeout=120) for o in (out, tmp_path / "q")]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert out.read_text() == (tmp_path / "q").read_text()  # seeded
+    cfg = load_config(None, ["task=causal_lm", f"data.unlabeled={out}"])
+    prompts = task._read_prompts(str(out), cfg).texts
+    assert len(prompts) == 50 and all(p.strip() and ";" not in p[-8:] for p in prompts)
