@@ -180,7 +180,9 @@ def test_a_draft_equal_to_the_teacher_is_always_accepted():
     out, stats = speculative.speculative_generate(teacher, teacher, ids, 20, draft_tokens=4)
     assert out[0, ids.shape[1]:].tolist() == _hf_greedy(teacher, ids, 20)
     assert stats.acceptance_rate == 1.0
-    assert stats.teacher_passes == 4  # 5 tokens per pass: 4 drafts + the teacher's bonus token
+    # the prompt's pass emits token 1; then 5 tokens a pass (4 drafts + the teacher's bonus token) for tokens 2-16,
+    # and a last round drafts the 4 left (its bonus token is past the limit)
+    assert stats.teacher_passes == 5
 
 
 def test_generation_stops_at_eos_like_the_teacher():
