@@ -87,6 +87,23 @@ def test_every_format_keeps_input_columns_and_adds_predictions(tmp_path: Path, i
     assert not (tmp_path / f"out.{out_kind}.tmp").exists()
 
 
+def test_a_tsv_output_with_quotes_or_line_breaks_says_how_to_read_it_back(tmp_path: Path):
+    """A .tsv is read with literal quotes by default (GLUE's files hold unbalanced ones), but a cell with a tab or
+    a line break can only be written in CSV quotes: the report says so, and reading the file back with
+    quoting="csv" returns the texts as they were."""
+    texts = ['he said "good"', "good\tfilm", "two\nlines good", "plain good"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    report = predict_file(FakeModel(), src, tmp_path / "out.tsv", progress=False)
+    assert len(report.notes) == 1 and "3 cells hold a tab, line break or double quote" in report.notes[0]
+    assert "--quoting csv" in report.summary()
+    model = FakeModel()
+    predict_file(model, tmp_path / "out.tsv", tmp_path / "again.jsonl", quoting="csv", progress=False)
+    assert model.batches == [texts]
+    # plain texts need no quotes and get no note
+    assert predict_file(FakeModel(), write_input(tmp_path, "jsonl"), tmp_path / "plain.tsv", progress=False).notes == []
+
+
 def test_text_pair_column_and_custom_delimiter(tmp_path: Path):
     src = tmp_path / "pairs.csv"
     src.write_text("premise;hypothesis\na good day;maybe rain\nbad;fine\n", encoding="utf-8")

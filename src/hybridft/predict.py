@@ -190,6 +190,8 @@ class _OutputWriter:
         self._fh: Optional[IO[str]] = None
         self._csv: Any = None
         self._committed = False
+        self.quoted_cells = 0
+        """Cells of a tab-separated output written in CSV quotes (they hold a tab, line break or double quote)."""
 
     def __enter__(self) -> "_OutputWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +218,10 @@ class _OutputWriter:
             known = set(self.fieldnames)
             for r in rows:
                 self._note_dropped(r, known)
-                self._csv.writerow([_cell(r.get(name)) for name in self.fieldnames])
+                cells = [_cell(r.get(name)) for name in self.fieldnames]
+                if self.delimiter == "\t":
+                    self.quoted_cells += sum(1 for c in cells if any(ch in c for ch in '\t\n\r"'))
+                self._csv.writerow(cells)
         self._fh.flush()  # each batch reaches the disk as it is done; nothing accumulates in memory
 
     def _note_dropped(self, row: dict[str, Any], known: set[str]) -> None:
@@ -382,6 +387,11 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
             flush()
             report.blank_lines = reader.blank_lines
             report.notes = quoting_notes(reader, str(src), "--quoting ")
+            if writer.quoted_cells:  # pandas and spreadsheets read these quotes; hybridft's .tsv default does not
+                report.notes.append(f"{dst}: {writer.quoted_cells} cells hold a tab, line break or double quote and "
+                                    f"are written in CSV quotes, as pandas and spreadsheets read them; a .tsv is read "
+                                    f"with literal quotes by default, so read this one back with --quoting csv "
+                                    f"(data.quoting=csv), or write .jsonl")
             if isinstance(reader, JsonlReader) and report.rows_in == 0:
                 raise HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
             writer.commit()
