@@ -97,7 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                 for padding in args.padding.split(",")]
     vocabularies = {size: speculative.frequent_token_vocabulary(teacher, tokenizer, responses, size)
                     for size in {s[1] for s in settings}}  # built once per size, not once per row
+    # what the drafts could be accepted on, alone (top-1) and in a tree of candidates (top-2..4), fp32
+    agreement = {name: speculative.draft_top_k_agreement(teacher.to(device), model.to(device), tokenizer, prompts,
+                                                         args.max_new_tokens, device)
+                 for name, model in (("distilled", draft), ("undistilled", undistilled))}
+    for name, a in agreement.items():
+        print(f"{name} draft: the teacher's greedy token is its top-1 {a['top_1']:.1%}, in its top-2 {a['top_2']:.1%}, "
+              f"top-4 {a['top_4']:.1%} of {a['tokens']} tokens", flush=True)
     report = {"run": str(run), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "draft_top_k_agreement": agreement,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "transformers": transformers.__version__, "device": str(device),
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     for k, size, confidence, precision, padding, prepack in settings:
         r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, device,
                                 vocabularies[size], confidence, precision, padding == "on", prepack == "on")

@@ -185,6 +185,27 @@ def test_a_draft_equal_to_the_teacher_is_always_accepted():
     assert stats.teacher_passes == 5
 
 
+def test_top_k_agreement_counts_the_teachers_greedy_tokens_among_the_drafts_top_k(tmp_path: Path):
+    tok = make_lm_tokenizer(tmp_path / "tok")
+    teacher, other = make_llama(len(tok), layers=2, seed=1).eval(), make_llama(len(tok), layers=1, seed=7).eval()
+    prompts = [r["prompt"] for r in lm_rows(3, seed=4)]
+    cpu = torch.device("cpu")
+    itself = speculative.draft_top_k_agreement(teacher, teacher, tok, prompts, 6, cpu, ks=(1, 2))
+    assert itself == {"tokens": itself["tokens"], "top_1": 1.0, "top_2": 1.0} and itself["tokens"] > 0
+    a = speculative.draft_top_k_agreement(teacher, other, tok, prompts, 6, cpu, ks=(1, 3, len(tok)))
+    assert a["tokens"] == itself["tokens"] and 0 <= a["top_1"] <= a["top_3"] <= a[f"top_{len(tok)}"] == 1.0
+    # by hand: the teacher's greedy tokens and the other model's ranking of them
+    hits = total = 0
+    for p in prompts:
+        ids = speculative.prompt_tensor(tok, p, cpu)
+        out, _ = speculative.greedy_generate(teacher, ids, 6, speculative.eos_ids(teacher, tok))
+        with torch.no_grad():
+            guess = other(input_ids=out).logits[0, ids.shape[1] - 1:-1].argmax(-1)
+        hits += int((guess == out[0, ids.shape[1]:]).sum())
+        total += out.shape[1] - ids.shape[1]
+    assert a["top_1"] == round(hits / total, 4)
+
+
 def test_generation_stops_at_eos_like_the_teacher():
     teacher = _teacher()
     draft = _half_agreeing_draft(teacher)
@@ -277,7 +298,10 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     spec.loader.exec_module(bench)
     report = tmp_path / "spec.json"
     assert bench.main(["--run", str(run), "--quick", "--out", str(report)]) == 0
-    rows = json.loads(report.read_text())["rows"]
+    written = json.loads(report.read_text())
+    agreement, rows = written["draft_top_k_agreement"], written["rows"]
+    for a in agreement.values():  # a share of the same tokens, growing with k
+        assert a["tokens"] > 0 and 0 <= a["top_1"] <= a["top_2"] <= a["top_3"] <= a["top_4"] <= 1
     assert len(rows) == 16  # draft lengths 1 and 3, the whole vocabulary and 12 tokens, confidence 0 and 0.3,
     # the draft in fp32 and int8, prepacked
     assert all(set(r["prepacked"]) == {"teacher", "draft", "teacher_timing"} for r in rows.values())

@@ -652,6 +652,32 @@ def prompt_tensor(tokenizer: Any, prompt: str, device: torch.device) -> torch.Te
     return torch.tensor([ids], device=device)
 
 
+@torch.no_grad()
+def draft_top_k_agreement(teacher: nn.Module, draft: nn.Module, tokenizer: Any, prompts: list[str],
+                          max_new_tokens: int, device: torch.device, ks: tuple[int, ...] = (1, 2, 3, 4)
+                          ) -> dict[str, Any]:
+    """How often the teacher's greedy token is among the draft's k most likely next tokens, for k in `ks`, on the
+    teacher's own greedy outputs for `prompts` (the prefix is always the teacher's, as in verification).
+
+    Top-1 is the rate a linear draft is accepted at (before its drafts diverge); top-2 to top-4 bound what verifying
+    a tree of the draft's candidates in one teacher pass could add (SpecInfer, Miao et al. 2024, ASPLOS; Medusa,
+    Cai et al. 2024, ICML). Returns {"tokens": N, "top_1": share, ...}; N counts the new tokens of every prompt."""
+    eos = eos_ids(teacher, tokenizer)
+    hits, total = [0] * len(ks), 0
+    for prompt in prompts:
+        ids = prompt_tensor(tokenizer, prompt, device)
+        out, _ = greedy_generate(teacher, ids, max_new_tokens, eos)
+        target = out[0, ids.shape[1]:]
+        if not len(target):
+            continue
+        logits = draft(input_ids=out).logits[0, ids.shape[1] - 1:-1]  # the draft's guess for each new token
+        ranked = logits.topk(max(ks), -1).indices
+        for j, k in enumerate(ks):
+            hits[j] += int((ranked[:, :k] == target[:, None]).any(-1).sum())
+        total += len(target)
+    return {"tokens": total, **{f"top_{k}": round(h / total, 4) if total else 0.0 for k, h in zip(ks, hits)}}
+
+
 def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Module], tokenizer: Any,
             prompts: list[str], max_new_tokens: int, draft_tokens: int, device: torch.device,
             draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0,
