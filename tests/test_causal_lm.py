@@ -336,7 +336,8 @@ def test_stored_outputs_are_reused_and_a_gpt2_without_pad_token_distils(tmp_path
     assert calls == [1, 1, 1] and read_store(tmp_path / "g4" / "teacher_outputs.safetensors").kind == "sampled"
 
 
-@pytest.mark.parametrize("case", ["no_response_column", "empty_response", "long_prompt", "gguf", "pickle_only"])
+@pytest.mark.parametrize("case", ["no_response_column", "empty_response", "long_prompt", "repeated_column", "gguf",
+                                  "pickle_only"])
 def test_bad_causal_lm_input_is_one_line_and_exit_2(tmp_path: Path, tiny_lm_dir: Path, lm_data, capsys, case: str):
     from hybridft.cli import main
 
@@ -350,6 +351,10 @@ def test_bad_causal_lm_input_is_one_line_and_exit_2(tmp_path: Path, tiny_lm_dir:
     elif case == "long_prompt":
         data["train"] = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": " ".join(LM_WORDS * 3), "response": "red"}])
         needle = "leaves no room for a response"
+    elif case == "repeated_column":  # which `prompt` is the prompt? (a CSV export that repeats a header name)
+        data["train"] = str(tmp_path / "bad.csv")
+        Path(data["train"]).write_text("prompt,response,prompt\nred,blue,green\n", encoding="utf-8")
+        needle = "names the column 'prompt' more than once (columns 1, 3)"
     elif case == "gguf":
         teacher = tmp_path / "gguf"
         teacher.mkdir()
@@ -428,7 +433,7 @@ def test_a_folder_that_is_not_a_causal_lm_is_refused_as_teacher_and_by_generate(
     make_bert().save_pretrained(folder)
     out = tmp_path / "run"
     assert main(_run_args(tmp_path, folder, lm_data, "run")) == 2
-    assert "not a causal language model" in capsys.readouterr().err and not any(out.iterdir())
+    assert "not a causal language model" in capsys.readouterr().err and not out.exists()  # not even empty
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "red"}])
     assert main(["generate", "--model", str(folder), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "not a causal language model" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()

@@ -104,6 +104,20 @@ def test_a_tsv_output_with_quotes_or_line_breaks_says_how_to_read_it_back(tmp_pa
     assert predict_file(FakeModel(), write_input(tmp_path, "jsonl"), tmp_path / "plain.tsv", progress=False).notes == []
 
 
+def test_a_header_that_repeats_a_column_name_is_refused_unnamed_columns_may_repeat(tmp_path: Path):
+    src = tmp_path / "dup.csv"
+    src.write_text("text,id,text\na good film,1,other\n", encoding="utf-8")
+    with pytest.raises(HybridFTError, match=r"names the column 'text' more than once \(columns 1, 3\)"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    assert not (tmp_path / "out.csv").exists()
+    with pytest.raises(HybridFTError, match="name 'a' more than once"):
+        predict_file(FakeModel(), tmp_path / "dup.csv", tmp_path / "out.csv", column_names=["a", "text", "a"],
+                     progress=False)
+    src.write_text("text,,\na good film,,\n", encoding="utf-8")  # trailing delimiters: unnamed columns
+    predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    assert read_table(tmp_path / "out.csv")[0]["label"] == "pos"
+
+
 def test_text_pair_column_and_custom_delimiter(tmp_path: Path):
     src = tmp_path / "pairs.csv"
     src.write_text("premise;hypothesis\na good day;maybe rain\nbad;fine\n", encoding="utf-8")
@@ -265,6 +279,14 @@ def test_bad_csv_rows_are_skipped_and_counted(tmp_path: Path):
     saved = json.loads(report_path(dst).read_text())
     assert saved["skipped_lines"] == [5, 7, 9] and saved["skipped_by_reason"]["bad_encoding"] == 1
     assert "skipped 3 bad rows" in report.summary() and "5, 7, 9" in report.summary()
+
+
+def test_a_raw_control_character_in_a_json_line_is_named_once(tmp_path: Path):
+    src = tmp_path / "ctl.jsonl"
+    src.write_bytes(b'{"text": "tab\there"}\n')  # a raw tab inside a JSON string
+    with pytest.raises(HybridFTError, match=r"ctl\.jsonl line 1: not valid JSON \(Invalid control character at "
+                                            r"column \d+\)"):
+        predict_file(FakeModel(), src, tmp_path / "out.jsonl", progress=False)
 
 
 def bad_jsonl(tmp_path: Path) -> Path:

@@ -135,7 +135,7 @@ def test_unlabeled_prompts_need_a_prompt_column(tmp_path: Path, teacher_dir: Pat
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "red blue"}])
     assert main(run_args(tmp_path, teacher_dir, "x", f"data.unlabeled={texts}")) == 2
     assert "no prompt column 'prompt'" in capsys.readouterr().err
-    assert not (tmp_path / "x" / "summary.json").exists()
+    assert not (tmp_path / "x").exists()  # not even the empty output folder is left behind
 
 
 def test_generations_stop_at_the_tokenizers_eos_when_the_generation_config_names_another(tmp_path: Path):

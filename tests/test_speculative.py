@@ -287,7 +287,8 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
         outs[name] = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["generation"] for r in outs["hybrid"]] == [r["generation"] for r in outs["teacher"]]
     assert all(0 <= r["acceptance_rate"] <= 1 for r in outs["hybrid"])
-    assert "speculative decoding:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "speculative decoding:" in printed and "tokens/s while generating (after" in printed
 
     # bench/speculative.py --quick on this run: both drafts per draft length, outputs equal to the teacher's
     import importlib.util

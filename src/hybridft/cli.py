@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -122,7 +123,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from hybridft import pipeline
     from hybridft.config import load_config
 
     if args.command == "evaluate":
@@ -138,6 +138,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.quiet:
         overrides.append("progress=false")
     cfg = load_config(args.config, overrides)
+    output = Path(cfg.output_dir)
+    created = not output.exists()
+    try:
+        return _train_command(args, cfg)
+    except HybridFTError:
+        if created and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()  # bad input leaves nothing behind, not even the empty folder made to test writing
+        raise
+
+
+def _train_command(args: argparse.Namespace, cfg: Any) -> int:
+    from hybridft import pipeline
+
     if args.command == "run":
         if args.resume and args.overwrite:
             raise HybridFTError("--resume continues a run and --overwrite replaces it; pass only one")
@@ -212,6 +225,9 @@ def _generate(args: argparse.Namespace) -> int:
         if args.no_prepack:
             hybrid.prepack_weights = False
         tokenizer, stats = hybrid.tokenizer, speculative.SpeculativeStats()
+        started = time.perf_counter()
+        hybrid.prepare()  # the draft's precision, prepacking, the timed verification widths: once, before row 1
+        setup_s = time.perf_counter() - started
 
         def generate_batch(prompts: list[str], _pairs: Any) -> list[dict[str, Any]]:
             rows = []
@@ -246,7 +262,8 @@ def _generate(args: argparse.Namespace) -> int:
     if stats is not None:
         print(f"speculative decoding: {stats.acceptance_rate:.1%} of {stats.drafted} drafted tokens accepted, "
               f"{stats.tokens_per_teacher_pass:.2f} tokens per teacher pass, "
-              f"{stats.new_tokens / stats.seconds if stats.seconds else 0:.1f} tokens/s"
+              f"{stats.new_tokens / stats.seconds if stats.seconds else 0:.1f} tokens/s while generating "
+              f"(after {setup_s:.1f} s of setup)"
               + (f"; the draft ran in {hybrid.prepared['precision']}; prepacked linear weights: teacher "
                  f"{'yes' if hybrid.prepared['packed']['teacher'] else 'no'}, draft "
                  f"{'yes' if hybrid.prepared['packed']['draft'] else 'no'}" if hybrid.prepared else ""))

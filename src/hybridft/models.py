@@ -12,6 +12,7 @@ from typing import Any, Optional
 from torch import nn
 
 from hybridft.config import DEFAULT_TEACHER
+from hybridft.fileperm import follow_umask
 from hybridft.errors import HybridFTError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -191,6 +192,7 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    follow_umask(tmp)
     if out_dir.exists():
         import shutil
 

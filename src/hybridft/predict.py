@@ -263,7 +263,7 @@ def _check_paths(src: Path, dst: Path) -> Optional[str]:
         raise HybridFTError(f"input file {src} has an unsupported format '{in_suffix}'; use .csv, .tsv, .txt "
                             f"(delimited) or .jsonl (one JSON object per line)")
     if dst.exists() and dst.resolve() == src.resolve():
-        raise HybridFTError(f"output file {dst} is the input file; write the predictions to another file")
+        raise HybridFTError(f"output file {dst} is the input file; write the output to another file")
     return OUTPUT_FORMATS[out_suffix]
 
 

@@ -127,7 +127,7 @@ class JsonlReader:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                yield Item(line, reason="bad_json", problem=f"not valid JSON ({e.msg} at column {e.colno})")
+                yield Item(line, reason="bad_json", problem=f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             if not isinstance(row, dict):
                 yield Item(line, reason="not_an_object",
@@ -166,6 +166,10 @@ class TableReader:
         """quoting="none" only: records with a field wrapped in double quotes, as CSV quoting writes them."""
         self.first_quoted_looking_line: Optional[int] = None
         if column_names is not None:
+            repeated = first_repeated_name(list(column_names))
+            if repeated is not None:
+                raise HybridFTError(f"the column names given for {path} name '{repeated}' more than once; give each "
+                                    f"column its own name")
             self.columns = unique_names(list(column_names))
         else:
             self.columns = self._read_header()
@@ -186,7 +190,13 @@ class TableReader:
                 raise HybridFTError(f"{self.path} line {start}: the header is {encoding_problem(start, bad)}; "
                                     f"re-save the file as UTF-8")
             if fields:
-                return unique_names([f.strip() for f in fields])
+                names = [f.strip() for f in fields]
+                repeated = first_repeated_name(names)
+                if repeated is not None:
+                    where = ", ".join(str(i + 1) for i, n in enumerate(names) if n == repeated)
+                    raise HybridFTError(f"{self.path} line {start}: the header names the column '{repeated}' more "
+                                        f"than once (columns {where}); give each column its own name")
+                return unique_names(names)
             self.blank_lines += 1
         raise HybridFTError(f"{self.path} is empty; give a file with a header row and at least one row")
 
@@ -245,8 +255,20 @@ class CsvProblem(Exception):
         self.start, self.end, self.message = start, end, message
 
 
+def first_repeated_name(names: list[str]) -> Optional[str]:
+    """The first non-empty name that appears twice, or None. Which of two `text` columns holds the text is
+    anyone's guess, so such a header is refused; unnamed columns (trailing delimiters) may repeat."""
+    seen: set[str] = set()
+    for name in names:
+        if name and name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def unique_names(names: list[str]) -> list[str]:
-    """Repeat header names become `name.1`, `name.2` (as pandas does) so rows can be dicts."""
+    """Repeat header names become `name.1`, `name.2` (as pandas does) so rows can be dicts: only unnamed columns
+    repeat by now (`first_repeated_name`)."""
     seen: set[str] = set()
     out = []
     for name in names:

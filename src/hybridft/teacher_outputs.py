@@ -123,9 +123,12 @@ def _rows(stored: list[str], wanted: list[str], source: str) -> list[int]:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
+    from hybridft.fileperm import follow_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
+    follow_umask(tmp)
     os.replace(tmp, path)
     return path
 

