@@ -59,6 +59,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
+from _report import write_report  # noqa: E402
 DATA = REPO.parent / "shared" / "data" / "sst2" / "glue"
 TRAIN_TSV, DEV_TSV = DATA / "train.tsv", DATA / "test.tsv"  # test.tsv holds the 872-row GLUE dev set
 BAR_SECONDS, BAR_ACCURACY, BAR_BASELINE_SECONDS = 35.0, 0.79, 88.0
@@ -777,8 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         "workdir": str(workdir),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_report(report, out)
 
     print()
     print(f"{n_train} train rows, {n_eval} dev rows, {args.epochs:g} epochs, batch {args.batch_size}, "

@@ -13,7 +13,6 @@ order given by ROWS; compare ratios within one run. Writes bench/results/inferen
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
+from _report import write_report  # noqa: E402
 ROWS = ("teacher", "teacher_bf16", "teacher_packed", "student", "student_bf16", "student_packed", "student_onnx",
         "student_onnx_int8")
 
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "transformers": transformers.__version__, "python": platform.python_version()},
               "rows": results, "command": " ".join(["python bench/inference.py", *(argv or sys.argv[1:])])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, args.out)
     print(f"\n{run}: {len(examples)} test texts, max_length {cfg.data.max_length}, {torch.get_num_threads()} threads")
     print(f"{'model':<18} {'accuracy':>8} {'samples/s':>10} {'x teacher':>9} {'b=1 ms':>7} {'x teacher':>9} {'MB':>7}")
     for name, r in results.items():

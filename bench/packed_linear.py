@@ -15,7 +15,6 @@ one prompt, and how many greedy generations are token for token the same. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
+from _report import write_report  # noqa: E402
 PROMPTS = ["What is Japanese sake made from?", "Can you write a Python class with a property?",
            "Tell me a joke about computers.", "What country is bordered by Germany and Poland?",
            "Explain what a neural network is.", "Write a haiku about autumn.", "How do I boil an egg?",
@@ -113,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{plain['tokens_per_s_batch8']} -> {packed['tokens_per_s_batch8']} ({report['speedup_batch8']}x); a pass "
           f"over 1..8 tokens {plain['pass_ms']} -> {packed['pass_ms']} ms; logits differ by at most "
           f"{report['max_logit_difference']:.2g}; {report['same_greedy_outputs']}/{len(inputs)} greedy outputs the same")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(f"wrote {out}")
+    print(f"wrote {write_report(report, args.out)}")
     return 0
 
 

@@ -20,7 +20,6 @@ seconds depend on the machine and what else runs on it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
+from _report import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                           "transformers": transformers.__version__, "device": str(device),
                           **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
               "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    out = write_report(report, args.out)
     for k, size, confidence, precision, padding, prepack in settings:
         r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, device,
                                 vocabularies[size], confidence, precision, padding == "on", prepack == "on")
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['matches_teacher']}/{r['prompts']} and "
               f"{r['undistilled_hybrid']['matches_teacher']}/{r['prompts']}", flush=True)
         # after every row, so that a run stopped at a time limit keeps the rows it finished
-        out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_report(report, out)
     print(f"wrote {out}")
     return 0
 

@@ -313,6 +313,21 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
         assert r["hybrid"]["tokens_per_s"] > 0 and r["undistilled_hybrid"]["tokens_per_s"] > 0
     assert bench.main(["--run", str(tmp_path), "--quick", "--out", str(report)]) == 2
 
+    # bench/speculative_profile.py --quick: the same tokens timed in parts, the parts within the total
+    spec = importlib.util.spec_from_file_location("bench_profile",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "speculative_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    assert profile.main(["--run", str(run), "--quick", "--device", "cpu", "--out", str(tmp_path / "prof.json")]) == 0
+    prof = json.loads((tmp_path / "prof.json").read_text())
+    for who in ("teacher_alone", "hybrid"):
+        r = prof[who]
+        assert r["new_tokens"] > 0 and sum(v["ms"] for v in r["parts"].values()) <= r["seconds"] * 1000 + 1
+        assert r["rest_ms"] >= -1
+    assert prof["hybrid"]["new_tokens"] == prof["teacher_alone"]["new_tokens"]  # the teacher's own output
+    assert "draft token" in prof["hybrid"]["parts"] and "draft token" not in prof["teacher_alone"]["parts"]
+    assert prof["torch_profile_top15"]
+
     # a damaged hybrid folder is refused with one line, exit 2, and the output is not written
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)
