@@ -174,6 +174,37 @@ def test_the_draft_vocabulary_is_the_most_frequent_response_tokens_then_the_lowe
     assert choose([[4, 6], [6, 4]], 20, 1) == [4]  # a tie goes to the lower id
 
 
+def test_grouped_query_attention_in_the_kernel_keeps_the_teachers_greedy_output(monkeypatch):
+    """On a CPU, generation runs with TRANSFORMERS_SDPA_FORCE_GQA=1 (no copies of the cached key/value heads in a
+    verification); a teacher with grouped heads still gives its greedy output, and the variable is set only inside
+    a call on a CPU and never overrides the user's own setting."""
+    import os
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=1,
+                                           max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            if p.dim() > 1:
+                p.mul_(15)  # away from near-ties (see _teacher)
+    draft = _half_agreeing_draft(teacher)
+    monkeypatch.delenv(speculative.GQA_VARIABLE, raising=False)
+    for ids in _prompts(6):
+        out, _ = speculative.speculative_generate(teacher, draft, ids, 16, draft_tokens=3)
+        assert out[0, ids.shape[1]:].tolist() == _hf_greedy(teacher, ids, 16)
+
+    seen = []
+    probe = speculative.cpu_grouped_query_attention(lambda x: seen.append(os.environ.get(speculative.GQA_VARIABLE)))
+    probe(torch.zeros(1))
+    probe(torch.zeros(1, device="meta"))  # not a CPU
+    monkeypatch.setenv(speculative.GQA_VARIABLE, "0")
+    probe(torch.zeros(1))
+    assert seen == ["1", None, "0"] and os.environ[speculative.GQA_VARIABLE] == "0"
+
+
 def test_a_draft_equal_to_the_teacher_is_always_accepted():
     teacher = _teacher()
     ids = _prompts(1)[0]
