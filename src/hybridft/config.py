@@ -276,9 +276,10 @@ class HybridConfig:
     teacher's (0.005 = half a point), measured on validation."""
     report_gap: float = 0.005
     """Always also report the teacher fraction needed to come within this gap of the teacher."""
-    draft_tokens: int = 4
+    draft_tokens: int = 1
     """causal_lm: the hybrid is speculative decoding, the student drafting for the teacher; tokens drafted per
-    teacher pass."""
+    teacher pass. 1 measured fastest with SmolLM2's 8-layer drafts, on a 2-core CPU (0.97-1.06x against 0.82-0.93x
+    at 4) and on an H200 (BENCHMARKS.md): a second draft is accepted too rarely to pay for its pass."""
     speculative_prompts: int = 4
     """causal_lm: test prompts generated at batch 1 to measure the speculative hybrid (acceptance, tokens/s)."""
     draft_vocabulary: int = 0
