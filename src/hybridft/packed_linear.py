@@ -154,7 +154,9 @@ def decoding_pass_ms(model: nn.Module, widths: tuple[int, ...] = (1, 5), repeats
 
 
 def median_ms(run: Callable[[], Any], repeats: int = 3) -> float:
-    """The median milliseconds of `repeats` calls of `run`, after one untimed warm-up call."""
+    """The median milliseconds of `repeats` calls of `run` (of the middle two for an even count), after one untimed
+    warm-up call."""
+    import statistics
     import time
 
     run()
@@ -163,7 +165,7 @@ def median_ms(run: Callable[[], Any], repeats: int = 3) -> float:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1000
+    return statistics.median(times) * 1000
 
 
 def encoder_pass_ms(model: nn.Module, repeats: int = 3) -> float:

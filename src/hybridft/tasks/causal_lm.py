@@ -15,9 +15,7 @@ it has one and `data.chat_template` allows it), or plain texts (the loss covers 
 from __future__ import annotations
 
 import random
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,7 +31,7 @@ from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, SparseTargets
 from hybridft.models import (check_model_folder, count_params, ensure_pad_token, layer_cut_student,  # noqa: F401
                              load_tokenizer, quiet_transformers, save_model)
-from hybridft.packed_linear import packed_if_faster
+from hybridft.packed_linear import median_ms, packed_if_faster
 
 BEST = ("loss", "min")
 """The validation metric that picks the best checkpoint: the mean cross-entropy per response token."""
@@ -681,13 +679,7 @@ def generation_speed(model: nn.Module, tokenizer: Any, prompts: list[str], max_n
     batch = (prompts * batch_size)[:batch_size]
     run = lambda: generate(model, tokenizer, batch, max_new_tokens, device, batch_size,  # noqa: E731
                            min_new_tokens=max_new_tokens)
-    run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return round(batch_size * max_new_tokens / statistics.median(seconds), 1)
+    return round(batch_size * max_new_tokens / (median_ms(run, repeats) / 1000), 1)
 
 
 def report(model: nn.Module, tokenizer: Any, examples: Examples, splits: Splits, cfg: RunConfig,
