@@ -56,7 +56,9 @@ VARIANTS: dict[str, list[str]] = {
     "T4": ["loss.temperature=4"],
     "alpha0.2": ["loss.alpha=0.2", "loss.beta=0.8"],
     "alpha0.8": ["loss.alpha=0.8", "loss.beta=0.2"],
-    "epochs6": ["student.train.epochs=6"],
+    "epochs6": ["student.train.epochs=6"],  # the default since 2026-12-04; the rows before it ran with 3
+    "epochs3": ["student.train.epochs=3"],  # the default before 2026-12-04
+    "T4_epochs6": ["loss.temperature=4", "student.train.epochs=6"],
     # which teacher layers the 2-layer student keeps (the default is evenly spaced, first and last: [0, 5])
     "layers01": ["student.layers=[0,1]"],
     "layers03": ["student.layers=[0,3]"],
@@ -173,6 +175,20 @@ def hybridft(args: list[str], out: Path, reuse: bool = False, collect: bool = Fa
     return result
 
 
+def student_validation_accuracy(run: Path) -> float | None:
+    """The student's validation accuracy after its last epoch (metrics.jsonl): what a lever is chosen by, since
+    the test split must not choose it."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    last = None
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("stage") == "student" and row.get("split") == "validation" and "accuracy" in row:
+            last = row["accuracy"]
+    return last
+
+
 def split_config(args: list[str]) -> tuple[list[str], list[str]]:
     """(`--config FILE` if any, the KEY=VALUE overrides)."""
     if args[:1] == ["--config"]:
@@ -218,15 +234,16 @@ def run_seed(config: list[str], base: list[str], seed: int, variants: list[str],
     rows = {}
     for variant in variants:
         if variant == "defaults":
-            summary = defaults
+            summary, run = defaults, first
         else:
+            run = work / f"seed{seed}" / variant
             extra = VARIANTS[variant] + (["student.train.min_steps=20"] if quick and "min_steps" in variant else [])
-            summary = hybridft([*config, *base, *teacher, *extra, f"seed={seed}"], work / f"seed{seed}" / variant,
-                               reuse, collect)
+            summary = hybridft([*config, *base, *teacher, *extra, f"seed={seed}"], run, reuse, collect)
             if summary is None:
                 continue
         row = {"teacher": summary["teacher"]["accuracy"], "student": summary["student"]["accuracy"],
-               "retention": summary["comparison"]["accuracy_retained"], "speedup": summary["comparison"]["speedup"],
+               "retention": summary["comparison"]["accuracy_retained"],
+               "student_validation": student_validation_accuracy(run), "speedup": summary["comparison"]["speedup"],
                "wall_seconds": summary["wall_seconds"], "transfer_set": summary.get("transfer_set"),
                # the student's cost alone: teacher outputs (augmentation included) + distillation
                "student_seconds": round(summary["stage_seconds"]["teacher_outputs"]
@@ -238,6 +255,10 @@ def run_seed(config: list[str], base: list[str], seed: int, variants: list[str],
         print(f"[bench] seed {seed} {variant}: teacher {row['teacher']:.4f} student {row['student']:.4f} "
               f"retention {row['retention']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)
     return rows
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return round(statistics.mean(values), 4) if values and None not in values else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             "student_std": round(statistics.pstdev([r["student"] for r in by_seed.values()]), 4),
             "retention_mean": round(statistics.mean(kept), 4), "retention_min": round(min(kept), 4),
             "retention_std": round(statistics.pstdev(kept), 4), "seeds": len(kept),
+            "student_validation_mean": _mean_or_none([r.get("student_validation") for r in by_seed.values()]),
             "wall_seconds_mean": round(statistics.mean(r["wall_seconds"] for r in by_seed.values()), 1),
             "student_seconds_mean": round(statistics.mean(r["student_seconds"] for r in by_seed.values()), 1)}
         hybrid = [r["hybrid"] for r in by_seed.values() if "hybrid" in r]
@@ -317,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
               "table": table, "runs": runs, "missing": missing, "command": " ".join(["python bench/student_quality.py", *raw_argv])}
     print(f"\n{args.dataset}: teacher mean {result['teacher_mean']:.4f} over seeds {seeds}"
           + (f"; missing (variant: seeds) {missing}" if missing else ""))
-    print(f"{'variant':<20} {'student':>14} {'retention':>10} {'worst':>7} {'hybrid':>7} {'student s':>9}")
+    print(f"{'variant':<20} {'student':>14} {'retention':>10} {'worst':>7} {'hybrid':>7} {'student s':>9} {'val':>7}")
     for variant, t in table.items():
         hybrid = f"{t['hybrid_mean']:.4f}" if "hybrid_mean" in t else "-"
         print(f"{variant:<20} {t['student_mean']:.4f}±{t['student_std']:.4f} {t['retention_mean']:>10.4f} "
-              f"{t['retention_min']:>7.4f} {hybrid:>7} {t['student_seconds_mean']:>9.0f}")
+              f"{t['retention_min']:>7.4f} {hybrid:>7} {t['student_seconds_mean']:>9.0f} "
+              f"{t['student_validation_mean'] if t['student_validation_mean'] is not None else '-':>7}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -37,8 +37,10 @@ def test_quick_quality_table_reports_retention_the_hybrid_and_the_generated_tran
     for row in (defaults, plain):
         assert row["retention"] == pytest.approx(row["student"] / row["teacher"], abs=1e-3)
         assert row["student_seconds"] > 0 and row["precision"] == "fp32"
+        assert 0 <= row["student_validation"] <= 1  # the final epoch's, which levers are chosen by
     # the defaults generate a transfer set (factor 3 on 58 sentences, fewer after dropping repeats); 0 turns it off
     assert 3 * 30 < defaults["transfer_set"]["generated"] <= 3 * 58 and plain["transfer_set"]["generated"] == 0
     assert 0 <= defaults["hybrid"]["teacher_fraction"] <= 0.3 and "hybrid" not in plain  # the hybrid: defaults only
     table = report["table"]["defaults"]
     assert table["retention_min"] == table["retention_mean"] == pytest.approx(defaults["retention"], abs=1e-4)
+    assert table["student_validation_mean"] == pytest.approx(defaults["student_validation"], abs=1e-4)

@@ -26,6 +26,9 @@ def test_defaults_match_the_documentation():
     cfg = load_config()
     assert (cfg.loss.temperature, cfg.loss.alpha, cfg.loss.beta, cfg.loss.strategy) == (2.0, 0.5, 0.5, "joint")
     assert cfg.student.num_layers == 2
+    # the student trains twice the teacher's epochs (patient KD on stored outputs); causal_lm keeps its own 3
+    assert (cfg.student.train.epochs, cfg.teacher.train.epochs) == (6.0, 3.0)
+    assert load_config(overrides=["task=causal_lm"]).student.train.epochs == 3.0
 
 
 def test_overrides_reach_nested_keys_and_keep_sibling_defaults(tmp_path: Path):

@@ -157,7 +157,11 @@ class StudentConfig:
     layers: Optional[list[int]] = None
     """Teacher layers to keep (0-based), e.g. [0, 5]. Default: `num_layers` evenly spaced, first and last."""
     num_layers: int = 2
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, lr=2e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6.0, lr=2e-4))
+    """6 epochs, twice the teacher's: distillation keeps gaining from a longer schedule where training on labels
+    alone would overfit ("patient" KD, Beyer et al. 2022, arXiv:2106.05237), and a student epoch reads the stored
+    teacher outputs instead of running the teacher. On SST-2 (4,000 rows, seeds 1, 2, 3, 42) 6 epochs raised the
+    2-layer student's validation accuracy on every seed and its retention from 96.1% to 97.4% (BENCHMARKS.md)."""
 
 
 @dataclass
