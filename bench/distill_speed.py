@@ -68,7 +68,9 @@ BAR_SECONDS, BAR_ACCURACY, BAR_BASELINE_SECONDS = 35.0, 0.79, 88.0
 HYBRIDFT_ROWS = {"hybridft": ("auto", ()), "hybridft-fp32": ("fp32", ()), "hybridft-bf16": ("bf16", ()),
                  "hybridft-unsplit": ("auto", ("student.train.length_splits=1",)),
                  "hybridft-fp32-unsplit": ("fp32", ("student.train.length_splits=1",)),
-                 "hybridft-grouped": ("auto", ("student.train.group_by_length=true",))}
+                 "hybridft-grouped": ("auto", ("student.train.group_by_length=true",)),
+                 # the teacher run on every batch as the peers do, instead of its logits stored once
+                 "hybridft-fp32-online": ("fp32", ("distill.online=true",))}
 PEER_ROWS = ("baseline", "trainer", "textbrewer", "textbrewer-nocache")
 ROWS = (*PEER_ROWS, *HYBRIDFT_ROWS)
 DEFAULT_ROWS = "baseline,trainer,textbrewer,hybridft,hybridft-unsplit,hybridft-grouped"
