@@ -28,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
-from _report import write_report  # noqa: E402
+from _report import device_from, speculative_run, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,23 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = device_from(args.device)
     if device.type == "cuda" and args.quick:
         args.draft_precisions = "fp32,bf16"  # int8 (dynamic quantization) is a CPU kernel
 
     from hybridft import speculative
-    from hybridft.config import load_config
     from hybridft.tasks import causal_lm
 
     run = Path(args.run)
-    if not (run / "config.yaml").is_file() or not speculative.is_speculative_folder(run / "hybrid"):
-        print(f"{run} is not a finished causal_lm run with a speculative hybrid (config.yaml, hybrid/hybrid.json); "
-              f"run `hybridft run task=causal_lm` first", file=sys.stderr)
+    loaded = speculative_run(run)
+    if loaded is None:
         return 2
-    cfg = load_config(run / "config.yaml", ["progress=false"])
-    splits = causal_lm.load_splits(cfg, cfg.seed)
-    examples = splits.test if splits.test is not None else splits.validation
+    cfg, splits, examples = loaded
     prompts = examples.texts[:args.prompts] if examples.pairs is not None else \
         [t[:200] for t in examples.texts[:args.prompts]]
     hybrid = speculative.load_hybrid(run / "hybrid")

@@ -25,7 +25,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
-from _report import write_report  # noqa: E402
+from _report import device_from, speculative_run, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,19 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hybridft import speculative
-    from hybridft.config import load_config
-    from hybridft.tasks import causal_lm
 
     run = Path(args.run)
-    if not (run / "config.yaml").is_file() or not speculative.is_speculative_folder(run / "hybrid"):
-        print(f"{run} is not a finished causal_lm run with a speculative hybrid (config.yaml, hybrid/hybrid.json); "
-              f"run `hybridft run task=causal_lm` first", file=sys.stderr)
+    loaded = speculative_run(run)
+    if loaded is None:
         return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    cfg = load_config(run / "config.yaml", ["progress=false"])
-    splits = causal_lm.load_splits(cfg, cfg.seed)
-    examples = splits.test if splits.test is not None else splits.validation
+    device = device_from(args.device)
+    examples = loaded[2]
     hybrid = speculative.load_hybrid(run / "hybrid").to(device)
     hybrid.draft_tokens, hybrid.confidence, hybrid.draft_precision = args.draft_tokens, args.confidence, \
         args.draft_precision

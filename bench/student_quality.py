@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
+from _report import write_report  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 
 VARIANTS: dict[str, list[str]] = {
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{t['retention_min']:>7.4f} {hybrid:>7} {t['student_seconds_mean']:>9.0f} "
               f"{t['student_validation_mean'] if t['student_validation_mean'] is not None else '-':>7}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_report(result, args.out)
     return 0
 
 
