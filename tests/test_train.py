@@ -280,3 +280,34 @@ def test_same_seed_and_config_give_identical_metrics_twice(tmp_path: Path, tiny_
     b = json.loads((tmp_path / "two" / "summary.json").read_text())
     for who in ("teacher", "student", "hybrid"):
         assert a[who]["accuracy"] == b[who]["accuracy"] and a[who]["macro_f1"] == b[who]["macro_f1"]
+
+
+def test_student_dropout_reaches_every_dropout_and_the_saved_config(tmp_path: Path):
+    from hybridft.models import set_dropout
+
+    model = make_bert(layers=2, dropout=0.3)
+    model.train()
+    ids = torch.tensor([[2, 5, 6, 7, 8, 3]])
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits), "dropout 0.3 should vary"
+    changed = set_dropout(model, 0.0)
+    assert changed > 0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert model.config.hidden_dropout_prob == 0.0 and model.config.attention_probs_dropout_prob == 0.0
+    # no dropout left anywhere (attention included): training-mode forwards are deterministic
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_student_dropout_setting_is_applied_and_saved(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    from transformers import AutoConfig
+
+    from hybridft.errors import HybridFTError
+
+    with pytest.raises(HybridFTError, match="student.dropout"):
+        load_config(None, [*tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "bad"), "student.dropout=1"])
+    cfg = load_config(None, [*tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "run"), "student.dropout=0.2",
+                             "student.train.epochs=1", "teacher.train.epochs=1", "hybrid.enabled=false",
+                             "export.enabled=false"])
+    pipeline.run(cfg)
+    saved = AutoConfig.from_pretrained(tmp_path / "run" / "student")
+    assert saved.hidden_dropout_prob == 0.2 and saved.attention_probs_dropout_prob == 0.2
+    assert AutoConfig.from_pretrained(tmp_path / "run" / "teacher").hidden_dropout_prob == 0.0  # the teacher's own

@@ -157,6 +157,9 @@ class StudentConfig:
     layers: Optional[list[int]] = None
     """Teacher layers to keep (0-based), e.g. [0, 5]. Default: `num_layers` evenly spaced, first and last."""
     num_layers: int = 2
+    dropout: Optional[float] = None
+    """Dropout probability of every `torch.nn.Dropout` in the student while it trains (BERT-family models: the
+    embedding, attention, hidden and classifier dropout), in [0, 1). None keeps the model's own (BERT: 0.1)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6.0, lr=2e-4))
     """6 epochs, twice the teacher's: distillation keeps gaining from a longer schedule where training on labels
     alone would overfit ("patient" KD, Beyer et al. 2022, arXiv:2106.05237), and a student epoch reads the stored
@@ -402,6 +405,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("hybrid.draft_tokens" if cfg.hybrid.draft_tokens < 1 else "hybrid.speculative_prompts", "must be >= 1")
     if cfg.hybrid.draft_vocabulary < 0:
         _fail("hybrid.draft_vocabulary", f"must be >= 0 (0 keeps the whole vocabulary), got {cfg.hybrid.draft_vocabulary}")
+    if cfg.student.dropout is not None and not 0 <= cfg.student.dropout < 1:
+        _fail("student.dropout", f"must be in [0, 1) (or null for the model's own), got {cfg.student.dropout}")
     if not 0 <= cfg.hybrid.draft_confidence < 1:
         _fail("hybrid.draft_confidence", f"must be in [0, 1) (0 is off), got {cfg.hybrid.draft_confidence}")
     builtin = BUILTIN_DATASETS[cfg.task]

@@ -181,6 +181,26 @@ def layer_cut_student(teacher: Optional[nn.Module], layers: Optional[list[int]],
     return student_from_teacher(teacher, layers or evenly_spaced_layers(teacher.config.num_hidden_layers, num_layers))
 
 
+# config keys that hold a dropout probability, across the model families transformers ships
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                 "attention_dropout", "seq_classif_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set every `torch.nn.Dropout`'s probability to `p`, and the config's dropout keys with it (so a saved model
+    says what it trained with). Returns how many modules changed. BERT's attention reads its module's `p` at
+    each call, so this reaches the attention probabilities too."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+            count += 1
+    for key in _DROPOUT_KEYS:
+        if getattr(model.config, key, None) is not None:
+            setattr(model.config, key, p)
+    return count
+
+
 def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
     """A standard HF folder (safetensors, tokenizer, label names in config.json), written to a temporary
     folder and renamed, so an interrupted save never leaves a half-written model behind."""

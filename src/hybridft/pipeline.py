@@ -366,6 +366,11 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     """Train the student from stored outputs (or, online, from the live teacher)."""
     cfg, s, task = ctx.cfg, ctx.splits, ctx.task
     student, tokenizer = task.build_student(cfg, teacher, teacher_tokenizer, s)
+    if cfg.student.dropout is not None:
+        from hybridft.models import set_dropout
+
+        ctx.log(f"student dropout set to {cfg.student.dropout:g} in {set_dropout(student, cfg.student.dropout)} "
+                     f"modules")
     online = teacher if cfg.distill.online else None
     examples, targets = task.training_examples(s, None if online else store, cfg, ctx.log)
     train_items = task.encode(examples, tokenizer, cfg.data.max_length, targets)
