@@ -32,7 +32,9 @@ each reports its own peak memory and none inherits another's warm caches or allo
     hybridft-fp32-online
                     the teacher run on every batch (distill.online=true) instead of its logits stored once
     hybridft-nodropout, hybridft-fp32-nodropout
-                    the student trained without dropout (student.dropout=0; BERT's own is 0.1)
+                    the student trained without dropout (student.dropout=0: what the default "auto" gives with KD)
+    hybridft-dropout, hybridft-fp32-dropout
+                    the student with the model's own dropout (student.dropout=null; BERT: 0.1), as the peers train it
 
 With --tune every row is scored on train.tsv's rows after the first --train instead of the GLUE dev set, so that a
 setting is chosen on rows the table's dev accuracy never sees.
@@ -78,9 +80,12 @@ HYBRIDFT_ROWS = {"hybridft": ("auto", ()), "hybridft-fp32": ("fp32", ()), "hybri
                  "hybridft-grouped": ("auto", ("student.train.group_by_length=true",)),
                  # the teacher run on every batch as the peers do, instead of its logits stored once
                  "hybridft-fp32-online": ("fp32", ("distill.online=true",)),
-                 # the student without dropout (student.dropout=0), against BERT's 0.1 in every other row
+                 # the student without dropout (student.dropout=0, what "auto" gives with KD since 2026-12-05),
+                 # and with the model's own (BERT's 0.1, the default before, as in the peers' rows)
                  "hybridft-nodropout": ("auto", ("student.dropout=0",)),
-                 "hybridft-fp32-nodropout": ("fp32", ("student.dropout=0",))}
+                 "hybridft-fp32-nodropout": ("fp32", ("student.dropout=0",)),
+                 "hybridft-dropout": ("auto", ("student.dropout=null",)),
+                 "hybridft-fp32-dropout": ("fp32", ("student.dropout=null",))}
 PEER_ROWS = ("baseline", "trainer", "textbrewer", "textbrewer-nocache")
 ROWS = (*PEER_ROWS, *HYBRIDFT_ROWS)
 DEFAULT_ROWS = "baseline,trainer,textbrewer,hybridft,hybridft-unsplit,hybridft-grouped"

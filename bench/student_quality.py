@@ -62,7 +62,8 @@ VARIANTS: dict[str, list[str]] = {
     "epochs3": ["student.train.epochs=3"],  # the default before 2026-12-04
     "T4_epochs6": ["loss.temperature=4", "student.train.epochs=6"],
     # twice the generated texts per training text, with the caps raised so small data gets them all
-    "nodropout": ["student.dropout=0"],  # the student trains without dropout (BERT's own: 0.1)
+    "nodropout": ["student.dropout=0"],  # the student trains without dropout: what "auto" gives with KD since 2026-12-05
+    "dropout": ["student.dropout=null"],  # the model's own dropout (BERT: 0.1), the default before 2026-12-05
     "augment40": ["augment.factor=40", "augment.max_rows=40000", "augment.max_tokens=800000"],
     # which teacher layers the 2-layer student keeps (the default is evenly spaced, first and last: [0, 5])
     "layers01": ["student.layers=[0,1]"],

@@ -311,3 +311,13 @@ def test_student_dropout_setting_is_applied_and_saved(tmp_path: Path, tiny_teach
     saved = AutoConfig.from_pretrained(tmp_path / "run" / "student")
     assert saved.hidden_dropout_prob == 0.2 and saved.attention_probs_dropout_prob == 0.2
     assert AutoConfig.from_pretrained(tmp_path / "run" / "teacher").hidden_dropout_prob == 0.0  # the teacher's own
+
+
+def test_auto_student_dropout_is_off_with_a_teacher_and_the_models_own_without(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                                tiny_data):
+    base = tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "run")
+    assert load_config(None, base).student.dropout == "auto"
+    assert pipeline.student_dropout(load_config(None, base)) == 0.0  # KD (alpha 0.5): no dropout
+    assert pipeline.student_dropout(load_config(None, [*base, "loss.alpha=0", "loss.beta=1"])) is None  # labels alone
+    assert pipeline.student_dropout(load_config(None, [*base, "student.dropout=0.3"])) == 0.3
+    assert pipeline.student_dropout(load_config(None, [*base, "student.dropout=null"])) is None

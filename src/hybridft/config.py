@@ -157,9 +157,13 @@ class StudentConfig:
     layers: Optional[list[int]] = None
     """Teacher layers to keep (0-based), e.g. [0, 5]. Default: `num_layers` evenly spaced, first and last."""
     num_layers: int = 2
-    dropout: Optional[float] = None
+    dropout: Union[Literal["auto"], float, None] = "auto"
     """Dropout probability of every `torch.nn.Dropout` in the student while it trains (BERT-family models: the
-    embedding, attention, hidden and classifier dropout), in [0, 1). None keeps the model's own (BERT: 0.1)."""
+    embedding, attention, hidden and classifier dropout), in [0, 1); None keeps the model's own (BERT: 0.1).
+    "auto" (the default): 0 when the student learns from a teacher (`loss.alpha` > 0), whose soft targets
+    already regularise it; the model's own when it trains on labels alone. Chosen on held-out SST-2 training
+    rows, never the reported dev set: without dropout the distilled student scored higher on 5 of 6 seeds
+    (+0.38 points on average; BENCHMARKS.md)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6.0, lr=2e-4))
     """6 epochs, twice the teacher's: distillation keeps gaining from a longer schedule where training on labels
     alone would overfit ("patient" KD, Beyer et al. 2022, arXiv:2106.05237), and a student epoch reads the stored
@@ -405,7 +409,7 @@ def validate(cfg: RunConfig) -> None:
         _fail("hybrid.draft_tokens" if cfg.hybrid.draft_tokens < 1 else "hybrid.speculative_prompts", "must be >= 1")
     if cfg.hybrid.draft_vocabulary < 0:
         _fail("hybrid.draft_vocabulary", f"must be >= 0 (0 keeps the whole vocabulary), got {cfg.hybrid.draft_vocabulary}")
-    if cfg.student.dropout is not None and not 0 <= cfg.student.dropout < 1:
+    if cfg.student.dropout not in (None, "auto") and not 0 <= cfg.student.dropout < 1:
         _fail("student.dropout", f"must be in [0, 1) (or null for the model's own), got {cfg.student.dropout}")
     if not 0 <= cfg.hybrid.draft_confidence < 1:
         _fail("hybrid.draft_confidence", f"must be in [0, 1) (0 is off), got {cfg.hybrid.draft_confidence}")

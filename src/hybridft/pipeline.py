@@ -362,15 +362,22 @@ def task_weights(cfg: RunConfig, alpha: float, beta: float) -> LossWeights:
 # stage 3: the student
 
 
+def student_dropout(cfg: RunConfig) -> Optional[float]:
+    """The student's dropout probability while it trains, or None for the model's own (`student.dropout`)."""
+    if cfg.student.dropout == "auto":
+        return 0.0 if cfg.loss.alpha > 0 else None
+    return cfg.student.dropout
+
+
 def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_tokenizer: Any) -> tuple[nn.Module, Any]:
     """Train the student from stored outputs (or, online, from the live teacher)."""
     cfg, s, task = ctx.cfg, ctx.splits, ctx.task
     student, tokenizer = task.build_student(cfg, teacher, teacher_tokenizer, s)
-    if cfg.student.dropout is not None:
+    dropout = student_dropout(cfg)
+    if dropout is not None:
         from hybridft.models import set_dropout
 
-        ctx.log(f"student dropout set to {cfg.student.dropout:g} in {set_dropout(student, cfg.student.dropout)} "
-                     f"modules")
+        ctx.log(f"student dropout set to {dropout:g} in {set_dropout(student, dropout)} modules")
     online = teacher if cfg.distill.online else None
     examples, targets = task.training_examples(s, None if online else store, cfg, ctx.log)
     train_items = task.encode(examples, tokenizer, cfg.data.max_length, targets)
