@@ -28,7 +28,7 @@ from hybridft.data import Examples, Splits
 from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, LossWeights
-from hybridft.models import check_max_length, check_student, read_config
+from hybridft.models import check_max_length, check_student, read_config, set_dropout
 from hybridft import precision as precision_module
 from hybridft.precision import PrecisionChoice
 from hybridft.precision import choose as choose_precision
@@ -375,8 +375,6 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     student, tokenizer = task.build_student(cfg, teacher, teacher_tokenizer, s)
     dropout = student_dropout(cfg)
     if dropout is not None:
-        from hybridft.models import set_dropout
-
         ctx.log(f"student dropout set to {dropout:g} in {set_dropout(student, dropout)} modules")
     online = teacher if cfg.distill.online else None
     examples, targets = task.training_examples(s, None if online else store, cfg, ctx.log)
