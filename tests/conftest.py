@@ -33,11 +33,13 @@ def make_tokenizer(folder: Path):
     return BertTokenizerFast.from_pretrained(str(folder))
 
 
-def make_bert(num_labels: int = 2, layers: int = 4, dropout: float = 0.0, seed: int = 0):
+def make_bert(num_labels: int = 2, layers: int = 4, dropout: float = 0.0, seed: int = 0, vocab_size: int = 0):
+    """`vocab_size` above the tokenizer's 35 ids adds rows no text uses, like the most of a real vocabulary that a
+    small dataset never reaches (training then trains only the used rows: hybridft.compact_embedding)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+    config = BertConfig(vocab_size=max(vocab_size, 5 + len(WORDS)), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return BertForSequenceClassification(config)
@@ -45,10 +47,11 @@ def make_bert(num_labels: int = 2, layers: int = 4, dropout: float = 0.0, seed: 
 
 @pytest.fixture
 def tiny_teacher_dir(tmp_path: Path) -> Path:
-    """A saved, untrained 4-layer BERT (hidden 32) with its tokenizer: a stand-in for MiniLM."""
+    """A saved, untrained 4-layer BERT (hidden 32) with its tokenizer: a stand-in for MiniLM, whose 30,522-row
+    embedding small data uses a fraction of (here 35 of 96 rows)."""
     folder = tmp_path / "tiny-teacher"
     tok = make_tokenizer(folder)
-    make_bert().save_pretrained(folder)
+    make_bert(vocab_size=96).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

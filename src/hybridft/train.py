@@ -22,6 +22,7 @@ from hybridft import dist, sharding
 from hybridft.dist import autocast, pick_device, seed_everything  # noqa: F401  (public here too)
 from hybridft.batching import LengthGroupedBatches, ProcessShare, SortedSplitBatches, length_sorted_loader, to_device
 from hybridft.checkpoint import latest_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from hybridft.compact_embedding import compact_embedding
 from hybridft.config import TrainConfig
 from hybridft.errors import HybridFTError
 from hybridft.inter_losses import LayerDistill  # intermediate-layer distillation (issue 10)
@@ -39,6 +40,15 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     model: Optional[nn.Module] = None
     """The trained model with the best weights: the model passed in, or under FSDP a fresh unwrapped copy."""
+    embedding_rows: Optional[tuple[int, int]] = None
+    """(trained, all) rows of the input embedding when only the training tokens' rows were trained
+    (`TrainConfig.compact_embeddings`), else None."""
+
+    def describe(self) -> str:
+        """'12 s', or '12 s; 4,783 of 30,522 embedding rows trained': for the log."""
+        rows = f"; {self.embedding_rows[0]:,} of {self.embedding_rows[1]:,} embedding rows trained" \
+            if self.embedding_rows else ""
+        return f"{self.seconds:.0f} s{rows}"
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -131,6 +141,10 @@ def fit(
     evaluation); with `resume`, training continues from the latest one and ends with the same weights as an
     uninterrupted run.
 
+    With `tc.compact_embeddings`, only the input-embedding rows of the tokens in `train_items` are trained
+    (`hybridft.compact_embedding`): the same weights, less work; checkpoints and the returned model hold the
+    model's own dense embedding.
+
     With `inter` (`hybridft.inter_losses`), the loss also has the intermediate-layer terms: its frozen teacher runs
     on every batch for its hidden states (one pass, whose logits are the KD targets when `teacher` is that teacher),
     and `hidden` and `attention` are logged beside `kd` and `ce`.
@@ -172,6 +186,15 @@ def fit(
                             "reach into the student's layers outside its forward, which FSDP shards; set them to 0 "
                             "or train without FSDP")
     model_cls, model_config = type(model), getattr(model, "config", None)
+    # Only the embedding rows of the training tokens are trained: the others only decay (hybridft.compact_embedding).
+    # Not under FSDP, whose sharding of the stand-in module is untested.
+    compact, compact_prefix = compact_embedding(model, train_items, tc.compact_embeddings and not sharded) or (None, "")
+
+    def weights_now_whole() -> dict[str, torch.Tensor]:
+        """The whole weights in the model's own format (a dense embedding), on the CPU."""
+        state = sharding.model_state(train_model, model, sharded)
+        return compact.full_state(state, compact_prefix) if compact is not None else state
+
     train_model, optimizer = acc.prepare(model, make_optimizer(model, tc.lr, tc.weight_decay))
     eval_model = train_model if sharded else model  # FSDP's forward gathers the shards: every process runs it
     steps_per_epoch = math.ceil(len(loader) / per_step)
@@ -182,7 +205,8 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     eval_every = tc.eval_every or steps_per_epoch
 
-    best = FitResult(best_metric=None, best_step=0, steps=total_steps, seconds=0.0)
+    best = FitResult(best_metric=None, best_step=0, steps=total_steps, seconds=0.0,
+                     embedding_rows=(len(compact.token_ids), len(compact.index)) if compact is not None else None)
     metric_key, mode = task.BEST
     best_state: Optional[dict[str, torch.Tensor]] = None
     bar = _progress(total_steps, stage, progress)
@@ -194,6 +218,8 @@ def fit(
     latest = latest_checkpoint(checkpoint_dir) if resume else None
     if latest is not None:
         weights_now, best_state, st = load_checkpoint(latest)
+        if compact is not None:
+            weights_now = compact.load_full_state(weights_now, compact_prefix)
         sharding.load_model_state(train_model, model, weights_now, sharded)
         sharding.load_optimizer_state(train_model, optimizer, st["optimizer"], sharded)
         scheduler.load_state_dict(st["scheduler"])
@@ -277,6 +303,8 @@ def fit(
         if tc.max_grad_norm is not None:
             acc.clip_grad_norm_(train_model.parameters(), tc.max_grad_norm)  # unscales fp16 gradients first
         optimizer.step()
+        if compact is not None and not getattr(optimizer, "step_was_skipped", False):
+            compact.decay(optimizer.param_groups[0]["lr"], tc.weight_decay)  # the lr this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -297,13 +325,13 @@ def fit(
             value = metrics[metric_key]
             if best.best_metric is None or (value > best.best_metric if mode == "max" else value < best.best_metric):
                 best.best_metric, best.best_step = value, step
-                best_state = sharding.model_state(train_model, model, sharded)
+                best_state = weights_now_whole()
         if checkpoint_dir is not None and (step % (tc.checkpoint_every or eval_every) == 0 or step == total_steps):
             writes = main or sharded  # under FSDP, gathering the whole state takes every process
             if best.best_step == step:  # just copied as the best weights: no second copy (or FSDP gather)
                 weights_now = best_state
             else:
-                weights_now = sharding.model_state(train_model, model, sharded) if writes else {}
+                weights_now = weights_now_whole() if writes else {}
             optimizer_now = sharding.optimizer_state(train_model, optimizer, sharded) if writes else {}
             state = {"stage": stage, "step": step, "optimizer": optimizer_now, "scheduler": scheduler.state_dict(),
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
@@ -313,12 +341,14 @@ def fit(
                 save_checkpoint(checkpoint_dir, step, weights_now, state, best_state, tc.keep_checkpoints)
     bar.close()
     if sharded:
-        final = best_state if best_state is not None else sharding.model_state(train_model, model, sharded)
+        final = best_state if best_state is not None else weights_now_whole()
         acc.free_memory()
         model = sharding.plain_model(model_cls, model_config, final, device)
     else:
         acc.unwrap_model(train_model, keep_fp32_wrapper=False)  # the model's own forward, without autocast
         acc.free_memory()  # drop Accelerate's references to this stage's model and optimizer
+        if compact is not None:
+            compact.restore(model)
         if best_state is not None:
             model.load_state_dict(best_state)
     best.seconds = time.perf_counter() - start
