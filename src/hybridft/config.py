@@ -105,7 +105,8 @@ class TrainConfig:
     """Train only the input-embedding rows of the tokens in the training data (`hybridft.compact_embedding`): the
     others get no gradient, so AdamW only decays them, and that is applied as one factor. The same weights as
     dense training, to rounding; faster where the vocabulary is large next to the model (the 2-layer MiniLM).
-    Skipped where it would change the result (tied input and output embeddings) or under FSDP."""
+    Skipped where it would change the result (tied input and output embeddings) and under FSDP (the untrained rows
+    would be kept whole on every process instead of sharded)."""
     eval_every: Optional[int] = None
     """Evaluate on validation every N optimizer steps; default: once per epoch."""
     log_every: int = 10

@@ -187,7 +187,8 @@ def fit(
                             "or train without FSDP")
     model_cls, model_config = type(model), getattr(model, "config", None)
     # Only the embedding rows of the training tokens are trained: the others only decay (hybridft.compact_embedding).
-    # Not under FSDP, whose sharding of the stand-in module is untested.
+    # Not under FSDP: the untrained rows would stay whole on every process instead of sharded. (Forced on, the FSDP
+    # tests pass: same weights as one process, resume equal; but a large vocabulary would cost each process memory.)
     compact, compact_prefix = compact_embedding(model, train_items, tc.compact_embeddings and not sharded) or (None, "")
 
     def weights_now_whole() -> dict[str, torch.Tensor]:
