@@ -99,6 +99,8 @@ def test_resumed_compact_training_ends_like_an_uninterrupted_run(tmp_path: Path,
     shutil.copytree(tmp_path / "whole" / "step-000006", tmp_path / "part" / "step-000006")
     resumed, result = _fit(tok, train_items, val_items, compact=True, steps_dir=tmp_path / "part", resume=True)
     assert result.best_step == whole_result.best_step
+    assert result.describe().endswith("; resumed at step 6 of 16; 12 of 200 embedding rows trained")
+    assert whole_result.resumed_step is None
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=1e-5, msg=k)
 

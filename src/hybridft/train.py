@@ -44,11 +44,15 @@ class FitResult:
     """(trained, all) rows of the input embedding when only the training tokens' rows were trained
     (`TrainConfig.compact_embeddings`), else None."""
 
+    resumed_step: Optional[int] = None
+    """The checkpoint's step this call continued from (`resume`), else None."""
+
     def describe(self) -> str:
-        """'12 s', or '12 s; 4,783 of 30,522 embedding rows trained': for the log."""
+        """'12 s', or '12 s; resumed at step 5 of 16; 4,783 of 30,522 embedding rows trained': for the log."""
+        resumed = f"; resumed at step {self.resumed_step} of {self.steps}" if self.resumed_step is not None else ""
         rows = f"; {self.embedding_rows[0]:,} of {self.embedding_rows[1]:,} embedding rows trained" \
             if self.embedding_rows else ""
-        return f"{self.seconds:.0f} s{rows}"
+        return f"{self.seconds:.0f} s{resumed}{rows}"
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -227,6 +231,7 @@ def fit(
         if acc.scaler is not None and st.get("scaler"):
             acc.scaler.load_state_dict(st["scaler"])
         step, skip = st["step"], st["consumed"]
+        best.resumed_step = step
         generator.set_state(st["epoch_rng"])
         best.best_metric, best.best_step, best.history = st["best_metric"], st["best_step"], st["history"]
         set_rng_states(st["rng"])
