@@ -39,8 +39,8 @@ def make_bert(num_labels: int = 2, layers: int = 4, dropout: float = 0.0, seed: 
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=max(vocab_size, 5 + len(WORDS)), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+    config = BertConfig(vocab_size=max(vocab_size, 5 + len(WORDS)), hidden_size=32, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return BertForSequenceClassification(config)
 

@@ -37,12 +37,12 @@ class CompactEmbedding(nn.Module):
         weight = embedding.weight
         self.original = [embedding]  # in a list: not a submodule (its weight must not be trained or saved twice)
         self.full = weight.detach()
-        self.token_ids = token_ids.to(weight.device)
-        index = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
-        index[self.token_ids] = torch.arange(len(self.token_ids), device=weight.device)
-        self.index = index
+        self.token_ids = token_ids.cpu()  # where state dicts (on the CPU) are read and written
+        on_device = token_ids.to(weight.device)
+        self.index = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        self.index[on_device] = torch.arange(len(on_device), device=weight.device)
         self.scale = 1.0
-        self.rows = nn.Parameter(weight.detach()[self.token_ids].clone())
+        self.rows = nn.Parameter(weight.detach()[on_device].clone())
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         where = self.index[input_ids]
@@ -57,7 +57,7 @@ class CompactEmbedding(nn.Module):
     def dense_weight(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight dense training would hold now: [vocabulary, dim], on the CPU."""
         out = (self.full * self.scale).to("cpu", copy=True)
-        out[self.token_ids.cpu()] = (self.rows.detach() if rows is None else rows).to("cpu", out.dtype)
+        out[self.token_ids] = (self.rows.detach() if rows is None else rows).to("cpu", out.dtype)
         return out
 
     def full_state(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ class CompactEmbedding(nn.Module):
         self.full.copy_(weight)
         self.scale = 1.0
         out = {k: v for k, v in state.items() if k != prefix + "weight"}
-        out[prefix + "rows"] = weight[self.token_ids.cpu()].clone()
+        out[prefix + "rows"] = weight[self.token_ids].clone()
         return out
 
     @torch.no_grad()
