@@ -845,17 +845,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row over its seeds: the first seed's record, with seconds, samples/s, peak memory and dev accuracy
-    replaced by their means over the measured seeds (and each seed's values under "seeds")."""
+    """One row over its seeds: the first seed's record, with seconds, samples/s, peak memory and the dev
+    accuracies (final epoch, best epoch, returned model) replaced by their means over the measured seeds (and each
+    seed's values under "seeds")."""
     ok = [r for r in runs if "error" not in r]
     if len(runs) == 1 or not ok:
         return runs[0]
     mean = lambda key: sum(r[key] for r in ok) / len(ok)  # noqa: E731
     accs = [r["dev_accuracy"] for r in ok]
+    # hybridft rows only: their validation history gives a best epoch and the model distill returned
+    means = {key: round(mean(key), 4) for key in ("dev_accuracy_best_epoch", "dev_accuracy_returned_model_fp32")
+             if all(isinstance(r.get(key), (int, float)) for r in ok)}
     return {**ok[0], "seconds": round(mean("seconds"), 2), "samples_per_s": round(mean("samples_per_s"), 1),
             "peak_rss_mb": round(mean("peak_rss_mb"), 1), "dev_accuracy": round(mean("dev_accuracy"), 4),
-            "dev_accuracy_sd": round(statistics.pstdev(accs), 4), "seed": None,
-            "seeds": [{k: r.get(k) for k in ("seed", "seconds", "dev_accuracy", "peak_rss_mb", "error")} for r in runs]}
+            "dev_accuracy_sd": round(statistics.pstdev(accs), 4), **means, "seed": None,
+            "seeds": [{k: r.get(k) for k in ("seed", "seconds", "dev_accuracy", "dev_accuracy_best_epoch",
+                                             "peak_rss_mb", "error")} for r in runs]}
 
 
 def _version(package: str) -> str | None:

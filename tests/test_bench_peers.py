@@ -64,3 +64,19 @@ def test_every_row_trains_on_the_same_samples(quick_report: dict):
     seen = {name: r.get("train_samples_seen") for name, r in quick_report["rows"].items() if "error" not in r}
     assert set(seen) >= {r for r in ROWS if HAS_TEXTBREWER or not r.startswith("textbrewer")}
     assert set(seen.values()) == {s["train"] * s["epochs"]}, seen
+
+
+def test_a_row_over_seeds_averages_every_accuracy_not_the_first_seeds():
+    spec = importlib.util.spec_from_file_location("distill_speed", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = lambda seed, acc, best: {"seed": seed, "seconds": 10.0 * seed, "samples_per_s": 6000 / (10.0 * seed),  # noqa: E731
+                                   "peak_rss_mb": 1000.0, "dev_accuracy": acc, "dev_accuracy_best_epoch": best,
+                                   "dev_accuracy_returned_model_fp32": best}
+    row = bench.merge_seeds([run(1, 0.70, 0.72), run(2, 0.80, 0.84), run(3, 0.75, 0.75)])
+    assert row["dev_accuracy"] == 0.75 and row["dev_accuracy_best_epoch"] == 0.77
+    assert row["dev_accuracy_returned_model_fp32"] == 0.77 and row["seconds"] == 20.0
+    assert [s["dev_accuracy_best_epoch"] for s in row["seeds"]] == [0.72, 0.84, 0.75]
+    peer = bench.merge_seeds([{k: v for k, v in run(s, 0.7, None).items() if "best" not in k and "returned" not in k}
+                              for s in (1, 2)])
+    assert "dev_accuracy_best_epoch" not in peer  # a peer row has no validation history
