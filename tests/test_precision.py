@@ -69,7 +69,9 @@ def test_a_run_says_what_auto_chose_and_why_and_a_resume_keeps_it(tmp_path: Path
             "progress=true", "hybrid.enabled=false", "device=cpu",  # the CPU's rule (a GPU machine says "CUDA")
             "export.enabled=false", "teacher.train.epochs=1", "student.train.epochs=1"]
     assert main(["run", *args]) == 0
-    assert "precision: bf16 (CPU without AMX, bf16 timed 2.00x faster than fp32)" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "precision: bf16 (CPU without AMX, bf16 timed 2.00x faster than fp32)" in printed.out
+    assert "\r" not in printed.err  # stderr is no terminal here: no progress bar redrawn into it (hybridft.progress)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"]["chosen"] == "bf16" and summary["launch"]["mixed_precision"] == "bf16"
     assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "bf16"

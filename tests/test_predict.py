@@ -178,9 +178,14 @@ def test_output_is_written_as_batches_arrive(tmp_path: Path):
     assert seen_on_disk[:4] == [0, 3, 6, 9]
 
 
-def test_progress_bar_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_progress_in_a_log_file_is_whole_lines_of_the_share_read(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    from hybridft import progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a line on every update (once a minute in real use)
     predict_file(FakeModel(), write_input(tmp_path, "csv"), tmp_path / "out.csv", batch_size=2, progress=True)
-    assert "predict" in capsys.readouterr().err
+    err = capsys.readouterr().err  # captured: not a terminal, as in `hybridft predict ... 2> log`
+    assert "\r" not in err and err.splitlines()[-1].startswith("[hybridft] predict: 100% of ")
 
 
 # ---------------------------------------------------------------------------------------------------

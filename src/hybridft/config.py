@@ -355,6 +355,8 @@ class RunConfig:
     num_threads: Optional[int] = None
     """torch CPU threads; default: torch's own choice."""
     progress: bool = True
+    """Stage messages and progress: a bar on a terminal, a plain line at most once a minute when stderr is a file
+    (`hybridft.progress`). false prints only errors and the final report."""
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -269,10 +269,9 @@ def _check_paths(src: Path, dst: Path) -> Optional[str]:
 
 def _progress_bar(path: Path, enabled: bool, desc: str = "predict") -> Any:
     """Progress in bytes of input read: the row count is unknown up front, the file size is not."""
-    from tqdm.auto import tqdm
+    from hybridft.progress import progress_bar
 
-    return tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not enabled, dynamic_ncols=True)
+    return progress_bar(path.stat().st_size, desc, enabled, unit="B")
 
 
 def _skip_or_stop(item: Item, src: Path, skip: bool, report: PredictReport) -> None:

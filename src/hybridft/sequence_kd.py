@@ -63,19 +63,20 @@ def generate(teacher: nn.Module, tokenizer: Any, prompts: list[str], cfg: Any, d
     from contextlib import nullcontext
 
     from hybridft.packed_linear import packed_if_faster
+    from hybridft.progress import progress_bar
     from hybridft.tasks import causal_lm
 
     s = cfg.distill.sequence
     out: list[str] = []
     teacher.to(device).eval()
-    with packed_if_faster(teacher, device) if cfg.eval.prepack_weights else nullcontext():
+    with packed_if_faster(teacher, device) if cfg.eval.prepack_weights else nullcontext(), \
+            progress_bar(len(prompts), "teacher generations", progress, unit="prompt") as bar:
         for start in range(0, len(prompts), s.batch_size):
             torch.manual_seed(cfg.seed + start)  # sampling: the same draws for the same prompts and batch size
             out += causal_lm.generate(teacher, tokenizer, prompts[start:start + s.batch_size], s.max_new_tokens,
                                       device, batch_size=s.batch_size, do_sample=s.do_sample,
                                       temperature=s.temperature, top_p=s.top_p)
-            if progress:
-                print(f"[hybridft] teacher generations: {len(out)}/{len(prompts)}", flush=True)
+            bar.update(min(s.batch_size, len(prompts) - start))
     return out
 
 

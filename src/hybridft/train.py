@@ -27,6 +27,7 @@ from hybridft.config import TrainConfig
 from hybridft.errors import HybridFTError
 from hybridft.inter_losses import LayerDistill  # intermediate-layer distillation (issue 10)
 from hybridft.losses import IGNORE_INDEX, LossWeights, hybrid_loss, stored_targets, teacher_top1  # noqa: F401
+from hybridft.progress import progress_bar
 from hybridft.runlog import MetricsWriter
 
 
@@ -214,7 +215,7 @@ def fit(
                      embedding_rows=(len(compact.token_ids), len(compact.index)) if compact is not None else None)
     metric_key, mode = task.BEST
     best_state: Optional[dict[str, torch.Tensor]] = None
-    bar = _progress(total_steps, stage, progress)
+    bar = progress_bar(total_steps, stage, progress)
     start = time.perf_counter()
     step, running = 0, _Running(inter is not None)
     # Where we are in the data: the generator state that drew this epoch's order, and batches drawn since.
@@ -406,7 +407,3 @@ def lr_key(stage: str) -> str:
     return f"{stage.split('-')[0]}.train.lr"
 
 
-def _progress(total: int, stage: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"{stage}", disable=not enabled, leave=False, dynamic_ncols=True)
