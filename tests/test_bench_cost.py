@@ -67,4 +67,5 @@ def test_growth_cell_times_the_plain_loop_and_hybridft_on_the_same_rows(tmp_path
     base, ours = cell["rows"]["baseline"], cell["rows"]["hybridft-fp32"]
     assert base["error"] is None and ours["error"] is None
     assert base["speedup_vs_baseline"] == 1.0
-    assert ours["speedup_vs_baseline"] == pytest.approx(base["seconds"] / ours["seconds"], rel=0.02)
+    # the ratio is rounded to 2 decimals: 0.005 absolute, more than 2% of a ratio under 0.25 (a loaded machine)
+    assert ours["speedup_vs_baseline"] == pytest.approx(base["seconds"] / ours["seconds"], rel=0.02, abs=0.006)

@@ -375,7 +375,8 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     student, tokenizer = task.build_student(cfg, teacher, teacher_tokenizer, s)
     dropout = student_dropout(cfg)
     if dropout is not None:
-        ctx.log(f"student dropout set to {dropout:g} in {set_dropout(student, dropout)} modules")
+        changed = set_dropout(student, dropout)  # Llama-style models read it from their config: no modules
+        ctx.log(f"student dropout set to {dropout:g}" + (f" in {changed} modules" if changed else " in its config"))
     online = teacher if cfg.distill.online else None
     examples, targets = task.training_examples(s, None if online else store, cfg, ctx.log)
     train_items = task.encode(examples, tokenizer, cfg.data.max_length, targets)
