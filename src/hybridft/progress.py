@@ -68,12 +68,12 @@ class LineProgress:
         self.postfix = values
 
     def line(self, now: float) -> str:
-        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        share = f"{100 * self.n / self.total:.0f}%" if self.total else ""
         if self.unit == "B":
-            done = f"{share.strip(' ()') or self.n} of {_size(self.total)} read"
+            done = f"{share or self.n} of {_size(self.total)} read"
         else:
-            plural = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s", "x")) else "s")
-            done = f"{self.n:,} of {self.total:,} {plural if self.total != 1 else self.unit}{share}"
+            noun = self.unit if self.total == 1 else _plural(self.unit)
+            done = f"{self.n:,} of {self.total:,} {noun}" + (f" ({share})" if share else "")
         extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
         return f"[hybridft] {self.desc}: {done}, {_duration(now - self.start)}{extra}"
 
@@ -92,9 +92,13 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {s} s" if minutes else f"{s} s"
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
+    return f"{n:.1f} GB"

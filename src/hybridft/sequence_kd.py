@@ -73,10 +73,10 @@ def generate(teacher: nn.Module, tokenizer: Any, prompts: list[str], cfg: Any, d
             progress_bar(len(prompts), "teacher generations", progress, unit="prompt") as bar:
         for start in range(0, len(prompts), s.batch_size):
             torch.manual_seed(cfg.seed + start)  # sampling: the same draws for the same prompts and batch size
-            out += causal_lm.generate(teacher, tokenizer, prompts[start:start + s.batch_size], s.max_new_tokens,
-                                      device, batch_size=s.batch_size, do_sample=s.do_sample,
-                                      temperature=s.temperature, top_p=s.top_p)
-            bar.update(min(s.batch_size, len(prompts) - start))
+            batch = prompts[start:start + s.batch_size]
+            out += causal_lm.generate(teacher, tokenizer, batch, s.max_new_tokens, device, batch_size=s.batch_size,
+                                      do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p)
+            bar.update(len(batch))
     return out
 
 
