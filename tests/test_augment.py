@@ -331,12 +331,18 @@ def test_augment_max_rows_counts_unlabeled_text_first(tmp_path: Path):
     full = classification.augment(splits, teacher, tok, augment_cfg(factor=20, max_rows=6), logs.append)
     assert full.unlabeled is splits.unlabeled and full.augmented["factor"] == 0
     assert "no generated text" in logs[-1] and "max_rows=6" in logs[-1]
+    # Labels alone (loss.alpha=0, no pseudo-labels): unlabeled rows would cost a teacher pass and a student pass
+    # each epoch for a loss of zero, so they are left out, and nothing is generated.
+    alone = classification.augment(splits, teacher, tok, augment_cfg(alpha=0.0), logs.append)
+    assert alone.unlabeled is None and alone.augmented["factor"] == 0 and alone.train is splits.train
+    assert "6 unlabeled rows left out" in logs[-2] and "loss.alpha=0" in logs[-1]
 
 
-def augment_cfg(factor="auto", max_rows=20000, max_tokens=400_000, teacher_logits=None, max_length=16):
+def augment_cfg(factor="auto", max_rows=20000, max_tokens=400_000, teacher_logits=None, max_length=16, alpha=0.5):
     from types import SimpleNamespace as NS
 
     return NS(seed=0, data=NS(max_length=max_length), distill=NS(teacher_logits=teacher_logits),
+              loss=NS(alpha=alpha, hidden_weight=0.0, attention_weight=0.0, pseudo_label_threshold=None),
               augment=NS(factor=factor, max_rows=max_rows, max_tokens=max_tokens, p_mask=0.3, p_replace=0.0,
                          p_ngram=0.0, neighbours=2))
 
@@ -361,6 +367,9 @@ def test_auto_factor_is_tang_s_20_within_the_row_and_token_caps(tmp_path: Path):
     assert augment_factor(splits, tok, augment_cfg(factor=3))[0] == 3  # an explicit factor under the caps stays
     assert augment_factor(splits, tok, augment_cfg(factor=0))[0] == 0
     assert augment_factor(splits, tok, augment_cfg(teacher_logits="store.safetensors"))[0] == 0
+    # Labels alone (no KD term): generated texts would carry no label, so "auto" generates none.
+    factor, why = augment_factor(splits, tok, augment_cfg(alpha=0.0))
+    assert factor == 0 and "loss.alpha=0" in why
 
 
 def test_auto_is_accepted_everywhere_and_an_explicit_factor_only_where_it_applies():
@@ -371,6 +380,7 @@ def test_auto_is_accepted_everywhere_and_an_explicit_factor_only_where_it_applie
     assert load_config(None, ["distill.teacher_logits=x.safetensors"]).augment.factor == "auto"
     for bad, named in ((["augment.factor=-1"], "augment.factor"), (["augment.max_tokens=-5"], "augment.max_tokens"),
                        (["augment.factor=often"], "augment.factor"),
-                       (["task=causal_lm", "augment.factor=5"], "causal_lm")):
+                       (["task=causal_lm", "augment.factor=5"], "causal_lm"),
+                       (["loss.alpha=0", "loss.beta=1", "augment.factor=5"], "nothing learns from them")):
         with pytest.raises(HybridFTError, match=named):
             load_config(None, bad)

@@ -189,9 +189,9 @@ def test_pipeline_end_to_end_learns_and_writes_hf_folders(tmp_path: Path, tiny_t
     assert stages == {"teacher", "student"}
 
 
-def test_teacher_outputs_are_reused_and_invalidated(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
-                                                    monkeypatch: pytest.MonkeyPatch):
-    calls = []
+def count_teacher_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of examples of each teacher-output computation (`pipeline.compute`), appended as they run."""
+    calls: list[int] = []
     real = pipeline.compute
 
     def counting(teacher, items, *args, **kwargs):
@@ -199,6 +199,12 @@ def test_teacher_outputs_are_reused_and_invalidated(tmp_path: Path, tiny_teacher
         return real(teacher, items, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "compute", counting)
+    return calls
+
+
+def test_teacher_outputs_are_reused_and_invalidated(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    calls = count_teacher_passes(monkeypatch)
     _run(tmp_path, tiny_teacher_dir, tiny_data, "a")
     assert calls == [48]
     _run(tmp_path, tiny_teacher_dir, tiny_data, "b")  # same teacher, data and tokenisation: reused
@@ -239,6 +245,24 @@ def test_sequential_strategy_and_pseudo_labels_run(tmp_path: Path, tiny_teacher_
     stages = {json.loads(x)["stage"] for x in (tmp_path / "seq" / "metrics.jsonl").read_text().splitlines()}
     assert {"student-kd", "student-ce"} <= stages
     assert summary["student"]["accuracy"] >= 0.8
+
+
+def test_labels_alone_leave_unlabeled_rows_out_of_the_store_and_the_student_s_epochs(
+        tmp_path: Path, tiny_teacher_dir: Path, tiny_data, monkeypatch: pytest.MonkeyPatch):
+    """With loss.alpha=0 and no pseudo-labels an unlabeled row reaches no loss term: it would cost a teacher pass
+    and a student pass every epoch for nothing (and shrink every batch's labelled share)."""
+    calls = count_teacher_passes(monkeypatch)
+    unl = tmp_path / "unl.csv"
+    unl.write_text("text\n" + "".join(f"{t}\n" for t, _ in sentiment_rows(24, seed=9)), encoding="utf-8")
+    alone = _run(tmp_path, tiny_teacher_dir, tiny_data, "alone", f"data.unlabeled={unl}", "loss.alpha=0",
+                 "loss.beta=1", "augment.factor=auto")
+    assert alone["transfer_set"]["unlabeled"] == 0 and alone["transfer_set"]["generated"] == 0
+    assert calls == [alone["transfer_set"]["labeled"]]  # the teacher labelled the training rows only
+    kd = _run(tmp_path, tiny_teacher_dir, tiny_data, "kd", f"data.unlabeled={unl}")
+    assert kd["transfer_set"]["unlabeled"] == 24 and calls[-1] == alone["transfer_set"]["labeled"] + 24
+    steps = {name: max(json.loads(x).get("step", 0) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+             for name in ("alone", "kd")}
+    assert steps["alone"] < steps["kd"]  # 8 epochs of the labelled rows, not of labelled + unlabeled
 
 
 def test_student_with_a_different_tokenizer_learns_from_the_teachers_outputs(tmp_path: Path, tiny_teacher_dir: Path,

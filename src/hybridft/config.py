@@ -413,6 +413,10 @@ def validate(cfg: RunConfig) -> None:
     if explicit_factor and cfg.distill.teacher_logits:
         _fail("augment.factor", "the generated texts need the teacher to label them, but distill.teacher_logits "
                                 "replaces the teacher; set augment.factor=0 or drop distill.teacher_logits")
+    teacher_terms = loss.alpha > 0 or loss.hidden_weight > 0 or loss.attention_weight > 0
+    if explicit_factor and not teacher_terms and loss.pseudo_label_threshold is None:
+        _fail("augment.factor", "the generated texts have no label, and with loss.alpha=0 (and no hidden or "
+                                "attention term) nothing learns from them; set augment.factor=0 or loss.alpha above 0")
     if cfg.hybrid.draft_tokens < 1 or cfg.hybrid.speculative_prompts < 1:
         _fail("hybrid.draft_tokens" if cfg.hybrid.draft_tokens < 1 else "hybrid.speculative_prompts", "must be >= 1")
     if cfg.hybrid.draft_vocabulary < 0:

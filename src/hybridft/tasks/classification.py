@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -185,6 +186,8 @@ def augment_factor(splits: Splits, tokenizer: Any, cfg: RunConfig) -> tuple[int,
     """
     a, train = cfg.augment, splits.train
     asked = AUTO_FACTOR if a.factor == "auto" else a.factor
+    if asked and not unlabeled_rows_teach(cfg):
+        return 0, "loss.alpha=0: generated texts carry no label, and no loss term reads the teacher's"
     if asked == 0 or cfg.distill.teacher_logits or len(train) == 0:
         return 0, "augment.factor=0" if asked == 0 else "no teacher to label generated text"
     pool = len(splits.unlabeled) if splits.unlabeled is not None else 0
@@ -210,11 +213,14 @@ def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, 
     factor lowered to fit (`augment_factor`). Deterministic for the run's seed, so a second run (or a resume)
     stores and looks up the same rows.
     """
-    from dataclasses import replace
-
     from hybridft.augment import AugmentSettings, augment_texts
 
     a, train = cfg.augment, splits.train
+    if splits.unlabeled is not None and not unlabeled_rows_teach(cfg):
+        # The teacher would label them and the student read them every epoch, for a loss of zero.
+        log(f"{len(splits.unlabeled)} unlabeled rows left out: with loss.alpha=0 (no KD term) and no "
+            f"pseudo-labels they teach the student nothing")
+        splits = replace(splits, unlabeled=None)
     factor, why = augment_factor(splits, tokenizer, cfg)
     if factor == 0:
         log(f"augment: no generated text ({why})")
@@ -231,6 +237,15 @@ def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, 
         f"repeats) in {time.perf_counter() - start:.1f} s, for the teacher to label")
     return replace(splits, unlabeled=generated if splits.unlabeled is None else concat(splits.unlabeled, generated),
                    augmented={"factor": factor, "why": why, "generated": len(texts), "repeats_dropped": repeats})
+
+
+def unlabeled_rows_teach(cfg: RunConfig) -> bool:
+    """Whether a row without a label reaches any loss term: the KD term (`loss.alpha` > 0), the intermediate-layer
+    terms (hidden states, attention), or CE through a pseudo-label (`loss.pseudo_label_threshold`). When none
+    does (a labels-only baseline), unlabeled and generated rows are left out of the transfer set."""
+    loss = cfg.loss
+    return (loss.alpha > 0 or loss.hidden_weight > 0 or loss.attention_weight > 0
+            or loss.pseudo_label_threshold is not None)
 
 
 def transfer_set(splits: Splits) -> Examples:
@@ -288,6 +303,12 @@ def pseudo_label(examples: Examples, logits: torch.Tensor, threshold: Optional[f
 def training_examples(splits: Splits, store: Any, cfg: RunConfig, log: Any) -> tuple[Examples, Any]:
     """The student's training rows (the transfer set, with pseudo-labels if asked) and their stored logits."""
     examples = transfer_set(splits)
+    if not unlabeled_rows_teach(cfg) and splits.unlabeled is not None:
+        # augment() leaves them out when the teacher is at hand; a stored teacher_logits file skips it
+        labeled = [i for i, y in enumerate(examples.labels) if y != NO_LABEL]
+        log(f"{len(examples) - len(labeled)} unlabeled rows left out: with loss.alpha=0 (no KD term) and no "
+            f"pseudo-labels they teach the student nothing")
+        examples = examples.subset(labeled)
     if store is None:
         return examples, None
     check_store(store, splits, cfg)
