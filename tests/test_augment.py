@@ -328,6 +328,10 @@ def test_augment_max_rows_counts_unlabeled_text_first(tmp_path: Path):
     assert out.augmented == {"factor": 3, "why": logs[0].split("(")[1].split(";")[0], "generated": generated,
                              "repeats_dropped": 30 - generated}
     assert f"{30 - generated} draws dropped as repeats" in logs[0]
+    # "auto" with an unlabeled pool generates nothing: the real text alone taught the student more (AG News).
+    pooled = classification.augment(splits, teacher, tok, augment_cfg(), logs.append)
+    assert pooled.unlabeled is splits.unlabeled and pooled.augmented["factor"] == 0
+    assert "6 unlabeled rows given" in logs[-1]
     full = classification.augment(splits, teacher, tok, augment_cfg(factor=20, max_rows=6), logs.append)
     assert full.unlabeled is splits.unlabeled and full.augmented["factor"] == 0
     assert "no generated text" in logs[-1] and "max_rows=6" in logs[-1]
