@@ -376,6 +376,14 @@ def _fail(key: str, message: str) -> None:
     raise HybridFTError(f"config key '{key}': {message}")
 
 
+def unlabeled_rows_teach(loss: LossConfig) -> bool:
+    """Whether a row without a label reaches any loss term: the KD term (`alpha` > 0), the intermediate-layer
+    terms (hidden states, attention), or CE through a pseudo-label (`pseudo_label_threshold`). When none does (a
+    labels-only baseline), unlabeled and generated rows are left out of the transfer set."""
+    return (loss.alpha > 0 or loss.hidden_weight > 0 or loss.attention_weight > 0
+            or loss.pseudo_label_threshold is not None)
+
+
 def validate(cfg: RunConfig) -> None:
     """Range and consistency checks that types alone cannot express."""
     d, loss = cfg.data, cfg.loss
@@ -414,8 +422,7 @@ def validate(cfg: RunConfig) -> None:
     if explicit_factor and cfg.distill.teacher_logits:
         _fail("augment.factor", "the generated texts need the teacher to label them, but distill.teacher_logits "
                                 "replaces the teacher; set augment.factor=0 or drop distill.teacher_logits")
-    teacher_terms = loss.alpha > 0 or loss.hidden_weight > 0 or loss.attention_weight > 0
-    if explicit_factor and not teacher_terms and loss.pseudo_label_threshold is None:
+    if explicit_factor and not unlabeled_rows_teach(loss):
         _fail("augment.factor", "the generated texts have no label, and with loss.alpha=0 (and no hidden or "
                                 "attention term) nothing learns from them; set augment.factor=0 or loss.alpha above 0")
     if cfg.hybrid.draft_tokens < 1 or cfg.hybrid.speculative_prompts < 1:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hybridft.batching import length_sorted_loader, to_device
-from hybridft.config import RunConfig
+from hybridft.config import RunConfig, unlabeled_rows_teach
 from hybridft.dist import autocast
 from hybridft.data import NO_LABEL, Examples, Splits, concat
 from hybridft.data import load_splits as _load_splits
@@ -187,7 +187,7 @@ def augment_factor(splits: Splits, tokenizer: Any, cfg: RunConfig) -> tuple[int,
     """
     a, train = cfg.augment, splits.train
     asked = AUTO_FACTOR if a.factor == "auto" else a.factor
-    if asked and not unlabeled_rows_teach(cfg):
+    if asked and not unlabeled_rows_teach(cfg.loss):
         return 0, "loss.alpha=0: generated texts carry no label, and no loss term reads the teacher's"
     if asked == 0 or cfg.distill.teacher_logits or len(train) == 0:
         return 0, "augment.factor=0" if asked == 0 else "no teacher to label generated text"
@@ -220,12 +220,8 @@ def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, 
     """
     from hybridft.augment import AugmentSettings, augment_texts
 
+    splits = without_idle_unlabeled(splits, cfg, log)
     a, train = cfg.augment, splits.train
-    if splits.unlabeled is not None and not unlabeled_rows_teach(cfg):
-        # The teacher would label them and the student read them every epoch, for a loss of zero.
-        log(f"{len(splits.unlabeled)} unlabeled rows left out: with loss.alpha=0 (no KD term) and no "
-            f"pseudo-labels they teach the student nothing")
-        splits = replace(splits, unlabeled=None)
     factor, why = augment_factor(splits, tokenizer, cfg)
     if factor == 0:
         log(f"augment: no generated text ({why})")
@@ -244,13 +240,14 @@ def augment(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: RunConfig, 
                    augmented={"factor": factor, "why": why, "generated": len(texts), "repeats_dropped": repeats})
 
 
-def unlabeled_rows_teach(cfg: RunConfig) -> bool:
-    """Whether a row without a label reaches any loss term: the KD term (`loss.alpha` > 0), the intermediate-layer
-    terms (hidden states, attention), or CE through a pseudo-label (`loss.pseudo_label_threshold`). When none
-    does (a labels-only baseline), unlabeled and generated rows are left out of the transfer set."""
-    loss = cfg.loss
-    return (loss.alpha > 0 or loss.hidden_weight > 0 or loss.attention_weight > 0
-            or loss.pseudo_label_threshold is not None)
+def without_idle_unlabeled(splits: Splits, cfg: RunConfig, log: Any) -> Splits:
+    """The splits without their unlabeled rows when no loss term reads them (`unlabeled_rows_teach`): the teacher
+    would label them and the student read them every epoch, for a loss of zero."""
+    if splits.unlabeled is None or unlabeled_rows_teach(cfg.loss):
+        return splits
+    log(f"{len(splits.unlabeled)} unlabeled rows left out: with loss.alpha=0 (no KD term) and no pseudo-labels "
+        f"they teach the student nothing")
+    return replace(splits, unlabeled=None)
 
 
 def transfer_set(splits: Splits) -> Examples:
@@ -307,13 +304,8 @@ def pseudo_label(examples: Examples, logits: torch.Tensor, threshold: Optional[f
 
 def training_examples(splits: Splits, store: Any, cfg: RunConfig, log: Any) -> tuple[Examples, Any]:
     """The student's training rows (the transfer set, with pseudo-labels if asked) and their stored logits."""
+    splits = without_idle_unlabeled(splits, cfg, log)  # augment() did it already unless a stored file replaced it
     examples = transfer_set(splits)
-    if not unlabeled_rows_teach(cfg) and splits.unlabeled is not None:
-        # augment() leaves them out when the teacher is at hand; a stored teacher_logits file skips it
-        labeled = [i for i, y in enumerate(examples.labels) if y != NO_LABEL]
-        log(f"{len(examples) - len(labeled)} unlabeled rows left out: with loss.alpha=0 (no KD term) and no "
-            f"pseudo-labels they teach the student nothing")
-        examples = examples.subset(labeled)
     if store is None:
         return examples, None
     check_store(store, splits, cfg)
