@@ -165,6 +165,7 @@ def _train_command(args: argparse.Namespace, cfg: Any) -> int:
         ctx = pipeline.prepare(cfg, args.overwrite, stage="distill")
         if cfg.distill.teacher_logits:
             store = pipeline.read_store(cfg.distill.teacher_logits)
+            ctx.store_path = Path(cfg.distill.teacher_logits)
             teacher, tok = (None, None) if cfg.student.model else pipeline.load_teacher(ctx)[:2]
         else:
             teacher, tok, needs_finetune = pipeline.load_teacher(ctx)

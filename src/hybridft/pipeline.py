@@ -38,6 +38,14 @@ from hybridft.teacher_outputs import compute, default_cache_dir, fingerprint, re
 from hybridft.train import fit
 
 RUN_MARKERS = ("config.yaml", "summary.json", "teacher", "student", "metrics.jsonl", "data.json")
+# What each stage writes into output_dir (with the temporary names of interrupted saves): what --overwrite clears
+# before the new run writes anything, so that a finished or interrupted new run never sits beside the old run's
+# hybrid/, export/ or checkpoints, which `predict` and `--resume` would otherwise take for the new run's.
+STUDENT_OUTPUTS = ("student", "student.tmp", "config.distill.yaml", "checkpoints/student", "teacher_outputs.safetensors",
+                   "summary.json", "summary.json.tmp", "hybrid", "hybrid.tmp", "export", "hybrid_curve.json",
+                   "hybrid_curve.png")
+RUN_OUTPUTS = ("config.yaml", "config.teacher.yaml", "data.json", "metrics.jsonl", "teacher", "teacher.tmp",
+               "checkpoints", *STUDENT_OUTPUTS)
 
 
 @dataclass
@@ -50,6 +58,10 @@ class Context:
     stage: str = "run"
     fresh: bool = True
     resume: bool = False
+    overwrite: bool = False
+    """--overwrite: `commit` first clears what an earlier run wrote here (`clear_previous_run`)."""
+    store_path: Optional[Path] = None
+    """The teacher-output store the student learns from, copied into the run once it is committed."""
     committed: bool = False
     precision: Optional[PrecisionChoice] = None
     """How `precision: auto` was settled (None when the config or the Accelerate config named a precision)."""
@@ -68,9 +80,14 @@ class Context:
         input error never leaves a half-made run behind, and never touches an existing one."""
         if self.committed or not self.fresh or not dist.is_main():
             return
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists() and self.stage in ("run", "teacher"):
-            metrics.unlink()  # --overwrite: a new run starts a new history
+        if self.overwrite:
+            removed, kept = clear_previous_run(self.run_dir, self.stage, paths_read(self.cfg))
+            # said even with --quiet, as the data notes are: files were deleted
+            if removed:
+                print(f"hybridft: --overwrite: removed the previous run's {', '.join(removed)} from {self.run_dir}",
+                      file=sys.stderr, flush=True)
+            for name, key in kept:
+                print(f"hybridft: --overwrite: kept {name}, which {key} reads", file=sys.stderr, flush=True)
         save_config(self.cfg, self.run_dir / ("config.yaml" if self.stage == "run" else f"config.{self.stage}.yaml"))
         if self.stage == "run":  # what --resume checks the data against
             (self.run_dir / DATA_RECORD).write_text(json.dumps(data_record(self.splits), indent=1), encoding="utf-8")
@@ -78,6 +95,40 @@ class Context:
 
 
 DATA_RECORD = "data.json"
+
+
+def paths_read(cfg: RunConfig) -> dict[str, Path]:
+    """The files and folders a run reads, by config key (models, stores, data): --overwrite never removes them."""
+    keys = {"teacher.model": cfg.teacher.model, "student.model": cfg.student.model,
+            "distill.teacher_logits": cfg.distill.teacher_logits, "distill.cache_dir": cfg.distill.cache_dir,
+            "data.train": cfg.data.train,
+            "data.validation": cfg.data.validation, "data.test": cfg.data.test, "data.unlabeled": cfg.data.unlabeled}
+    return {key: Path(value.split(":", 1)[0] if key.startswith("data.") and not Path(value).exists() else value)
+            for key, value in keys.items() if isinstance(value, str) and value}
+
+
+def clear_previous_run(run_dir: Path, stage: str, reads: dict[str, Path]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Remove what an earlier run wrote into `run_dir`: every output for a run or teacher stage (a new teacher makes
+    the old student stale), the student stage's outputs for `hybridft distill` (the teacher stays). Anything a
+    config key reads (`reads`), or holds it, is kept. Files hybridft does not write are never touched.
+    Returns (the names removed, [(a name kept, the key that reads it)])."""
+    removed, kept = [], []
+    resolved = {key: p.resolve() for key, p in reads.items()}
+    for name in (STUDENT_OUTPUTS if stage == "distill" else RUN_OUTPUTS):
+        target = run_dir / name
+        if not (target.exists() or target.is_symlink()):
+            continue
+        full = target.resolve()
+        readers = [key for key, p in resolved.items() if p == full or full in p.parents]
+        if readers:
+            kept.append((name, readers[0]))
+            continue
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+        removed.append(name)
+    return removed, kept
 
 
 def data_record(splits: Splits) -> dict[str, Any]:
@@ -210,8 +261,11 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     if resume:
         check_resume(cfg, run_dir, force)
         fresh = False
-    if fresh and run_dir.exists() and any((run_dir / m).exists() for m in RUN_MARKERS) and not overwrite:
-        raise HybridFTError(f"output_dir {run_dir} already holds a run; choose another output_dir or pass "
+    # `hybridft distill` into the folder of `hybridft teacher` is that run's second stage: only a student is replaced
+    markers = ("student", "summary.json") if stage == "distill" else RUN_MARKERS
+    if fresh and run_dir.exists() and any((run_dir / m).exists() for m in markers) and not overwrite:
+        held = "a student" if stage == "distill" else "a run"
+        raise HybridFTError(f"output_dir {run_dir} already holds {held}; choose another output_dir or pass "
                             f"--overwrite to replace it")
     if run_dir.exists() and not run_dir.is_dir():
         raise HybridFTError(f"output_dir {run_dir} is a file; choose a folder path")
@@ -245,7 +299,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
         print(f"[hybridft] precision: {precision.precision} ({precision.reason})", flush=True)
     return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits, precision=precision,
                    writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
-                   fresh=fresh, resume=resume)
+                   fresh=fresh, resume=resume, overwrite=overwrite and fresh)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,8 +395,7 @@ def teacher_outputs(ctx: Context, teacher: nn.Module, tokenizer: Any) -> Any:
         dist.barrier()
         ctx.log(f"teacher outputs for {len(keys)} examples in {time.perf_counter() - start:.1f} s -> {cached}")
     store = dist.from_main(lambda: read_store(cached))  # read back: checked as any store is
-    if dist.is_main():
-        shutil.copyfile(cached, ctx.run_dir / "teacher_outputs.safetensors")
+    ctx.store_path = cached  # copied into the run by `distill`, after the run is committed
     return store
 
 
@@ -401,6 +454,8 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
                 f"{' through a learned width projection' if inter.projection is not None else ''}")
     # --- end of intermediate-layer distillation
     ctx.commit()
+    if ctx.store_path is not None and dist.is_main():
+        shutil.copyfile(ctx.store_path, ctx.run_dir / "teacher_outputs.safetensors")
     collate = task.make_collate(tokenizer)
     common = dict(task=task, collate=collate, device=ctx.device, precision=cfg.precision,
                   seed=cfg.seed, writer=ctx.writer, progress=cfg.progress, teacher=online, resume=ctx.resume)
@@ -634,7 +689,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
     if cfg.distill.teacher_logits:
         store = read_store(cfg.distill.teacher_logits)
         ctx.task.check_store(store, ctx.splits, cfg)
-        shutil.copyfile(cfg.distill.teacher_logits, ctx.run_dir / "teacher_outputs.safetensors")
+        ctx.store_path = Path(cfg.distill.teacher_logits)
         teacher, teacher_tok = (None, None) if cfg.student.model else load_teacher(ctx)[:2]
     else:
         teacher, teacher_tok = train_teacher(ctx)
