@@ -209,8 +209,11 @@ def test_predict_with_the_exported_onnx_student_matches_pytorch(pair, tmp_path: 
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(*outs)) < 1e-4
 
 
-def test_predict_with_a_single_classifier_folder_reports_no_teacher(pair, tmp_path: Path, capsys):
+def test_predict_with_a_single_classifier_folder_reports_no_teacher(pair, tmp_path: Path, capsys, monkeypatch):
+    from hybridft import cli
     from hybridft.cli import main
+
+    monkeypatch.setattr(cli, "PREPACK_MIN_ROWS", 2)  # a 6-line file: large enough to prepack
 
     student, _, tok = pair
     folder = tmp_path / "student"
@@ -225,3 +228,25 @@ def test_predict_with_a_single_classifier_folder_reports_no_teacher(pair, tmp_pa
     assert "wrote 5 rows" in printed.out and "teacher" not in printed.out
     assert "linear weights: student" in printed.err and "teacher" not in printed.err
     assert {json.loads(x)["answered_by"] for x in out.read_text().splitlines()} == {"student"}
+
+
+def test_predict_prepacks_only_for_files_large_enough_to_win_the_timing_back(pair, tmp_path: Path, capsys,
+                                                                              monkeypatch):
+    from hybridft import cli
+    from hybridft.hybrid import HybridModel
+
+    folder = _model(pair, threshold=0.9).save(tmp_path / "hybrid")
+    src = tmp_path / "in.csv"
+    src.write_text("text\n" + "".join(f"{t}\n" for t in TEXTS), encoding="utf-8")
+    calls = []
+    real = HybridModel.prepack
+    monkeypatch.setattr(HybridModel, "prepack", lambda self: calls.append(1) or real(self))
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(folder), "--input", str(src), "--output", str(tmp_path / "a.jsonl")]) == 0
+    assert calls == [] and "linear weights: plain (under 2,000 input lines" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "PREPACK_MIN_ROWS", len(TEXTS))  # a header and len(TEXTS) rows are not fewer
+    assert cli.main(["predict", "--model", str(folder), "--input", str(src), "--output", str(tmp_path / "b.jsonl")]) == 0
+    assert calls == [1] and "linear weights: student" in capsys.readouterr().err
+    labels = [[json.loads(x)["label"] for x in (tmp_path / f).read_text().splitlines()] for f in ("a.jsonl", "b.jsonl")]
+    assert labels[0] == labels[1]
+    assert cli.fewer_lines_than(str(src), len(TEXTS) + 2) and not cli.fewer_lines_than(str(src), len(TEXTS) + 1)
