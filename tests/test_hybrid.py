@@ -250,3 +250,27 @@ def test_predict_prepacks_only_for_files_large_enough_to_win_the_timing_back(pai
     labels = [[json.loads(x)["label"] for x in (tmp_path / f).read_text().splitlines()] for f in ("a.jsonl", "b.jsonl")]
     assert labels[0] == labels[1]
     assert cli.fewer_lines_than(str(src), len(TEXTS) + 2) and not cli.fewer_lines_than(str(src), len(TEXTS) + 1)
+
+
+def test_predict_reads_the_text_column_the_run_trained_on(pair, tmp_path: Path, capsys):
+    from hybridft.cli import main
+
+    student, teacher, tok = pair
+    folder = hy.HybridModel(student, tok, teacher, tok, LABELS, threshold=0.9, max_length=16,
+                            text_column="review").save(tmp_path / "hybrid")
+    assert hy.HybridModel.load(folder).text_column == "review"
+    src = tmp_path / "in.csv"
+    src.write_text("id,review\n" + "".join(f"{i},{t}\n" for i, t in enumerate(TEXTS)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(folder), "--input", str(src), "--output", str(out), "--quiet"]) == 0
+    assert len(out.read_text().splitlines()) == len(TEXTS)
+    other = tmp_path / "other.csv"  # an explicit --text-column still wins
+    other.write_text("body\n" + "".join(f"{t}\n" for t in TEXTS), encoding="utf-8")
+    assert main(["predict", "--model", str(folder), "--input", str(other), "--output", str(out), "--quiet",
+                 "--text-column", "body"]) == 0
+    capsys.readouterr()
+    # a run's folder given as the model: the message names the folder to give instead
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "hybrid").symlink_to(folder)
+    assert main(["predict", "--model", str(tmp_path / "run"), "--input", str(src), "--output", str(out)]) == 2
+    assert f"give {tmp_path / 'run' / 'hybrid'}" in capsys.readouterr().err

@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, help="OUTPUT_DIR/hybrid of a run, or a classifier folder")
     pr.add_argument("--input", required=True, help=".csv, .tsv or .jsonl with a text column")
     pr.add_argument("--output", required=True, help=".csv, .tsv or .jsonl; written only when the whole file is done")
-    pr.add_argument("--text-column", default="text")
-    pr.add_argument("--text-pair-column", default=None)
+    pr.add_argument("--text-column", default=None,
+                    help="default: the column the run trained on (a hybrid folder records it), else 'text'")
+    pr.add_argument("--text-pair-column", default=None, help="default: the run's, for a sentence-pair hybrid")
     pr.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
     pr.add_argument("--quoting", choices=["csv", "none"], default=None,
                     help="csv: quoted fields; none: quotes are literal (default: none for .tsv/.txt, csv otherwise)")
@@ -226,8 +227,9 @@ def _predict(args: argparse.Namespace) -> int:
     elif not args.no_prepack and not args.quiet:
         print(f"linear weights: plain (under {PREPACK_MIN_ROWS:,} input lines, timing prepacked weights would cost "
               f"more than they save)", file=sys.stderr)
-    report = predict_file(model.predict_batch, args.input, args.output, text_column=args.text_column,
-                          text_pair_column=args.text_pair_column, delimiter=args.delimiter,
+    report = predict_file(model.predict_batch, args.input, args.output,
+                          text_column=args.text_column or model.text_column,
+                          text_pair_column=args.text_pair_column or model.text_pair_column, delimiter=args.delimiter,
                           quoting=args.quoting, batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet)
     print(report.summary(with_teacher=model.teacher is not model.student))  # a single classifier has no teacher
     return 0

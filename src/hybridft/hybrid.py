@@ -165,6 +165,9 @@ class HybridModel:
     process that takes requests one at a time keeps its budget. The teacher fraction never exceeds the budget
     (teacher rows <= budget x rows seen at every row). `reset_budget()` starts a new stream.
 
+    `text_column` and `text_pair_column` name the columns the run read its texts from; they are saved with the
+    hybrid and are `hybridft predict`'s defaults for its input file.
+
     `student` may be any callable with the HF classifier interface (`model(**inputs).logits`), including an
     exported ONNX student (`hybridft.export.OnnxClassifier`).
     """
@@ -172,7 +175,8 @@ class HybridModel:
     def __init__(self, student: Any, student_tokenizer: Any, teacher: nn.Module, teacher_tokenizer: Any,
                  label_names: list[str], *, threshold: float, student_temperature: float = 1.0,
                  teacher_temperature: float = 1.0, confidence_kind: str = "max_prob", max_length: int = 128,
-                 teacher_budget: Optional[float] = None, device: Optional[torch.device] = None) -> None:
+                 teacher_budget: Optional[float] = None, device: Optional[torch.device] = None,
+                 text_column: str = "text", text_pair_column: Optional[str] = None) -> None:
         if confidence_kind not in CONFIDENCE_KINDS:
             raise HybridFTError(f"hybrid.confidence '{confidence_kind}' is not one of {CONFIDENCE_KINDS}")
         self.student, self.student_tokenizer = student, student_tokenizer
@@ -184,6 +188,9 @@ class HybridModel:
         self.confidence_kind = confidence_kind
         self.max_length = max_length
         self.teacher_budget = teacher_budget
+        # the columns the run read its texts from: `hybridft predict`'s defaults for --text-column and
+        # --text-pair-column, so that a file shaped like the training file needs no options
+        self.text_column, self.text_pair_column = text_column, text_pair_column
         self.device = device or torch.device("cpu")
         self.rows_seen = self.teacher_rows = 0  # the running quota's counts (see `reset_budget`)
         for model in (student, teacher):
@@ -271,7 +278,8 @@ class HybridModel:
         return {"format": FORMAT, "label_names": self.label_names, "threshold": self.threshold,
                 "student_temperature": self.student_temperature, "teacher_temperature": self.teacher_temperature,
                 "confidence": self.confidence_kind, "max_length": self.max_length,
-                "teacher_budget": self.teacher_budget}
+                "teacher_budget": self.teacher_budget, "text_column": self.text_column,
+                "text_pair_column": self.text_pair_column}
 
     def save(self, folder: str | Path) -> Path:
         """One folder: student/, teacher/, hybrid.json and manifest.json (versions and SHA-256 of every file).
@@ -311,7 +319,8 @@ class HybridModel:
         return cls(*models["student"], *models["teacher"], labels, threshold=s["threshold"],
                    student_temperature=s["student_temperature"], teacher_temperature=s["teacher_temperature"],
                    confidence_kind=s["confidence"], max_length=s["max_length"],
-                   teacher_budget=s.get("teacher_budget"), device=device)
+                   teacher_budget=s.get("teacher_budget"), device=device,
+                   text_column=s.get("text_column", "text"), text_pair_column=s.get("text_pair_column"))
 
 
 def load_predictor(folder: str | Path, device: Optional[torch.device] = None) -> HybridModel:

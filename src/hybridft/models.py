@@ -53,6 +53,10 @@ def check_model_folder(path: str, key: str) -> None:
                             f"save_pretrained folder first: AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)"
                             f".save_pretrained(new_folder), after removing config.quantization_config")
     if not (p / "config.json").is_file():
+        inside = [name for name in ("hybrid", "student", "teacher") if (p / name / "config.json").is_file() or
+                  (p / name / "hybrid.json").is_file()]
+        if inside:  # a run's folder: the models are in its subfolders
+            raise HybridFTError(f"{key}: {path} is a run's folder, not a model folder; give {p / inside[0]}")
         raise HybridFTError(f"{key}: {path} has no config.json; give a folder written by save_pretrained")
     has_safetensors = any(p.glob("*.safetensors"))
     has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth"))

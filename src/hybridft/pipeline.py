@@ -559,7 +559,8 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
     model = hy.HybridModel(student[0], student[1], teacher[0], teacher[1], s.label_names, threshold=chosen["threshold"],
                            student_temperature=t_s, teacher_temperature=t_t, confidence_kind=h.confidence,
                            max_length=cfg.data.max_length, device=ctx.device,
-                           teacher_budget=None if h.target_gap is not None else h.teacher_budget)
+                           teacher_budget=None if h.target_gap is not None else h.teacher_budget,
+                           text_column=cfg.data.text_column, text_pair_column=cfg.data.text_pair_column)
     start = time.perf_counter()
     pred = model.predict(test.texts, test.pairs, batch_size=cfg.eval.batch_size)
     throughput = len(test) / (time.perf_counter() - start)
