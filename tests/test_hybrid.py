@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,14 @@ def test_predict_reads_the_text_column_the_run_trained_on(pair, tmp_path: Path, 
     (tmp_path / "run" / "hybrid").symlink_to(folder)
     assert main(["predict", "--model", str(tmp_path / "run"), "--input", str(src), "--output", str(out)]) == 2
     assert f"give {tmp_path / 'run' / 'hybrid'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("texts, expected", [([None], "texts[0] is not a string (NoneType)"),
+                                             (["ok", 3], "texts[1] is not a string (int)"),
+                                             (["ok", "  "], "texts[1] is empty"),
+                                             (["\ud83d half"], "texts[0] holds a lone UTF-16 surrogate")])
+def test_the_python_api_names_the_bad_item(pair, texts, expected):
+    from hybridft.errors import HybridFTError
+
+    with pytest.raises(HybridFTError, match=re.escape(expected)):
+        _model(pair, threshold=0.9).predict(texts)

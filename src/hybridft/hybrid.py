@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from hybridft.data import Examples
+from hybridft.data import Examples, text_problem
 from hybridft.errors import HybridFTError
 from hybridft.tasks import classification as task
 
@@ -205,11 +205,19 @@ class HybridModel:
     @torch.no_grad()
     def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> HybridPrediction:
         """Labels for `texts` (a list of N strings; `pairs`: N second texts or None). Raises HybridFTError for a
-        single string instead of a list, or pairs of another length."""
+        single string instead of a list, an item that is not a non-empty string, or pairs of another length."""
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise HybridFTError(f"predict takes a list of texts, got {type(texts).__name__}; wrap one text as [text]")
         if pairs is not None and len(pairs) != len(texts):
             raise HybridFTError(f"predict got {len(texts)} texts but {len(pairs)} pairs; give one pair per text")
+        for name, items in (("texts", texts), ("pairs", pairs or [])):
+            for i, t in enumerate(items):
+                if not isinstance(t, str) or not t.strip():
+                    what = "empty" if isinstance(t, str) else f"not a string ({type(t).__name__})"
+                    raise HybridFTError(f"predict: {name}[{i}] is {what}; give one non-empty string per row")
+                problem = text_problem(t)  # a lone surrogate, as in the training files
+                if problem:
+                    raise HybridFTError(f"predict: {name}[{i}] {problem}")
         if not texts:
             return HybridPrediction(label_ids=torch.empty(0, dtype=torch.long),
                                     probs=torch.empty(0, len(self.label_names)), answered_by=[])
