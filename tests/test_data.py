@@ -117,3 +117,16 @@ def test_bbc_news_notes_the_articles_it_repeats_across_splits():
     notes = overlap_notes(train, test, None)
     assert len(notes) == 1 and notes[0].startswith("12 of the test split's 223 distinct texts")
     assert "BBC News repeats some articles" in notes[0]
+
+
+def test_a_header_read_through_column_names_is_named_as_such(tmp_path: Path):
+    from hybridft.errors import HybridFTError
+
+    bare = tmp_path / "train.tsv"
+    bare.write_text("".join(f"{t}\t{y}\n" for t, y in ROWS))
+    with_header = tmp_path / "test.tsv"
+    with_header.write_text("Text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in ROWS[:4]))
+    cfg = DataConfig(train=str(bare), validation=str(bare), test=str(with_header), column_names=["text", "label"])
+    with pytest.raises(HybridFTError, match="test.tsv line 1 repeats data.column_names"):
+        load_splits(cfg, 0)
+    assert len(load_splits(DataConfig(train=str(bare), validation=str(bare), column_names=["text", "label"]), 0).train)

@@ -285,6 +285,11 @@ def read_examples(path: str, cfg: DataConfig, role: str, label_names: Optional[l
     """
     table = read_table(path, cfg, role)
     rows, lines, source = table.rows, table.lines, table.source
+    if cfg.column_names and rows and [str(v).strip().lower() for v in rows[0].values()] == \
+            [n.lower() for n in cfg.column_names]:
+        raise HybridFTError(f"{source} line 1 repeats data.column_names {cfg.column_names}: it is a header row, and "
+                            f"data.column_names (for files without one) applies to every file; remove the line, or "
+                            f"give every file a header and drop data.column_names")
     if limit is not None:
         rows, lines = rows[:limit], lines[:limit]
     text_column, key = cfg.text_column, "text_column"
