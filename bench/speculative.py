@@ -6,20 +6,22 @@ same layers before distillation as the teacher's draft model, same prompts, same
     python bench/speculative.py --run runs/causal_lm_demo --draft-precisions fp32,bf16,int8 --padding off,on
     python bench/speculative.py --run runs/causal_lm_demo --prepack off,on   # oneDNN-prepacked weights on a CPU
     python bench/speculative.py --run runs/causal_lm_demo --quick            # a smoke run of the same code
+    python bench/speculative.py --run RUN --prompt-file held_out.jsonl       # other prompts than the test split's
 
 Per draft length k, draft vocabulary size, confidence threshold, draft precision, verification padding and
 prepacked weights (hybrid.draft_vocabulary, draft_confidence, draft_precision, verify_padding, eval.prepack_weights):
-acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for
-both drafts; and whether every hybrid output equals the teacher's greedy output. Batch 1, greedy, fp32, the
-first `--prompts` test prompts of the run, `--max-new-tokens` each; the teacher in fp32; on `--device` (a CUDA
-GPU when one is visible). With padding on, the report also holds the timed cost of a teacher pass per width.
-Writes bench/results/speculative.json (or --out), rewritten after every row. Compare ratios within one run:
-seconds depend on the machine and what else runs on it.
+acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for both drafts; and whether
+every hybrid output equals the teacher's greedy output. Batch 1, greedy, fp32, the first `--prompts` test prompts of
+the run (or of `--prompt-file`), `--max-new-tokens` each; the teacher in fp32; on `--device` (a CUDA GPU when one
+is visible). With padding on, the report also holds the timed cost of a teacher pass per width. Writes
+bench/results/speculative.json (or --out), rewritten after every row. Compare ratios within one run: seconds depend
+on the machine and what else runs on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated eval.prepack_weights values (off, on): the teacher (alone and verifying) and "
                         "the fp32/bf16 drafts from weights prepacked for oneDNN")
     p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-file", default=None,
+                   help="a .jsonl with a prompt column to take the prompts from (default: the run's test split)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the teacher and drafts run (auto: a CUDA GPU when one is visible, else the CPU)")
@@ -71,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     if loaded is None:
         return 2
     cfg, splits, examples = loaded
-    prompts = examples.texts[:args.prompts] if examples.pairs is not None else \
-        [t[:200] for t in examples.texts[:args.prompts]]
+    if args.prompt_file:
+        records = [json.loads(line) for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line]
+        prompts = [r["prompt"] for r in records[:args.prompts]]
+    else:
+        prompts = examples.texts[:args.prompts] if examples.pairs is not None else \
+            [t[:200] for t in examples.texts[:args.prompts]]
     hybrid = speculative.load_hybrid(run / "hybrid")
     teacher, draft, tokenizer = hybrid.teacher, hybrid.draft, hybrid.tokenizer
     undistilled = causal_lm.build_student(cfg, teacher, tokenizer, splits)[0].eval()
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, a in agreement.items():
         print(f"{name} draft: the teacher's greedy token is its top-1 {a['top_1']:.1%}, in its top-2 {a['top_2']:.1%}, "
               f"top-4 {a['top_4']:.1%} of {a['tokens']} tokens", flush=True)
-    report = {"run": str(run), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+    report = {"run": str(run), "prompts": len(prompts), "prompt_file": args.prompt_file, "max_new_tokens": args.max_new_tokens,
               "draft_top_k_agreement": agreement,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__,

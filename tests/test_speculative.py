@@ -343,6 +343,12 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
         assert r["matches_teacher"] == r["prompts"] == r["undistilled_hybrid"]["matches_teacher"] == 2
         assert r["hybrid"]["tokens_per_s"] > 0 and r["undistilled_hybrid"]["tokens_per_s"] > 0
     assert bench.main(["--run", str(tmp_path), "--quick", "--out", str(report)]) == 2
+    # prompts from a file instead of the run's test split (held-out prompts like those the draft learned from)
+    assert bench.main(["--run", str(run), "--prompt-file", str(prompts), "--prompts", "3", "--max-new-tokens", "3",
+                       "--draft-tokens", "1", "--draft-precisions", "fp32", "--out", str(report)]) == 0
+    written = json.loads(report.read_text())
+    assert written["prompt_file"] == str(prompts) and written["prompts"] == 3
+    assert [r["matches_teacher"] for r in written["rows"].values()] == [3]
 
     # bench/speculative_profile.py --quick: the same tokens timed in parts, the parts within the total
     spec = importlib.util.spec_from_file_location("bench_profile",
