@@ -159,7 +159,7 @@ def test_predict_command_labels_a_file_with_the_hybrid_and_stops_on_a_bad_row(pa
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [str(i) for i in range(len(TEXTS))]
     expected = hy.HybridModel.load(folder).predict(TEXTS)
-    assert [r["label"] for r in rows] == [LABELS[i] for i in expected.label_ids.tolist()]
+    assert [r["label"] for r in rows] == [LABELS[i] for i in expected.label_ids.tolist()] == expected.labels
     assert [r["answered_by"] for r in rows] == expected.answered_by
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"id,text\n1,good film\n2,\n3,\xff\xfe bad bytes\n4,fine plot\n")

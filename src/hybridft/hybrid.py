@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -153,6 +153,7 @@ class HybridPrediction:
     label_ids: torch.Tensor  # [N]
     probs: torch.Tensor  # [N, C], calibrated probabilities of the model that answered
     answered_by: list[str]  # "student" or "teacher" per row
+    labels: list[str] = field(default_factory=list)  # [N] the label name of each row (label_names[label_ids[i]])
 
 
 class HybridModel:
@@ -242,8 +243,10 @@ class HybridModel:
             t_logits = self._logits(self.teacher, self.teacher_tokenizer, [texts[i] for i in idx],
                                     None if pairs is None else [pairs[i] for i in idx], batch_size)
             probs[defer] = (t_logits / self.teacher_temperature).softmax(-1)
-        return HybridPrediction(label_ids=probs.argmax(-1), probs=probs,
-                                answered_by=["teacher" if d else "student" for d in defer.tolist()])
+        label_ids = probs.argmax(-1)
+        return HybridPrediction(label_ids=label_ids, probs=probs,
+                                answered_by=["teacher" if d else "student" for d in defer.tolist()],
+                                labels=[self.label_names[i] for i in label_ids.tolist()])
 
     def prepack(self) -> dict[str, Any]:
         """On a CPU, run the student's and the teacher's linear layers from weights prepacked for oneDNN, each only
