@@ -80,6 +80,10 @@ def test_distill_continues_the_folder_of_the_teacher_stage(tmp_path: Path, tiny_
     assert "student" in removed and "teacher" not in removed  # the distill stage replaces the student's outputs
     assert _digest(teacher) == before and (folder / "student" / "model.safetensors").is_file()
     assert (folder / "teacher_outputs.safetensors").is_file()
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    student_steps = [r["step"] for r in records if r["stage"] == "student" and r["split"] == "train"]
+    assert student_steps == sorted(student_steps), "the replaced student's lines are gone"
+    assert any(r["stage"] == "teacher" for r in records), "the teacher's history stays"
 
 
 def test_overwrite_never_removes_what_the_config_reads(tmp_path: Path):

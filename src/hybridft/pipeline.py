@@ -88,6 +88,8 @@ class Context:
                       file=sys.stderr, flush=True)
             for name, key in kept:
                 print(f"hybridft: --overwrite: kept {name}, which {key} reads", file=sys.stderr, flush=True)
+            if self.stage == "distill":  # metrics.jsonl keeps the teacher's history, not the replaced student's
+                self.writer.drop_after("student", -1)
         save_config(self.cfg, self.run_dir / ("config.yaml" if self.stage == "run" else f"config.{self.stage}.yaml"))
         if self.stage == "run":  # what --resume checks the data against
             (self.run_dir / DATA_RECORD).write_text(json.dumps(data_record(self.splits), indent=1), encoding="utf-8")
