@@ -13,13 +13,20 @@ from hybridft import pipeline
 from hybridft.cli import main
 
 
+FAST = ["teacher.train.epochs=1", "student.train.epochs=1"]  # what is checked here is which files are left
+
+
+def _overrides(teacher: Path, data: dict[str, Path], out: Path) -> list[str]:
+    return tiny_overrides(teacher, data, out) + FAST
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys):
     run = tmp_path / "run"
-    base = tiny_overrides(tiny_teacher_dir, tiny_data, run)
+    base = _overrides(tiny_teacher_dir, tiny_data, run)
     assert main(["run", *base, "export.enabled=false"]) == 0
     assert (run / "hybrid" / "hybrid.json").is_file() and (run / "hybrid_curve.json").is_file()
     old_student = _digest(run / "student" / "model.safetensors")
@@ -40,7 +47,7 @@ def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path: Path, tiny_teach
 def test_an_interrupted_overwrite_resumes_as_the_new_run(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
                                                           monkeypatch: pytest.MonkeyPatch):
     run = tmp_path / "run"
-    base = tiny_overrides(tiny_teacher_dir, tiny_data, run) + ["export.enabled=false", "hybrid.enabled=false"]
+    base = _overrides(tiny_teacher_dir, tiny_data, run) + ["export.enabled=false", "hybrid.enabled=false"]
     assert main(["run", *base]) == 0
     old = {who: _digest(run / who / "model.safetensors") for who in ("teacher", "student")}
 
@@ -66,10 +73,10 @@ def test_an_interrupted_overwrite_resumes_as_the_new_run(tmp_path: Path, tiny_te
 def test_distill_continues_the_folder_of_the_teacher_stage(tmp_path: Path, tiny_teacher_dir: Path, tiny_data,
                                                            capsys):
     folder = tmp_path / "x"
-    assert main(["teacher", *tiny_overrides(tiny_teacher_dir, tiny_data, folder)]) == 0
+    assert main(["teacher", *_overrides(tiny_teacher_dir, tiny_data, folder)]) == 0
     teacher = folder / "teacher" / "model.safetensors"
     before = _digest(teacher)
-    second = tiny_overrides(folder / "teacher", tiny_data, folder)  # the README's two steps, one output_dir
+    second = _overrides(folder / "teacher", tiny_data, folder)  # the README's two steps, one output_dir
     assert main(["distill", *second]) == 0  # no --overwrite: only a student is added
     assert (folder / "student" / "model.safetensors").is_file() and _digest(teacher) == before
     capsys.readouterr()
