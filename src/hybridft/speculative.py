@@ -730,7 +730,7 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
     teacher's own greedy output token for token; the draft's precision and why; with `verify_padding`, the timed
     cost of a teacher pass per width and the widths chosen (timed once, before the generations, untimed); and,
     with `draft_vocabulary`, its size and the share of the teacher's greedy tokens inside it. Every timing runs
-    after one untimed warm-up generation of that configuration.
+    after one untimed warm-up generation of that configuration, and the configurations take turns prompt by prompt.
     """
     from hybridft.packed_linear import packed_if_faster
 
@@ -760,14 +760,19 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
         hybrids["undistilled"] = replace(distilled, draft=undistilled, prepared=None)
         hybrids["undistilled"].prepare()
 
-    def timed(fn: Any) -> tuple[list[list[int]], SpeculativeStats]:
-        fn(inputs[0])  # warm-up
-        outs, total = [], SpeculativeStats()
+    def timed(fns: dict[str, Any]) -> dict[str, tuple[list[list[int]], SpeculativeStats]]:
+        """Each generation of `fns` on every prompt, taking turns prompt by prompt: a machine whose speed drifts
+        during the measurement then slows them alike (on a 2-core VM the teacher alone ran 16.1 and 12.7 tokens/s
+        in two rows of one run when each configuration ran all its prompts in one go)."""
+        for fn in fns.values():
+            fn(inputs[0])  # warm-up
+        results = {name: ([], SpeculativeStats()) for name in fns}
         for ids in inputs:
-            out, st = fn(ids)
-            outs.append(out[0, ids.shape[1]:].tolist())
-            total.add(st)
-        return outs, total
+            for name, fn in fns.items():
+                out, st = fn(ids)
+                results[name][0].append(out[0, ids.shape[1]:].tolist())
+                results[name][1].add(st)
+        return results
 
     def rate(st: SpeculativeStats) -> float:
         return round(st.new_tokens / st.seconds, 2) if st.seconds else 0.0
@@ -775,9 +780,14 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
     def alone(h: SpeculativeHybrid) -> Any:
         return lambda ids: greedy_generate(h.prepared["draft"], ids, max_new_tokens, eos)
 
-    t_out, t_st = timed(lambda ids: greedy_generate(teacher, ids, max_new_tokens, eos))
-    h_out, h_st = timed(lambda ids: hybrids["distilled"].generate(ids, max_new_tokens))
-    _, s_st = timed(alone(hybrids["distilled"]))
+    fns = {"teacher": lambda ids: greedy_generate(teacher, ids, max_new_tokens, eos),
+           "hybrid": lambda ids: hybrids["distilled"].generate(ids, max_new_tokens),
+           "student": alone(hybrids["distilled"])}
+    if undistilled is not None:
+        fns["undistilled_hybrid"] = lambda ids: hybrids["undistilled"].generate(ids, max_new_tokens)
+        fns["undistilled_student"] = alone(hybrids["undistilled"])
+    runs = timed(fns)
+    (t_out, t_st), (h_out, h_st), (_, s_st) = runs["teacher"], runs["hybrid"], runs["student"]
     result: dict[str, Any] = {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "draft_tokens": draft_tokens, "batch_size": 1,
         "draft_confidence": draft_confidence,
@@ -798,8 +808,7 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
             "size": len(allowed),
             "teacher_token_coverage": round(sum(t in allowed for t in teacher_tokens) / max(len(teacher_tokens), 1), 4)}
     if undistilled is not None:
-        u_out, u_st = timed(lambda ids: hybrids["undistilled"].generate(ids, max_new_tokens))
-        _, ua_st = timed(alone(hybrids["undistilled"]))
+        (u_out, u_st), (_, ua_st) = runs["undistilled_hybrid"], runs["undistilled_student"]
         result["undistilled_hybrid"] = {"tokens_per_s": rate(u_st), **u_st.to_dict(),
                                         "speedup_vs_teacher": round(rate(u_st) / rate(t_st), 3) if rate(t_st) else None,
                                         "matches_teacher": sum(a == b for a, b in zip(u_out, t_out))}
