@@ -42,3 +42,9 @@ def speculative_run(run: Path) -> Any:
     cfg = load_config(run / "config.yaml", ["progress=false"])
     splits = causal_lm.load_splits(cfg, cfg.seed)
     return cfg, splits, splits.test if splits.test is not None else splits.validation
+
+
+def prompts_from_file(path: str, limit: int) -> list[str]:
+    """The first `limit` prompts of a .jsonl with a `prompt` key per line (`bench/lm_prompts.py` writes one)."""
+    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["prompt"] for r in records[:limit]]

@@ -21,7 +21,6 @@ on the machine and what else runs on it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
-from _report import device_from, speculative_run, write_report  # noqa: E402
+from _report import device_from, prompts_from_file, speculative_run, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg, splits, examples = loaded
     if args.prompt_file:
-        records = [json.loads(line) for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line]
-        prompts = [r["prompt"] for r in records[:args.prompts]]
+        prompts = prompts_from_file(args.prompt_file, args.prompts)
     else:
         prompts = examples.texts[:args.prompts] if examples.pairs is not None else \
             [t[:200] for t in examples.texts[:args.prompts]]

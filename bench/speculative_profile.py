@@ -25,7 +25,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_report.py, also when a test imports this file
-from _report import device_from, speculative_run, write_report  # noqa: E402
+from _report import device_from, prompts_from_file, speculative_run, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--confidence", type=float, default=0.0, help="hybrid.draft_confidence")
     p.add_argument("--draft-precision", default="auto", help="hybrid.draft_precision (auto, fp32, bf16, int8)")
     p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-file", default=None,
+                   help="a .jsonl with a prompt column to take the prompts from (default: the run's test split)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--torch-profile", action="store_true", help="also torch.profiler's top operators by self time")
     p.add_argument("--quick", action="store_true", help="2 prompts, 6 new tokens, with the torch profile")
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     hybrid.draft_tokens, hybrid.confidence, hybrid.draft_precision = args.draft_tokens, args.confidence, \
         args.draft_precision
     prepared = hybrid.prepare()
-    ids = [speculative.prompt_tensor(hybrid.tokenizer, t, device) for t in examples.texts[:args.prompts]]
+    texts = prompts_from_file(args.prompt_file, args.prompts) if args.prompt_file else examples.texts[:args.prompts]
+    ids = [speculative.prompt_tensor(hybrid.tokenizer, t, device) for t in texts]
     eos = speculative.eos_ids(hybrid.teacher, hybrid.tokenizer)
 
     def sync() -> None:
