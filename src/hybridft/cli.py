@@ -242,7 +242,9 @@ def _generate(args: argparse.Namespace) -> int:
     from hybridft.tasks import causal_lm
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise HybridFTError("--max-new-tokens and --batch-size must be at least 1")
+        bad = [f"{name} {value}" for name, value in (("--max-new-tokens", args.max_new_tokens),
+                                                        ("--batch-size", args.batch_size)) if value < 1]
+        raise HybridFTError(f"{' and '.join(bad)}: must be at least 1")
     if not Path(args.model).is_dir():
         raise HybridFTError(f"--model {args.model} is not a folder; give a causal LM folder (e.g. OUTPUT_DIR/student "
                             f"of a causal_lm run)")
