@@ -220,13 +220,14 @@ def _predict(args: argparse.Namespace) -> int:
             raise HybridFTError(f"--student-onnx {args.student_onnx} predicts labels {labels}, but {args.model} "
                                 f"has {model.label_names}; export the student of the same run")
         model.student = onnx_student
-    if not args.no_prepack and not fewer_lines_than(args.input, PREPACK_MIN_ROWS):
-        decisions = model.prepack()  # after the ONNX swap: an ONNX student is left to onnxruntime
+    if not args.no_prepack:
+        if fewer_lines_than(args.input, PREPACK_MIN_ROWS):
+            summary = (f"linear weights: plain (under {PREPACK_MIN_ROWS:,} input lines, timing prepacked weights "
+                       f"would cost more than they save)")
+        else:  # after the ONNX swap: an ONNX student is left to onnxruntime
+            summary = model.prepack_summary(model.prepack())
         if not args.quiet:
-            print(model.prepack_summary(decisions), file=sys.stderr)
-    elif not args.no_prepack and not args.quiet:
-        print(f"linear weights: plain (under {PREPACK_MIN_ROWS:,} input lines, timing prepacked weights would cost "
-              f"more than they save)", file=sys.stderr)
+            print(summary, file=sys.stderr)
     report = predict_file(model.predict_batch, args.input, args.output,
                           text_column=args.text_column or model.text_column,
                           text_pair_column=args.text_pair_column or model.text_pair_column, delimiter=args.delimiter,

@@ -88,17 +88,23 @@ class Table:
 # reading one file into raw rows
 
 
+def split_path_spec(path_spec: str) -> tuple[Path, Optional[str]]:
+    """(the path, the split name or None) of a data setting: a file or folder, or `folder:split` for a saved
+    DatasetDict (read so only when the whole string names nothing)."""
+    path = Path(path_spec)
+    if not path.exists() and ":" in path_spec:
+        head, split_name = path_spec.rsplit(":", 1)
+        return Path(head), split_name
+    return path, None
+
+
 def read_table(path_spec: str, cfg: DataConfig, role: str) -> Table:
     """A file's rows (any supported format), with their line numbers and what the file declares about them.
 
     Raises:
         HybridFTError: The file is missing, of an unknown format, not UTF-8, empty, or a row is malformed.
     """
-    split_name = None
-    path = Path(path_spec)
-    if not path.exists() and ":" in path_spec:  # `folder:split` for a saved DatasetDict
-        head, split_name = path_spec.rsplit(":", 1)
-        path = Path(head)
+    path, split_name = split_path_spec(path_spec)
     if not path.exists():
         raise HybridFTError(f"data.{role} file not found: {path_spec}; check the path (relative paths start at the "
                             f"current directory)")
@@ -472,7 +478,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         train = train.subset(keep)
         unlabeled = pool if unlabeled is None else concat(unlabeled, pool)
     notes += overlap_notes(train, test, unlabeled)
-    unused = [n for i, n in enumerate(label_names) if i not in set(train.labels)] if len(train) else []
+    seen = set(train.labels)
+    unused = [n for i, n in enumerate(label_names) if i not in seen] if len(train) else []
     if unused:
         notes.append(f"data.labels names {', '.join(map(repr, unused))}, which no row of data.train has: neither model "
                      f"learns to predict it (drop it from data.labels, or add rows with it)")

@@ -24,7 +24,7 @@ from torch import nn
 
 from hybridft import dist
 from hybridft.config import RunConfig, save_config, to_dict
-from hybridft.data import Examples, Splits
+from hybridft.data import Examples, Splits, split_path_spec
 from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
 from hybridft.losses import IGNORE_INDEX, LossWeights
@@ -105,7 +105,7 @@ def paths_read(cfg: RunConfig) -> dict[str, Path]:
             "distill.teacher_logits": cfg.distill.teacher_logits, "distill.cache_dir": cfg.distill.cache_dir,
             "data.train": cfg.data.train,
             "data.validation": cfg.data.validation, "data.test": cfg.data.test, "data.unlabeled": cfg.data.unlabeled}
-    return {key: Path(value.split(":", 1)[0] if key.startswith("data.") and not Path(value).exists() else value)
+    return {key: split_path_spec(value)[0] if key.startswith("data.") else Path(value)
             for key, value in keys.items() if isinstance(value, str) and value}
 
 
