@@ -194,3 +194,37 @@ def test_the_prompt_file_for_sequence_kd_reads_as_unlabeled_prompts(tmp_path: Pa
     cfg = load_config(None, ["task=causal_lm", f"data.unlabeled={out}"])
     prompts = task._read_prompts(str(out), cfg).texts
     assert len(prompts) == 50 and all(p.strip() and ";" not in p[-8:] for p in prompts)
+
+
+def test_a_generation_cut_at_max_new_tokens_trains_without_an_end_of_sequence_token(tmp_path: Path,
+                                                                                    teacher_dir: Path):
+    """A cut answer with EOS appended would teach the student to stop mid-sentence: it keeps the teacher's words
+    and no end; a whole answer keeps its end. The store records which is which, and the summary counts them."""
+    from hybridft import pipeline
+    from hybridft.config import load_config
+
+    model, tok = task.load_model(str(teacher_dir), None, "t")  # type: ignore[arg-type]
+    prompts = [r["prompt"] for r in lm_rows(24, seed=1)]
+    long, ended = task.generate_with_ends(model, tok, prompts, 12, CPU, batch_size=5)
+    short, short_ended = task.generate_with_ends(model, tok, prompts, 2, CPU, batch_size=5)
+    lengths = [len(tok(g, add_special_tokens=False)["input_ids"]) for g in long]
+    assert any(ended) and not all(short_ended)  # the tiny teacher finishes some answers, and 2 tokens cut some
+    assert all(e for e, n in zip(short_ended, lengths) if n == 0)  # an answer that is EOS at once ended
+
+    cfg = load_config(None, run_args(tmp_path, teacher_dir, "cut", "distill.sequence.fraction=1",
+                                     "distill.sequence.max_new_tokens=2", "progress=false")[1:])
+    ctx = pipeline.prepare(cfg)
+    teacher, tok = pipeline.train_teacher(ctx)
+    pipeline.augment(ctx, teacher, tok)
+    train, record = ctx.splits.train, ctx.splits.augmented["sequence_kd"]
+    replaced = [i for i, g in enumerate(short) if g]
+    assert record["cut_at_max_new_tokens"] == sum(1 for i in replaced if not short_ended[i]) > 0
+    assert train.cut == [bool(short[i]) and not short_ended[i] for i in range(len(short))]
+    items = task.encode(train, tok, cfg.data.max_length)
+    for i, item in enumerate(items):
+        assert (item["input_ids"][-1] == tok.eos_token_id) == (not train.cut[i])
+    keys = train.keys()  # a cut row trains on one token fewer: its stored teacher outputs are looked up apart
+    uncut = sequence_kd.Examples(texts=train.texts, labels=train.labels, pairs=train.pairs).keys()
+    assert [k != u for k, u in zip(keys, uncut)] == train.cut
+    stored = json.loads(Path(record["store"]).read_text())
+    assert stored["format"] == "hybridft.generations/2" and stored["ended"] == short_ended

@@ -35,6 +35,10 @@ class Examples:
     """Where the rows came from, for error messages."""
     lines: list[int] = field(default_factory=list)
     """The file line of each row (1-based, counting a header), for error messages."""
+    cut: list[bool] = field(default_factory=list)
+    """Prompt/response rows: True where the response is a teacher generation cut at its token limit, which trains
+    without an end-of-sequence token after it (the student must not learn to stop there). Empty: every response is
+    whole."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -46,12 +50,15 @@ class Examples:
             pairs=None if self.pairs is None else [self.pairs[i] for i in idx],
             source=self.source,
             lines=[self.lines[i] for i in idx] if self.lines else [],
+            cut=[self.cut[i] for i in idx] if self.cut else [],
         )
 
     def keys(self) -> list[str]:
-        """A stable key per example (its text, and pair): how stored teacher outputs are looked up."""
+        """A stable key per example (its text, and pair; and for a cut response, that it is cut, since it trains on
+        one token fewer): how stored teacher outputs are looked up."""
         pairs = self.pairs or [None] * len(self.texts)
-        return [example_key(t, p) for t, p in zip(self.texts, pairs)]
+        cut = self.cut or [False] * len(self.texts)
+        return [example_key(t, p if not c else f"{p}\x1ecut") for t, p, c in zip(self.texts, pairs, cut)]
 
 
 def example_key(text: str, pair: Optional[str] = None) -> str:
@@ -528,4 +535,5 @@ def concat(a: Examples, b: Examples) -> Examples:
         pairs=None if a.pairs is None else a.pairs + (b.pairs or []),
         source=f"{a.source}+{b.source}",
         lines=a.lines + b.lines,
+        cut=(a.cut or [False] * len(a)) + (b.cut or [False] * len(b)) if a.cut or b.cut else [],
     )

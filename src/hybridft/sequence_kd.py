@@ -13,6 +13,9 @@ What is generated (`distill.sequence`):
 Decoding: greedy, or sampling with `temperature` and `top_p`, at most `max_new_tokens` tokens, seeded per batch
 from the run's seed (the same run draws the same responses on any batch split of one machine).
 
+A generation cut at `max_new_tokens` trains without an end-of-sequence token after it: the student learns the
+teacher's words so far, not to stop mid-sentence. The run's log and summary count them (`cut_at_max_new_tokens`).
+
 The generations are stored in the teacher-output cache like the teacher's token outputs, as
 `<fingerprint>.generations.json`, the fingerprint hashing the teacher's files, its tokenizer, the prompts and the
 decoding settings: a second run with the same teacher, prompts and settings reuses them; changing any recomputes.
@@ -34,7 +37,8 @@ from torch import nn
 from hybridft.data import Examples, Splits, concat, example_key
 from hybridft.errors import HybridFTError
 
-FORMAT = "hybridft.generations/1"
+FORMAT = "hybridft.generations/2"
+"""/2 records whether each generation ended at a stop token; /1 files (without it) are recomputed."""
 
 
 def decoding_settings(cfg: Any, stop_ids: Optional[set[int]] = None) -> str:
@@ -56,8 +60,9 @@ def chosen_rows(n: int, fraction: float, seed: int) -> list[int]:
 
 @torch.no_grad()
 def generate(teacher: nn.Module, tokenizer: Any, prompts: list[str], cfg: Any, device: torch.device,
-             progress: bool = False) -> list[str]:
-    """The teacher's responses to `prompts` (decoded without special tokens, stripped), in batches of
+             progress: bool = False) -> tuple[list[str], list[bool]]:
+    """The teacher's responses to `prompts` (decoded without special tokens, stripped) and whether each ended at a
+    stop token (False: cut at `distill.sequence.max_new_tokens`), in batches of
     `distill.sequence.batch_size`, left-padded, through the chat template when the tokenizer has one; on a CPU from
     prepacked weights where faster (`eval.prepack_weights`)."""
     from contextlib import nullcontext
@@ -68,20 +73,25 @@ def generate(teacher: nn.Module, tokenizer: Any, prompts: list[str], cfg: Any, d
 
     s = cfg.distill.sequence
     out: list[str] = []
+    ended: list[bool] = []
     teacher.to(device).eval()
     with packed_if_faster(teacher, device) if cfg.eval.prepack_weights else nullcontext(), \
             progress_bar(len(prompts), "teacher generations", progress, unit="prompt") as bar:
         for start in range(0, len(prompts), s.batch_size):
             torch.manual_seed(cfg.seed + start)  # sampling: the same draws for the same prompts and batch size
             batch = prompts[start:start + s.batch_size]
-            out += causal_lm.generate(teacher, tokenizer, batch, s.max_new_tokens, device, batch_size=s.batch_size,
-                                      do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p)
+            texts, ends = causal_lm.generate_with_ends(teacher, tokenizer, batch, s.max_new_tokens, device,
+                                                       batch_size=s.batch_size, do_sample=s.do_sample,
+                                                       temperature=s.temperature, top_p=s.top_p)
+            out += texts
+            ended += ends
             bar.update(len(batch))
-    return out
+    return out, ended
 
 
-def read_generations(path: Path, keys: list[str]) -> Optional[list[str]]:
-    """Stored generations for `keys` in order, or None when the file is missing or holds other prompts."""
+def read_generations(path: Path, keys: list[str]) -> Optional[tuple[list[str], list[bool]]]:
+    """Stored generations for `keys` in order and whether each ended at a stop token, or None when the file is
+    missing, damaged, of another format or holds other prompts."""
     if not path.is_file():
         return None
     try:
@@ -90,13 +100,14 @@ def read_generations(path: Path, keys: list[str]) -> Optional[list[str]]:
         return None  # a damaged cache entry is recomputed
     if stored.get("format") != FORMAT or stored.get("keys") != keys:
         return None
-    return list(stored["responses"])
+    return list(stored["responses"]), [bool(e) for e in stored["ended"]]
 
 
-def write_generations(path: Path, keys: list[str], responses: list[str], settings: str) -> None:
+def write_generations(path: Path, keys: list[str], responses: list[str], ended: list[bool], settings: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"format": FORMAT, "settings": settings, "keys": keys, "responses": responses}),
+    tmp.write_text(json.dumps({"format": FORMAT, "settings": settings, "keys": keys, "responses": responses,
+                              "ended": ended}),
                    encoding="utf-8")
     os.replace(tmp, path)
 
@@ -121,28 +132,36 @@ def apply(splits: Splits, teacher: nn.Module, tokenizer: Any, cfg: Any, log: Any
 
     settings = decoding_settings(cfg, stop_token_ids(teacher, tokenizer))
     path = cache_dir / f"{fingerprint(teacher_folder, tokenizer, settings, keys)}.generations.json"
-    responses = read_generations(path, keys)
+    stored = read_generations(path, keys)
     start = time.perf_counter()
-    if responses is not None:
+    if stored is not None:
+        responses, ended = stored
         log(f"sequence KD: reusing {len(responses)} stored teacher generations {path}")
     else:
         log(f"sequence KD: the teacher generates responses for {len(prompts)} prompts ({settings})")
-        responses = generate(teacher, tokenizer, prompts, cfg, device, progress=cfg.progress)
-        write_generations(path, keys, responses, settings)
+        responses, ended = generate(teacher, tokenizer, prompts, cfg, device, progress=cfg.progress)
+        write_generations(path, keys, responses, ended, settings)
         log(f"sequence KD: {len(prompts)} generations in {time.perf_counter() - start:.1f} s -> {path}")
     empty = [k for k, r in enumerate(responses) if not r.strip()]
-    pairs = list(train.pairs)
+    pairs, cut = list(train.pairs), list(train.cut or [False] * len(train))
     for k, i in enumerate(rows):
         if responses[k].strip():  # an empty generation (EOS at once) keeps the true response
-            pairs[i] = responses[k]
-    new_train = replace(train, pairs=pairs)
+            pairs[i], cut[i] = responses[k], not ended[k]
+    new_train = replace(train, pairs=pairs, cut=cut)
     if pool is not None:
         keep = [k for k in range(len(rows), len(prompts)) if responses[k].strip()]
         generated = Examples(texts=[prompts[k] for k in keep], labels=[0] * len(keep),
                              pairs=[responses[k] for k in keep], source=f"{pool.source} (teacher responses)",
-                             lines=[pool.lines[k - len(rows)] for k in keep] if pool.lines else [])
+                             lines=[pool.lines[k - len(rows)] for k in keep] if pool.lines else [],
+                             cut=[not ended[k] for k in keep])
         new_train = concat(new_train, generated)
+    n_cut = sum(1 for k, r in enumerate(responses) if r.strip() and not ended[k])
+    if n_cut:
+        log(f"sequence KD: {n_cut} of {len(responses)} teacher generations were cut at distill.sequence."
+            f"max_new_tokens={s.max_new_tokens}; they train without an end-of-sequence token (raise "
+            f"distill.sequence.max_new_tokens to get whole answers)")
     record = {"sequence_kd": {"replaced": len(rows) - sum(k < len(rows) for k in empty),
                               "from_unlabeled_prompts": len(prompts) - len(rows) - sum(k >= len(rows) for k in empty),
-                              "empty_generations_skipped": len(empty), "decoding": settings, "store": str(path)}}
+                              "empty_generations_skipped": len(empty), "cut_at_max_new_tokens": n_cut,
+                              "decoding": settings, "store": str(path)}}
     return replace(splits, train=new_train, unlabeled=None, augmented={**splits.augmented, **record})

@@ -362,7 +362,8 @@ def uses_template(tokenizer: Any) -> bool:
 
 def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optional[list[Any]] = None) -> list[dict[str, Any]]:
     """Items with `input_ids` (prompt + response + end of sequence, or a text chunk) and `prompt_length` (the
-    tokens that get no loss). Prompts go through the tokenizer's chat template when it has one (see
+    tokens that get no loss). A response marked in `examples.cut` (a teacher generation cut at its token limit)
+    gets no end-of-sequence token. Prompts go through the tokenizer's chat template when it has one (see
     `follow_template_setting`). Raises HybridFTError for a prompt that leaves no room for a response."""
     use_template = uses_template(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -375,7 +376,8 @@ def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optiona
                 raise HybridFTError(f"{examples.source} line {line}: the prompt is {len(prompt)} tokens, which leaves "
                                     f"no room for a response within data.max_length={max_length}; raise "
                                     f"data.max_length or shorten the prompt")
-            response = list(tokenizer(examples.pairs[i], add_special_tokens=False)["input_ids"]) + eos
+            end = [] if examples.cut and examples.cut[i] else eos
+            response = list(tokenizer(examples.pairs[i], add_special_tokens=False)["input_ids"]) + end
             ids, prompt_length = (prompt + response)[:max_length], len(prompt)
             truncated += len(prompt) + len(response) > max_length
         else:
@@ -653,11 +655,20 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
     """Greedy (or, with `do_sample`, sampled at `temperature` and `top_p`; seed torch first) continuations of
     `prompts` (left-padded batches, through the chat template when the tokenizer has one), each ending at the
     first of `stop_token_ids`, decoded without special tokens."""
+    return generate_with_ends(model, tokenizer, prompts, max_new_tokens, device, batch_size, min_new_tokens,
+                              do_sample, temperature, top_p)[0]
+
+
+def generate_with_ends(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                       device: torch.device, batch_size: int = 8, min_new_tokens: int = 0, do_sample: bool = False,
+                       temperature: float = 1.0, top_p: float = 1.0) -> tuple[list[str], list[bool]]:
+    """`generate`'s continuations, and for each whether it ended at a stop token (False: cut at `max_new_tokens`).
+    A model with no stop token at all counts every continuation as ended: nothing would mark its end anyway."""
     use_template = uses_template(tokenizer)
     stop = sorted(stop_token_ids(model, tokenizer))
     model.to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs = []
+    outputs, ended = [], []
     for start in range(0, len(prompts), batch_size):
         encoded = [_prompt_ids(tokenizer, p, use_template) for p in prompts[start:start + batch_size]]
         width = max(len(e) for e in encoded)
@@ -668,8 +679,12 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=min_new_tokens, pad_token_id=pad_id, **sampling,
                              **({"eos_token_id": stop} if stop else {}))
-        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [o.strip() for o in outputs]
+        new = out[:, width:]
+        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        # a sequence that stopped is padded after its stop token, so any stop token in it means it ended
+        ended += torch.isin(new, torch.tensor(stop, device=new.device)).any(dim=1).tolist() if stop else \
+            [True] * len(new)
+    return [o.strip() for o in outputs], ended
 
 
 def generation_speed(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int,
