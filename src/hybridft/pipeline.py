@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hybridft import dist
-from hybridft.config import RunConfig, save_config, to_dict
+from hybridft.config import RunConfig, save_config, student_num_layers, to_dict
 from hybridft.data import Examples, Splits, split_path_spec
 from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
@@ -291,7 +291,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     if fresh and stage != "evaluate":  # the student's settings fail now, not after the teacher stage wrote files
         student, teacher_path = cfg.student, task.teacher_path(cfg)
         student_path = task.resolve_model_path(student.model) if student.model else None
-        check_student(student.layers, student.num_layers, teacher_path, student_path)
+        check_student(student.layers, student_num_layers(cfg), teacher_path, student_path)
         if not cfg.distill.teacher_logits or not student_path:  # the teacher's weights will be loaded
             check_max_length(cfg.data.max_length, teacher_path, "teacher.model")
         if student_path:

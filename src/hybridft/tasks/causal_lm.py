@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hybridft.batching import length_sorted_loader, to_device
-from hybridft.config import DEFAULT_LM_TEACHER, RunConfig
+from hybridft.config import DEFAULT_LM_TEACHER, RunConfig, student_num_layers
 from hybridft.data import Examples, Splits, read_rows, text_problem
 from hybridft.dist import autocast
 from hybridft.errors import HybridFTError
@@ -198,7 +198,7 @@ def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenize
     values and tokenizer; or `student.model`, a causal LM folder or a config.json (random initialisation)."""
     s = cfg.student
     if s.model is None:
-        student = layer_cut_student(teacher, s.layers, s.num_layers)
+        student = layer_cut_student(teacher, s.layers, student_num_layers(cfg))
         if hasattr(student, "hybridft_vocab_limit"):
             del student.hybridft_vocab_limit
         return student, teacher_tokenizer

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hybridft.batching import length_sorted_loader, to_device
-from hybridft.config import RunConfig, unlabeled_rows_teach
+from hybridft.config import RunConfig, student_num_layers, unlabeled_rows_teach
 from hybridft.dist import autocast
 from hybridft.data import NO_LABEL, Examples, Splits, concat
 from hybridft.data import load_splits as _load_splits
@@ -93,7 +93,7 @@ def build_student(cfg: RunConfig, teacher: Optional[nn.Module], teacher_tokenize
     label_names = splits.label_names
     s = cfg.student
     if s.model is None:
-        return layer_cut_student(teacher, s.layers, s.num_layers), teacher_tokenizer
+        return layer_cut_student(teacher, s.layers, student_num_layers(cfg)), teacher_tokenizer
     path = resolve_model_path(s.model)
     if path.endswith(".json"):  # a config: a randomly initialised student of that shape
         folder = str(Path(path).parent)
