@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -430,3 +431,34 @@ def test_output_csv_round_trips_through_pandas(tmp_path: Path):
     assert frame["text"].tolist() == ["good,\n\"quoted\"", "plain"]
     assert frame["meta"].tolist() == ['{"a": 1}', ""]
     assert report.dropped_columns == ["extra"]
+
+
+@pytest.mark.parametrize("command", ["predict", "generate"])
+@pytest.mark.parametrize("content, message", [
+    ('{"id": 1, "words": "hello"}\n', "has no column '{column}' \\(columns found: 'id', 'words'\\)"),
+    ("\n", "is empty"),
+    ("id,words\n1,hello\n", "has no column '{column}'"),
+])
+def test_predict_and_generate_check_the_input_before_loading_a_model(tmp_path: Path, monkeypatch, capsys,
+                                                                     command: str, content: str, message: str):
+    """A wrong column or an empty file used to surface only after the models loaded (15 s for generate)."""
+    from hybridft import hybrid, speculative
+    from hybridft.cli import main
+    from hybridft.tasks import causal_lm
+
+    def loaded(*_a, **_k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for module, name in ((hybrid, "load_predictor"), (causal_lm, "load_model"), (speculative, "load_hybrid")):
+        monkeypatch.setattr(module, name, loaded)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    src = tmp_path / ("in.csv" if content.startswith("id,") else "in.jsonl")
+    src.write_text(content)
+    out = tmp_path / "out.jsonl"
+    assert main([command, "--model", str(model), "--input", str(src), "--output", str(out), "--quiet"]) == 2
+    column = "text" if command == "predict" else "prompt"
+    err = capsys.readouterr().err
+    assert re.search(message.format(column=column), err) and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -334,6 +334,19 @@ class HybridModel:
                    text_column=s.get("text_column", "text"), text_pair_column=s.get("text_pair_column"))
 
 
+def saved_text_columns(folder: str | Path) -> Optional[tuple[str, Optional[str]]]:
+    """The text and text-pair columns a hybrid folder's run read (from hybrid.json, without loading a model); a
+    single classifier folder reads `text`. None for anything else: loading the folder says what is wrong."""
+    path = Path(folder) / "hybrid.json"
+    if not path.is_file():
+        return ("text", None) if (Path(folder) / "config.json").is_file() else None
+    try:
+        s = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (s.get("text_column", "text"), s.get("text_pair_column")) if isinstance(s, dict) else None
+
+
 def load_predictor(folder: str | Path, device: Optional[torch.device] = None) -> HybridModel:
     """A hybrid folder, or a single classifier folder (then every row is answered by that model, as "student")."""
     folder = Path(folder)

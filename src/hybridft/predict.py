@@ -312,6 +312,32 @@ def _run_batch(predict_batch: PredictBatch, batch: list[tuple[dict[str, Any], st
     report.rows_written += len(rows)
 
 
+def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str = "text",
+                text_pair_column: Optional[str] = None, delimiter: Optional[str] = None,
+                column_names: Optional[list[str]] = None, skip_bad_rows: bool = False,
+                text_option: str = "text_column", quoting: Optional[Quoting] = None) -> None:
+    """The checks `predict_file` makes before its first batch, without a model: the paths and formats, a delimited
+    file's header, and the first row (its text columns; for JSONL, that there is one). The commands run it before
+    loading models, which takes seconds to minutes, so a wrong column or an empty file fails at once.
+
+    Raises:
+        HybridFTError: what `predict_file` would raise for the same file and options, before any output exists.
+    """
+    src = Path(input_path)
+    _check_paths(src, Path(output_path))
+    with open(src, "rb") as fh:
+        reader = open_reader(src, Lines(fh), text_column, text_pair_column, delimiter, column_names, text_option,
+                             quoting)
+        for item in reader:
+            if item.row is not None:
+                item, _, _ = _with_texts(item, text_column, text_pair_column)
+            if item.row is None and not skip_bad_rows:
+                _skip_or_stop(item, src, False, PredictReport(input=str(src), output=str(output_path)))
+            return
+        if isinstance(reader, JsonlReader):
+            raise HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
+
+
 def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path: PathLike, *,
                  text_column: str = "text", text_pair_column: Optional[str] = None,
                  delimiter: Optional[str] = None, column_names: Optional[list[str]] = None,
