@@ -372,3 +372,29 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     out = tmp_path / "never.jsonl"
     assert main(["generate", "--model", str(damaged), "--input", str(prompts), "--output", str(out)]) == 2
     assert "draft/config.json" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_teacher_that_ends_every_answer_at_once_leaves_the_hybrid_unmeasured(tmp_path: Path, tiny_lm_dir: Path,
+                                                                              lm_data, capsys):
+    """No round of drafting, so no acceptance rate or speed-up: the summary says why instead of printing 0% and a
+    speed-up of one prompt pass against another (or failing on a missing one)."""
+    from transformers import GenerationConfig
+
+    from hybridft.cli import main
+
+    teacher = tmp_path / "stops"
+    shutil.copytree(tiny_lm_dir, teacher)
+    tok = make_lm_tokenizer(tmp_path / "tok")
+    GenerationConfig(eos_token_id=list(range(len(tok)))).save_pretrained(teacher)  # every token ends an answer
+    assert main(_run_args(tmp_path, teacher, lm_data, "a", "hybrid.speculative_prompts=2", "student.train.epochs=1",
+                          "hybrid.draft_vocabulary=12")) == 0
+    h = json.loads((tmp_path / "a" / "summary.json").read_text())["hybrid"]
+    assert "end at their first token" in h["unmeasured"] and h["hybrid"]["drafted"] == 0
+    assert h["hybrid"]["speedup_vs_teacher"] is None and h["undistilled_hybrid"]["speedup_vs_teacher"] is None
+    assert h["draft_vocabulary"]["teacher_token_coverage"] is None  # over no answer token
+    printed = " ".join(capsys.readouterr().out.split())  # the table's console wraps lines
+    assert "speculative hybrid: saved to" in printed and "not measured" in printed
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "red"}])
+    assert main(["generate", "--model", str(tmp_path / "a" / "hybrid"), "--input", str(prompts), "--output",
+                 str(tmp_path / "o.jsonl"), "--quiet"]) == 0
+    assert "nothing was drafted" in capsys.readouterr().out

@@ -298,7 +298,10 @@ def _generate(args: argparse.Namespace) -> int:
                           columns=("generation",) if stats is None else ("generation", "acceptance_rate"),
                           text_option="prompt_column")
     print(report.summary())
-    if stats is not None:
+    if stats is not None and stats.drafted == 0:
+        print("speculative decoding: nothing was drafted (every answer ended at its first token, which the "
+              "teacher's pass over the prompt emits)")
+    elif stats is not None:
         print(f"speculative decoding: {stats.acceptance_rate:.1%} of {stats.drafted} drafted tokens accepted, "
               f"{stats.tokens_per_teacher_pass:.2f} tokens per teacher pass, "
               f"{stats.new_tokens / stats.seconds if stats.seconds else 0:.1f} tokens/s while generating "
@@ -397,7 +400,9 @@ def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
             console.print(f"[bold]prompt[/bold] {g['prompt']!r}\n  teacher: {g['teacher']!r}\n  student: {g['student']!r}",
                           markup=True, highlight=False)
     h = summary.get("hybrid")
-    if h and "skipped" not in h:
+    if h and "unmeasured" in h:
+        console.print(f"speculative hybrid: saved to {run_dir}/hybrid, not measured: {h['unmeasured']}")
+    elif h and "skipped" not in h:
         hy, u = h["hybrid"], h.get("undistilled_hybrid")
         line = (f"speculative hybrid (the student drafts {h['draft_tokens']} tokens per teacher pass, batch 1, "
                 f"{h['prompts']} prompts): {h['matches_teacher']}/{h['prompts']} outputs equal the teacher's greedy "

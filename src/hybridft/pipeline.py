@@ -655,6 +655,9 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
             f"({result['draft_precision']['reason']})"
             + (f"; teacher passes of 1.. tokens timed at {padding['teacher_pass_ms']} ms, so r real tokens are "
                f"verified at widths {padding['pad_to']}" if padding else ""))
+    if "unmeasured" in result:
+        ctx.log(f"speculative hybrid: saved, but not measured: {result['unmeasured']}")
+        return result
     ctx.log(f"speculative hybrid: {result['matches_teacher']}/{len(prompts)} outputs equal the teacher's greedy ones; "
             f"acceptance {h['acceptance_rate']:.1%}, {h['tokens_per_s']} tokens/s = {h['speedup_vs_teacher']}x the "
             f"teacher alone ({result['teacher']['tokens_per_s']}/s); undistilled draft: acceptance "
