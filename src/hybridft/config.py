@@ -64,7 +64,9 @@ class DataConfig:
     response_column: str = "response"
     """causal_lm: the response to learn (with `prompt_column`)."""
     chat_template: bool = True
-    """causal_lm: wrap prompt and response in the tokenizer's chat template when it has one."""
+    """causal_lm: wrap prompt and response in the tokenizer's chat template when it has one. Without it the
+    prompt's tokens are followed directly by the response's (each tokenised alone, nothing between them): the
+    prompt carries its own separator ("Q: ...\nA:")."""
     text_pair_column: Optional[str] = None
     """Second text column, for sentence-pair tasks."""
     label_column: str = "label"
