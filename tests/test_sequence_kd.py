@@ -228,3 +228,25 @@ def test_a_generation_cut_at_max_new_tokens_trains_without_an_end_of_sequence_to
     assert [k != u for k, u in zip(keys, uncut)] == train.cut
     stored = json.loads(Path(record["store"]).read_text())
     assert stored["format"] == "hybridft.generations/2" and stored["ended"] == short_ended
+
+
+def test_unlabeled_prompts_are_read_from_data_unlabeled_text_column(tmp_path: Path, teacher_dir: Path, capsys):
+    """The setting was ignored for causal LMs: a prompt file with its own column name was refused."""
+    from hybridft.config import load_config
+    from hybridft.tasks.causal_lm import load_splits
+
+    asked = [r["prompt"] for r in lm_rows(3, seed=9)]
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question": q} for q in asked])
+    cfg = load_config(None, run_args(tmp_path, teacher_dir, "q", f"data.unlabeled={questions}",
+                                     "data.unlabeled_text_column=question")[1:])
+    assert load_splits(cfg, cfg.seed).unlabeled.texts == asked
+    from hybridft.cli import main
+
+    assert main(run_args(tmp_path, teacher_dir, "x", f"data.unlabeled={questions}",
+                         "data.unlabeled_text_column=query")) == 2
+    err = capsys.readouterr().err
+    assert "no prompt column 'query'" in err and "set data.unlabeled_text_column" in err
+    half = tmp_path / "half.jsonl"
+    half.write_text('{"prompt": "red \\ud83d"}\n', encoding="utf-8")
+    assert main(run_args(tmp_path, teacher_dir, "y", f"data.unlabeled={half}")) == 2
+    assert "line 1: the prompt column holds a lone UTF-16 surrogate" in capsys.readouterr().err

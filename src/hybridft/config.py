@@ -56,7 +56,8 @@ class DataConfig:
     unlabeled: Optional[str] = None
     """Text-only file: the teacher labels it (soft targets) and the student learns from those labels."""
     unlabeled_text_column: Optional[str] = None
-    """The unlabeled file's text column, when it is named differently; default `text_column`."""
+    """The unlabeled file's text column, when it is named differently; default `text_column` (causal_lm: its
+    prompt column; default `prompt_column`)."""
     text_column: str = "text"
     """Classification: the text. causal_lm: plain text trained on every token (when there is no prompt column)."""
     prompt_column: str = "prompt"

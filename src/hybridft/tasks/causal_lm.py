@@ -267,18 +267,23 @@ def load_splits(cfg: RunConfig, seed: int) -> Splits:
 
 
 def _read_prompts(path: str, cfg: RunConfig) -> Examples:
-    """Prompts without responses (data.unlabeled), for the teacher to answer (sequence KD)."""
+    """Prompts without responses (data.unlabeled), for the teacher to answer (sequence KD), from the column
+    `data.unlabeled_text_column` (default `data.prompt_column`)."""
     d = cfg.data
+    column, key = (d.unlabeled_text_column, "data.unlabeled_text_column") if d.unlabeled_text_column else \
+        (d.prompt_column, "data.prompt_column")
     rows, lines, source = read_rows(path, d, "unlabeled")
     if d.max_train_samples:
         rows, lines = rows[:d.max_train_samples], lines[:d.max_train_samples]
-    if rows and d.prompt_column not in rows[0]:
-        raise HybridFTError(f"data.unlabeled {source} has no prompt column '{d.prompt_column}' (columns: "
-                            f"{', '.join(sorted(rows[0]))}); give prompts for the teacher to answer, or set "
-                            f"data.prompt_column")
+    if rows and column not in rows[0]:
+        raise HybridFTError(f"data.unlabeled {source} has no prompt column '{column}' (columns: "
+                            f"{', '.join(sorted(rows[0]))}); give prompts for the teacher to answer, or set {key}")
     texts = []
     for row, line in zip(rows, lines):
-        value = row.get(d.prompt_column)
+        value = row.get(column)
+        problem = text_problem(value)
+        if problem:
+            raise HybridFTError(f"data.unlabeled {source} line {line}: the {column} column {problem}")
         if not isinstance(value, str) or not value.strip():
             raise HybridFTError(f"data.unlabeled {source} line {line}: the prompt is empty or not text ({value!r}); "
                                 f"remove the row or fill it in")
