@@ -86,9 +86,9 @@ def lm_data(tmp_path: Path) -> dict[str, Path]:
             "test": write_jsonl(tmp_path / "test.jsonl", lm_rows(12, seed=3))}
 
 
-def examples(rows: list[dict[str, str]]) -> Examples:
+def examples(rows: list[dict[str, str]], source: str = "rows") -> Examples:
     return Examples(texts=[r["prompt"] for r in rows], labels=[0] * len(rows),
-                    pairs=[r["response"] for r in rows], source="rows")
+                    pairs=[r["response"] for r in rows], source=source)
 
 
 def _tokenizer(folder: Path):
@@ -308,6 +308,8 @@ def test_causal_lm_run_end_to_end_and_generate(tmp_path: Path, tiny_lm_dir: Path
                  "--batch-size", "2", "--max-new-tokens", "3", "--quiet"]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == list(range(5)) and all(isinstance(x["generation"], str) for x in lines)
+    report = json.loads((tmp_path / "gen.jsonl.report.json").read_text())
+    assert report["rows_written"] == 5 and "answered_by" not in report  # a classifier's count, not a generator's
     # the same student generates the same text as the task's generate (greedy, batch-independent)
     expected = task.generate(*task.load_model(str(run / "student"), None, "m"), [lm_rows(5)[0]["prompt"]], 3, CPU)
     assert lines[0]["generation"] == expected[0]
@@ -499,6 +501,10 @@ def test_an_external_store_made_with_other_settings_is_refused(tmp_path: Path, t
 def test_responses_cut_at_max_length_are_counted(tmp_path: Path, capsys):
     tok = make_lm_tokenizer(tmp_path / "tok")
     items = task.encode(examples([{"prompt": "red", "response": " ".join(LM_WORDS)},
-                                  {"prompt": "red", "response": "blue"}]), tok, 8)
+                                  {"prompt": "red", "response": "blue"}], source=str(tmp_path / "two")), tok, 8)
     assert [len(it["input_ids"]) for it in items] == [8, 3]
     assert "1 of 2 responses are cut at data.max_length=8" in capsys.readouterr().err
+    rows = examples([{"prompt": "red", "response": " ".join(LM_WORDS)}], source=str(tmp_path / "once.jsonl"))
+    for _ in range(3):  # a run encodes a split for training, the teacher's store and the report: one note
+        task.encode(rows, tok, 8)
+    assert capsys.readouterr().err.count("responses are cut") == 1

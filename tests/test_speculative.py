@@ -314,12 +314,13 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     for name in ("hybrid", "teacher"):
         out = tmp_path / f"{name}.jsonl"
         assert main(["generate", "--model", str(run / name), "--input", str(prompts), "--output", str(out),
-                     "--max-new-tokens", "5", "--quiet"]) == 0
+                     "--max-new-tokens", "5", "--batch-size", "3"]) == 0
         outs[name] = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["generation"] for r in outs["hybrid"]] == [r["generation"] for r in outs["teacher"]]
     assert all(0 <= r["acceptance_rate"] <= 1 for r in outs["hybrid"])
-    printed = capsys.readouterr().out
-    assert "speculative decoding:" in printed and "tokens/s while generating (after" in printed
+    captured = capsys.readouterr()
+    assert "speculative decoding:" in captured.out and "tokens/s while generating (after" in captured.out
+    assert captured.err.count("the speculative hybrid generates one prompt at a time") == 1  # not the teacher
 
     # bench/speculative.py --quick on this run: both drafts per draft length, outputs equal to the teacher's
     import importlib.util

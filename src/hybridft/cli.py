@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--quoting", choices=["csv", "none"], default=None,
                     help="csv: quoted fields; none: quotes are literal (default: none for .tsv/.txt, csv otherwise)")
     ge.add_argument("--max-new-tokens", type=int, default=64)
-    ge.add_argument("--batch-size", type=int, default=8, help="prompts generated, and rows written, at a time")
+    ge.add_argument("--batch-size", type=int, default=None,
+                    help="prompts generated, and rows written, at a time (default 8; the speculative hybrid "
+                         "generates one prompt at a time whatever this says)")
     ge.add_argument("--skip-bad-rows", action="store_true",
                     help="skip rows with an empty prompt or bad encoding, and count them in OUTPUT.report.json")
     ge.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -247,6 +249,8 @@ def _generate(args: argparse.Namespace) -> int:
     from hybridft import speculative
     from hybridft.tasks import causal_lm
 
+    batch_size_given = args.batch_size is not None
+    args.batch_size = 8 if args.batch_size is None else args.batch_size
     if args.max_new_tokens < 1 or args.batch_size < 1:
         bad = [f"{name} {value}" for name, value in (("--max-new-tokens", args.max_new_tokens),
                                                         ("--batch-size", args.batch_size)) if value < 1]
@@ -264,6 +268,9 @@ def _generate(args: argparse.Namespace) -> int:
         if args.no_prepack:
             hybrid.prepack_weights = False
         tokenizer, stats = hybrid.tokenizer, speculative.SpeculativeStats()
+        if batch_size_given and args.batch_size > 1 and not args.quiet:
+            print(f"--batch-size {args.batch_size}: the speculative hybrid generates one prompt at a time (each "
+                  f"accepts its own number of drafts); {args.batch_size} rows are written at a time", file=sys.stderr)
         started = time.perf_counter()
         hybrid.prepare()  # the draft's precision, prepacking, the timed verification widths: once, before row 1
         setup_s = time.perf_counter() - started

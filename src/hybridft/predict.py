@@ -79,7 +79,10 @@ class PredictReport:
     quotes as CSV quoting writes them."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if "answered_by" not in self.columns:  # `generate` writes generations: no model choice to count
+            del out["answered_by"]
+        return out
 
     def write_json(self, path: Optional[PathLike] = None) -> Path:
         """Write the report as JSON, by default to `<output>.report.json`; returns the path written."""

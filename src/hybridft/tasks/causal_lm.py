@@ -365,6 +365,11 @@ def uses_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+_CUT_NOTED: set[tuple[str, int, int]] = set()
+"""The cut-response notes already printed by this process: the training items, the stored teacher outputs and
+the report each encode a split, and the note is said once."""
+
+
 def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optional[list[Any]] = None) -> list[dict[str, Any]]:
     """Items with `input_ids` (prompt + response + end of sequence, or a text chunk) and `prompt_length` (the
     tokens that get no loss). A response marked in `examples.cut` (a teacher generation cut at its token limit)
@@ -394,7 +399,8 @@ def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optiona
         if targets is not None:
             item["teacher"] = targets[i]
         items.append(item)
-    if truncated:
+    if truncated and (examples.source, max_length, truncated) not in _CUT_NOTED:  # encode runs several times a split
+        _CUT_NOTED.add((examples.source, max_length, truncated))
         print(f"hybridft: {examples.source}: {truncated} of {len(items)} responses are cut at data.max_length="
               f"{max_length} tokens (their end-of-sequence token with them); raise data.max_length to keep them whole",
               file=sys.stderr)
