@@ -84,6 +84,22 @@ def test_resume_with_a_changed_config_names_the_keys_and_refuses(tmp_path: Path,
     err = capsys.readouterr().err
     assert "loss.temperature" in err and "student.train.lr" in err and "--force" in err
     assert (tmp_path / "r" / "summary.json").read_bytes() == before
+    assert main(["run", *base, "loss.temperature=4", "--force"]) == 2  # --force alone was ignored without a word
+    assert "--force only applies with --resume" in capsys.readouterr().err
+
+    # the run's own config.yaml is the base of `run output_dir=RUN --resume`, and a machine setting may change
+    assert main(["run", f"output_dir={tmp_path / 'r'}", "num_threads=1", "--resume", "--quiet"]) == 0
+    assert "differs" not in capsys.readouterr().err
+
+    # a forced resume continues under the new settings, and config.yaml says so for the next --resume
+    assert main(["run", *base, "student.train.lr=1e-3", "--resume", "--force", "--quiet"]) == 0
+    assert "continuing with changed student.train.lr" in capsys.readouterr().err
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    previous = yaml.safe_load((tmp_path / "r" / "config.before-resume.yaml").read_text())
+    assert (saved["student"]["train"]["lr"], previous["student"]["train"]["lr"]) == (1e-3, 3e-3)
+    assert main(["run", *base, "student.train.lr=1e-3", "--resume", "--quiet"]) == 0
 
 
 def _items(tmp_path: Path):

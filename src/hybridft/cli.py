@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def saved_run_config(overrides: list[str]) -> Optional[str]:
+    """OUTPUT_DIR/config.yaml when the overrides name an output_dir that holds one, else None."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "output_dir" and (Path(value.strip()) / "config.yaml").is_file():
+            return str(Path(value.strip()) / "config.yaml")
+    return None
+
+
 def _is_demo(args: argparse.Namespace) -> bool:
     """No config file and no data named: run the built-in BBC News demo."""
     keys = {o.split("=", 1)[0].strip() for o in args.overrides}
@@ -134,6 +143,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _predict(args)
     if args.command == "generate":
         return _generate(args)
+    if args.force and not args.resume:
+        raise HybridFTError("--force only applies with --resume (to continue a run whose config changed)")
+    if args.resume and args.config is None:  # `run output_dir=RUN --resume` continues RUN under its own config
+        args.config = saved_run_config(args.overrides)
     overrides = list(args.overrides)
     if args.command == "run" and _is_demo(args):
         lm = any(o.replace(" ", "") == "task=causal_lm" for o in overrides)

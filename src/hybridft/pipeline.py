@@ -44,8 +44,8 @@ RUN_MARKERS = ("config.yaml", "summary.json", "teacher", "student", "metrics.jso
 STUDENT_OUTPUTS = ("student", "student.tmp", "config.distill.yaml", "checkpoints/student", "teacher_outputs.safetensors",
                    "summary.json", "summary.json.tmp", "hybrid", "hybrid.tmp", "export", "hybrid_curve.json",
                    "hybrid_curve.png")
-RUN_OUTPUTS = ("config.yaml", "config.teacher.yaml", "data.json", "metrics.jsonl", "teacher", "teacher.tmp",
-               "checkpoints", *STUDENT_OUTPUTS)
+RUN_OUTPUTS = ("config.yaml", "config.before-resume.yaml", "config.teacher.yaml", "data.json", "metrics.jsonl",
+               "teacher", "teacher.tmp", "checkpoints", *STUDENT_OUTPUTS)
 
 
 @dataclass
@@ -178,17 +178,33 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return keys
 
 
-def check_resume(cfg: RunConfig, run_dir: Path, force: bool) -> None:
+MACHINE_SETTINGS = ("progress", "num_threads")
+"""Config keys a resumed run may change freely: how it shows progress and how many CPU threads it uses."""
+
+
+def check_resume(cfg: RunConfig, run_dir: Path, force: bool) -> list[str]:
+    """The keys in which `cfg` differs from the run's config.yaml (machine settings aside). Raises HybridFTError
+    when there is no run to resume, or when keys differ and not `force`."""
     import yaml
 
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         raise HybridFTError(f"--resume: {run_dir} holds no run to resume (no config.yaml); drop --resume to start one")
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-    changed = [k for k in config_changes(saved, to_dict(cfg)) if k not in ("progress",)]
+    changed = [k for k in config_changes(saved, to_dict(cfg)) if k not in MACHINE_SETTINGS]
     if changed and not force:
         raise HybridFTError(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}; "
                             f"resume with the same settings, or pass --force to continue anyway")
+    return changed
+
+
+def record_forced_resume(cfg: RunConfig, run_dir: Path, changed: list[str]) -> None:
+    """A resume forced past changed settings continues under them, so config.yaml must say so (a later --resume
+    or `evaluate` reads it): the previous file is kept beside it as config.before-resume.yaml."""
+    os.replace(run_dir / "config.yaml", run_dir / "config.before-resume.yaml")
+    save_config(cfg, run_dir / "config.yaml")
+    print(f"hybridft: --resume --force: continuing with changed {', '.join(changed)}; config.yaml now records "
+          f"them (the previous one is config.before-resume.yaml)", file=sys.stderr, flush=True)
 
 
 def launch_settings(cfg: RunConfig) -> RunConfig:
@@ -261,7 +277,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     if not dist.is_main():
         cfg = replace(cfg, progress=False)
     if resume:
-        check_resume(cfg, run_dir, force)
+        forced = check_resume(cfg, run_dir, force)
         fresh = False
     # `hybridft distill` into the folder of `hybridft teacher` is that run's second stage: only a student is replaced
     markers = ("student", "summary.json") if stage == "distill" else RUN_MARKERS
@@ -288,6 +304,8 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
             print(f"hybridft: {note}", file=sys.stderr, flush=True)
     if resume:
         check_resume_data(run_dir, splits)
+        if forced and dist.is_main():
+            record_forced_resume(cfg, run_dir, forced)
     if fresh and stage != "evaluate":  # the student's settings fail now, not after the teacher stage wrote files
         student, teacher_path = cfg.student, task.teacher_path(cfg)
         student_path = task.resolve_model_path(student.model) if student.model else None
