@@ -130,3 +130,22 @@ def test_a_header_read_through_column_names_is_named_as_such(tmp_path: Path):
     with pytest.raises(HybridFTError, match="test.tsv line 1 repeats data.column_names"):
         load_splits(cfg, 0)
     assert len(load_splits(DataConfig(train=str(bare), validation=str(bare), column_names=["text", "label"]), 0).train)
+
+
+def test_labels_that_differ_only_in_case_are_refused_unless_listed(tmp_path: Path):
+    """'Positive' and ' positive ' were two classes of a 4-class model, silently (a fresh user's Excel file)."""
+    from hybridft.errors import HybridFTError
+
+    f = tmp_path / "c.csv"
+    f.write_text("text,label\n" + "".join(f"t{i},{y}\n" for i, y in enumerate(
+        ["positive", " Positive ", "negative", "positive", "negative", "negative"])))
+    with pytest.raises(HybridFTError, match=r"'Positive' \(1 rows\) and 'positive' \(2 rows\) differ only in case"):
+        load_splits(DataConfig(train=str(f), validation=str(f)), 0)
+    listed = load_splits(DataConfig(train=str(f), validation=str(f), labels=["negative", "positive", "Positive"]), 0)
+    assert listed.train.labels == [1, 2, 0, 1, 0, 0]  # three classes, as the user listed them
+    g = tmp_path / "test.csv"
+    g.write_text("text,label\nt,Neg\n")
+    plain = tmp_path / "plain.csv"
+    plain.write_text("text,label\n" + "".join(f"t{i},{y}\n" for i, y in enumerate(["pos", "neg"] * 3)))
+    with pytest.raises(HybridFTError, match="label 'Neg' is not one of the task's labels .* matched case by case"):
+        load_splits(DataConfig(train=str(plain), validation=str(g)), 0)

@@ -286,6 +286,25 @@ def _label_order(raw: list[str]) -> list[str]:
     return values
 
 
+def check_label_spellings(raw: list[Optional[str]], source: str) -> None:
+    """Refuse labels that differ only in case ("Positive", "positive"): read as they are they become separate
+    classes, silently, and every score is wrong. Whitespace around labels is already stripped (`_raw_label`).
+    Listing the classes in `data.labels` skips the check, for tasks whose classes do differ by case."""
+    counts: dict[str, int] = {}
+    for label in raw:
+        if label is not None:
+            counts[label] = counts.get(label, 0) + 1
+    spellings: dict[str, list[str]] = {}
+    for label in sorted(counts):
+        spellings.setdefault(label.casefold(), []).append(label)
+    clash = next((names for names in spellings.values() if len(names) > 1), None)
+    if clash:
+        found = " and ".join(f"'{n}' ({counts[n]} rows)" for n in clash)
+        raise HybridFTError(f"data.train {source}: the labels {found} differ only in case, so they would be separate "
+                            f"classes; write each label one way in the file, or list every class in data.labels if "
+                            f"they are different")
+
+
 def read_examples(path: str, cfg: DataConfig, role: str, label_names: Optional[list[str]],
                   labeled: bool = True, limit: Optional[int] = None) -> tuple[Examples, list[Optional[str]], Table]:
     """Read one split.
@@ -362,8 +381,10 @@ def encode_labels(raw: list[Optional[str]], lines: list[int], label_names: list[
             out.append(NO_LABEL)
             continue
         if label not in index:
+            same = [n for n in label_names if n.casefold() == label.casefold()]
+            hint = f" (the task has '{same[0]}': labels are matched case by case)" if same else ""
             raise HybridFTError(f"{source} line {line}: label '{label}' is not one of the task's labels "
-                                f"{label_names}; fix the row or list every label in data.labels")
+                                f"{label_names}{hint}; fix the row or list every label in data.labels")
         out.append(index[label])
     return out
 
@@ -459,6 +480,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                          f"{', '.join(f'{i}={n}' for i, n in enumerate(label_names))}")
         else:
             label_names = _label_order(raw)
+            check_label_spellings(raw, train.source)
         if len(label_names) < 2:
             raise HybridFTError(f"data.train {train.source} has only one label ({label_names}); a classifier "
                                 f"needs at least 2")
