@@ -83,3 +83,16 @@ def test_teacher_layers_beside_a_named_student_model_are_refused(key: str):
     with pytest.raises(HybridFTError, match=f"config key '{key.split('=')[0]}'.*student.model=other/model is used whole"):
         load_config(overrides=["student.model=other/model", key])
     assert load_config(overrides=["student.model=other/model"]).student.num_layers is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("student:\n\tnum_layers: 2\n", r"line 2, column 1: found character '\\t'.*YAML indents with spaces, not tabs"),
+    ("student:\n  train:\n    epochs: 1\n    epochs: 5\n", "line 4, column 5: the key 'epochs' is given twice"),
+    ("student:\n  layers: [1,\n", "line 3, column 1: expected the node content"),
+])
+def test_a_broken_config_file_names_the_line_and_the_cause(tmp_path: Path, text: str, message: str):
+    """PyYAML's first line alone ("while scanning for the next token") named neither; a repeated key won silently."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(HybridFTError, match=message):
+        load_config(f)

@@ -733,6 +733,39 @@ def student_num_layers(cfg: "RunConfig") -> int:
     return cfg.student.num_layers or DEFAULT_STUDENT_LAYERS[cfg.task]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last without a word)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice in one section",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in `path`. Raises HybridFTError naming the line and column of a syntax error, with the
+    usual cause of each (a tab in the indentation, a key given twice)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HybridFTError(f"config file {path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if mark is None:
+            raise HybridFTError(f"config file {path} is not valid YAML: {problem}") from None
+        line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+        hint = "; YAML indents with spaces, not tabs" if "\t" in line[:mark.column + 1] or "tab" in problem else ""
+        raise HybridFTError(f"config file {path} line {mark.line + 1}, column {mark.column + 1}: {problem}{hint}") from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Build a `RunConfig` from an optional YAML file and `section.key=value` overrides (applied in order)."""
     data: dict[str, Any] = {}
@@ -740,10 +773,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         p = Path(path)
         if not p.is_file():
             raise HybridFTError(f"config file not found: {p}; pass an existing YAML file to --config")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise HybridFTError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
