@@ -286,3 +286,17 @@ def test_the_python_api_names_the_bad_item(pair, texts, expected):
 
     with pytest.raises(HybridFTError, match=re.escape(expected)):
         _model(pair, threshold=0.9).predict(texts)
+
+
+def test_a_classification_hybrid_given_to_generate_or_as_one_model_is_named(pair, tmp_path: Path, capsys):
+    """The advice was "a run's folder, give .../hybrid/student", which then was "not a causal language model"."""
+    from hybridft.cli import main
+    from hybridft.models import check_model_folder
+
+    folder = _model(pair, threshold=0.9).save(tmp_path / "hybrid")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    assert main(["generate", "--model", str(folder), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "is a classification hybrid; label texts with `hybridft predict" in capsys.readouterr().err
+    with pytest.raises(HybridFTError, match="is a hybrid folder \\(a teacher and a student\\), not one model"):
+        check_model_folder(str(folder), "teacher.model")

@@ -322,6 +322,10 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     assert "speculative decoding:" in captured.out and "tokens/s while generating (after" in captured.out
     assert captured.err.count("the speculative hybrid generates one prompt at a time") == 1  # not the teacher
 
+    # a causal-LM hybrid given to predict, which labels texts, says to generate
+    assert main(["predict", "--model", str(folder), "--input", str(prompts), "--output", str(tmp_path / "l.csv")]) == 2
+    assert f"use `hybridft generate --model {folder}`" in capsys.readouterr().err
+
     # bench/speculative.py --quick on this run: both drafts per draft length, outputs equal to the teacher's
     import importlib.util
 

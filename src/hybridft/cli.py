@@ -276,6 +276,9 @@ def _generate(args: argparse.Namespace) -> int:
                 skip_bad_rows=args.skip_bad_rows, text_option="prompt_column", quoting=args.quoting)
     device = pick_device(args.device)
     folder = Path(args.model)
+    if (folder / "hybrid.json").is_file() and not speculative.is_speculative_folder(folder):
+        raise HybridFTError(f"--model {folder} is a classification hybrid; label texts with `hybridft predict --model "
+                            f"{folder}`. generate takes a causal LM folder or the hybrid of a causal_lm run")
     if speculative.is_speculative_folder(folder):  # OUTPUT_DIR/hybrid: the teacher's greedy output, drafted
         hybrid = speculative.load_hybrid(folder).to(device)
         if args.no_prepack:

@@ -317,6 +317,9 @@ class HybridModel:
                                 f"written by `hybridft run` (OUTPUT_DIR/hybrid)")
         verify_manifest(folder)
         s = json.loads((folder / "hybrid.json").read_text(encoding="utf-8"))
+        if s.get("kind") == "speculative":
+            raise HybridFTError(f"{folder} is a causal-LM hybrid (the student drafts for the teacher), which generates "
+                                f"text; use `hybridft generate --model {folder}` (or hybridft.speculative.load_hybrid)")
         if s.get("format") != FORMAT:
             raise HybridFTError(f"{folder}/hybrid.json has format {s.get('format')!r}, expected {FORMAT!r}")
         labels = s["label_names"]
@@ -344,7 +347,9 @@ def saved_text_columns(folder: str | Path) -> Optional[tuple[str, Optional[str]]
         s = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return (s.get("text_column", "text"), s.get("text_pair_column")) if isinstance(s, dict) else None
+    if not isinstance(s, dict) or s.get("kind") == "speculative":  # a causal-LM hybrid: load() says to generate
+        return None
+    return s.get("text_column", "text"), s.get("text_pair_column")
 
 
 def load_predictor(folder: str | Path, device: Optional[torch.device] = None) -> HybridModel:

@@ -53,6 +53,9 @@ def check_model_folder(path: str, key: str) -> None:
                             f"save_pretrained folder first: AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)"
                             f".save_pretrained(new_folder), after removing config.quantization_config")
     if not (p / "config.json").is_file():
+        if (p / "hybrid.json").is_file():  # OUTPUT_DIR/hybrid: a teacher and a student, not one model
+            raise HybridFTError(f"{key}: {path} is a hybrid folder (a teacher and a student), not one model; give "
+                                f"{p / 'student'} or {p / 'teacher'}")
         inside = [name for name in ("hybrid", "student", "teacher") if (p / name / "config.json").is_file() or
                   (p / name / "hybrid.json").is_file()]
         if inside:  # a run's folder: the models are in its subfolders
