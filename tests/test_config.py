@@ -86,7 +86,7 @@ def test_teacher_layers_beside_a_named_student_model_are_refused(key: str):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("student:\n\tnum_layers: 2\n", r"line 2, column 1: found character '\\t'.*YAML indents with spaces, not tabs"),
+    ("student:\n\tnum_layers: 2\n", r"not valid YAML at line 2, column 1: found character '\\t'.*YAML indents with spaces, not tabs"),
     ("student:\n  train:\n    epochs: 1\n    epochs: 5\n", "line 4, column 5: the key 'epochs' is given twice"),
     ("student:\n  layers: [1,\n", "line 3, column 1: expected the node content"),
 ])

@@ -390,9 +390,24 @@ def test_missing_text_column_names_the_columns_found(tmp_path: Path, kind: str):
 
 
 def test_wrong_delimiter_hint(tmp_path: Path):
-    with pytest.raises(HybridFTError, match="delimiter ',' may be wrong"):
+    with pytest.raises(HybridFTError, match="the delimiter may be '.t', not ','"):
         predict_file(FakeModel(), write_input(tmp_path, "tsv"), tmp_path / "out.csv", delimiter=",",
                      progress=False)
+
+
+def test_an_excel_semicolon_file_read_with_commas_suggests_the_delimiter(tmp_path: Path):
+    """A training file from Excel (';', BOM, CRLF) with a comma in a text said only "2 fields where the header has 1"."""
+    from hybridft.config import DataConfig
+    from hybridft.data import load_splits
+
+    f = tmp_path / "excel.csv"
+    f.write_bytes("\ufeffreview;sentiment\r\ngood film;pos\r\nbad, slow film;neg\r\n".encode("utf-8"))
+    with pytest.raises(HybridFTError, match="line 3: 2 fields where the header has 1 .* the delimiter may be ';', "
+                                            "not ','"):
+        load_splits(DataConfig(train=str(f), validation=str(f), text_column="review", label_column="sentiment"), 0)
+    s = load_splits(DataConfig(train=str(f), validation=str(f), text_column="review", label_column="sentiment",
+                               delimiter=";"), 0)
+    assert s.train.texts == ["good film", "bad, slow film"]
 
 
 def test_other_whole_file_problems(tmp_path: Path):

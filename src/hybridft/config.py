@@ -763,7 +763,8 @@ def read_yaml(path: Path) -> Any:
             raise HybridFTError(f"config file {path} is not valid YAML: {problem}") from None
         line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
         hint = "; YAML indents with spaces, not tabs" if "\t" in line[:mark.column + 1] or "tab" in problem else ""
-        raise HybridFTError(f"config file {path} line {mark.line + 1}, column {mark.column + 1}: {problem}{hint}") from None
+        raise HybridFTError(f"config file {path} is not valid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+                            f"{problem}{hint}") from None
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:

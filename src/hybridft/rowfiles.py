@@ -84,11 +84,20 @@ def encoding_problem(start: int, bad: list[tuple[int, UnicodeDecodeError]]) -> s
     return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of {where})"
 
 
+def delimiter_hint(columns: list[str], delimiter: Optional[str]) -> str:
+    """A hint when a one-column header holds another separator (an Excel CSV with ';' read with ','), else ""."""
+    if delimiter is None or len(columns) != 1:
+        return ""
+    other = next((s for s in ",\t;|" if s != delimiter and s in columns[0]), None)
+    if other is None:
+        return ""
+    return (f"; the header is one column {columns[0][:60]!r}, so the delimiter may be {other!r}, not {delimiter!r} "
+            f"(data.delimiter, or --delimiter for predict and generate)")
+
+
 def _missing_column(path: Path, name: str, columns: list[str], key: str, delimiter: Optional[str]) -> HybridFTError:
     found = ", ".join(repr(c) for c in columns) or "none"
-    hint = ""
-    if delimiter is not None and len(columns) == 1 and any(s in columns[0] for s in ",\t;|"):
-        hint = f"; the header has a single column, so the delimiter {delimiter!r} may be wrong (set data.delimiter)"
+    hint = delimiter_hint(columns, delimiter)
     option = "--" + key.replace("_", "-")
     return HybridFTError(f"{path} has no column '{name}' (columns found: {found}); rename the column or pass "
                          f"{option}{hint}")
@@ -231,7 +240,8 @@ class TableReader:
                     elif len(fields) != width:
                         yield Item(start, reason="wrong_column_count",
                                     problem=f"{len(fields)} fields where the header has {width} (an unquoted "
-                                            f"{self.delimiter!r} or quote in the text?)")
+                                            f"{self.delimiter!r} or quote in the text?)"
+                                            f"{delimiter_hint(self.columns, self.delimiter)}")
                     else:
                         if self.quoting == "none" and any(len(f) > 1 and f[0] == f[-1] == '"' for f in fields):
                             self.quoted_looking_records += 1
