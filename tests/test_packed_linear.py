@@ -168,16 +168,22 @@ def test_a_prepacked_cascade_predicts_what_the_plain_one_does(monkeypatch: pytes
     # the Python API refuses a bare string with one clear line, and answers an empty list with nothing
     from hybridft.errors import HybridFTError
 
-    with pytest.raises(HybridFTError, match="list of texts"):
+    with pytest.raises(HybridFTError, match="sequence of texts, got one str; wrap one text as"):
         model.predict("great movie")
+    with pytest.raises(HybridFTError, match="got dict"):
+        model.predict({"a": 1})
     with pytest.raises(HybridFTError, match="pairs"):
         model.predict(["a", "b"], ["x"])
     empty = model.predict([])
     assert empty.label_ids.shape == (0,) and empty.probs.shape == (0, 2) and empty.answered_by == []
-    model.reset_budget()
-    got = model.predict(texts)
-    assert torch.equal(got.label_ids, want.label_ids) and got.answered_by == want.answered_by
-    torch.testing.assert_close(got.probs, want.probs, rtol=1e-4, atol=1e-5)
+    import numpy as np
+    import pandas as pd
+
+    for form in (list, np.array, pd.Series):  # an array or Series of texts reads like the list (it was refused)
+        model.reset_budget()
+        got = model.predict(form(texts))
+        assert torch.equal(got.label_ids, want.label_ids) and got.answered_by == want.answered_by
+        torch.testing.assert_close(got.probs, want.probs, rtol=1e-4, atol=1e-5)
 
 
 def test_a_model_the_timer_cannot_drive_is_left_plain():

@@ -427,7 +427,7 @@ def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
         console.print(f"speculative hybrid: saved to {run_dir}/hybrid, not measured: {h['unmeasured']}")
     elif h and "skipped" not in h:
         hy, u = h["hybrid"], h.get("undistilled_hybrid")
-        line = (f"speculative hybrid (the student drafts {h['draft_tokens']} tokens per teacher pass, batch 1, "
+        line = (f"speculative hybrid (the student drafts {h['draft_tokens']} token{'s' if h['draft_tokens'] != 1 else ''} per teacher pass, batch 1, "
                 f"{h['prompts']} prompts): {h['matches_teacher']}/{h['prompts']} outputs equal the teacher's greedy "
                 f"ones; {hy['acceptance_rate']:.1%} of drafts accepted; {hy['tokens_per_s']:.1f} tokens/s against "
                 f"the teacher's {h['teacher']['tokens_per_s']:.1f} ({hy['speedup_vs_teacher']:.2f}x)")

@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -204,11 +204,13 @@ class HybridModel:
         return task.predict_examples(model, tokenizer, ex, self.max_length, batch_size, self.device)[0]
 
     @torch.no_grad()
-    def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> HybridPrediction:
-        """Labels for `texts` (a list of N strings; `pairs`: N second texts or None). Raises HybridFTError for a
-        single string instead of a list, an item that is not a non-empty string, or pairs of another length."""
-        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise HybridFTError(f"predict takes a list of texts, got {type(texts).__name__}; wrap one text as [text]")
+    def predict(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
+                batch_size: int = 32) -> HybridPrediction:
+        """Labels for `texts` (N strings: a list, tuple, numpy array or pandas Series; `pairs`: N second texts or
+        None). Raises HybridFTError for a single string instead of a sequence, an item that is not a non-empty
+        string, or pairs of another length."""
+        texts = _text_sequence(texts, "texts")
+        pairs = None if pairs is None else _text_sequence(pairs, "pairs")
         if pairs is not None and len(pairs) != len(texts):
             raise HybridFTError(f"predict got {len(texts)} texts but {len(pairs)} pairs; give one pair per text")
         for name, items in (("texts", texts), ("pairs", pairs or [])):
@@ -335,6 +337,18 @@ class HybridModel:
                    confidence_kind=s["confidence"], max_length=s["max_length"],
                    teacher_budget=s.get("teacher_budget"), device=device,
                    text_column=s.get("text_column", "text"), text_pair_column=s.get("text_pair_column"))
+
+
+def _text_sequence(items: Any, name: str) -> list[str]:
+    """`items` as a list: any sequence or array of texts, not one string (whose characters would be the texts)
+    and not a mapping (whose keys would be)."""
+    if isinstance(items, (str, bytes)):
+        raise HybridFTError(f"predict takes a sequence of {name}, got one {type(items).__name__}; wrap one text as "
+                            f"[text]")
+    if isinstance(items, dict) or not hasattr(items, "__iter__") or not hasattr(items, "__len__"):
+        raise HybridFTError(f"predict takes a sequence of {name} (a list, tuple, numpy array or pandas Series), got "
+                            f"{type(items).__name__}")
+    return list(items)
 
 
 def saved_text_columns(folder: str | Path) -> Optional[tuple[str, Optional[str]]]:

@@ -652,7 +652,7 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
         ctx.log(f"no speculative hybrid: {problem}; a draft model must score the teacher's exact vocabulary")
         return {"skipped": problem}
     undistilled = ctx.task.build_student(cfg, t_model, tokenizer, s)[0]  # the same layers or model, untrained
-    ctx.log(f"speculative hybrid: the student drafts {cfg.hybrid.draft_tokens} tokens per teacher pass; measuring "
+    ctx.log(f"speculative hybrid: the student drafts {cfg.hybrid.draft_tokens} token{'s' if cfg.hybrid.draft_tokens != 1 else ''} per teacher pass; measuring "
             f"on {len(prompts)} test prompts at batch 1")
     vocabulary = None
     if cfg.hybrid.draft_vocabulary:
