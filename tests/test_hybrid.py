@@ -130,7 +130,7 @@ def test_save_load_gives_identical_predictions_and_tampering_is_refused(pair, tm
         hy.HybridModel.load(folder)
 
 
-def test_pipeline_builds_reports_and_saves_the_hybrid(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+def test_pipeline_builds_reports_and_saves_the_hybrid(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys):
     from hybridft import pipeline
     from hybridft.config import load_config
 
@@ -145,6 +145,12 @@ def test_pipeline_builds_reports_and_saves_the_hybrid(tmp_path: Path, tiny_teach
     assert set(curves) == {"validation", "test"}
     loaded = hy.HybridModel.load(out / "hybrid")
     assert loaded.threshold == pytest.approx(h["threshold"])
+    # the table names a threshold below every validation confidence for what it is
+    from hybridft.cli import print_table
+
+    h["validation"]["teacher_fraction"] = 0.0
+    print_table(summary, str(out))
+    assert "the student answers every validation row alone" in " ".join(capsys.readouterr().out.split())
 
 
 def test_predict_command_labels_a_file_with_the_hybrid_and_stops_on_a_bad_row(pair, tmp_path: Path, capsys):

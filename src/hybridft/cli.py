@@ -390,7 +390,10 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
     if "hybrid" in summary:
         h = summary["hybrid"]
         closed = f", closing {h['gap_closed']:.0%} of the student-teacher gap" if h.get("gap_closed") is not None else ""
-        console.print(f"hybrid: threshold {h['threshold']:.4f} chosen on validation for {h['goal']}{closed}; "
+        alone = (h.get("validation") or {}).get("teacher_fraction") == 0
+        choice = ("the student answers every validation row alone" if alone else
+                  f"threshold {h['threshold']:.4f} chosen on validation")  # a threshold below every confidence
+        console.print(f"hybrid: {choice} for {h['goal']}{closed}; "
                       f"* hybrid speed includes tokenisation and the teacher calls")
     folders = "teacher/, student/, hybrid/" if "hybrid" in summary else "teacher/, student/"
     console.print(f"outputs: {run_dir}/ (summary.json, {folders}, metrics.jsonl)")
