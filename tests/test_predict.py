@@ -395,19 +395,25 @@ def test_wrong_delimiter_hint(tmp_path: Path):
                      progress=False)
 
 
-def test_an_excel_semicolon_file_read_with_commas_suggests_the_delimiter(tmp_path: Path):
-    """A training file from Excel (';', BOM, CRLF) with a comma in a text said only "2 fields where the header has 1"."""
+def test_an_excel_semicolon_csv_is_read_by_its_header_and_a_wrong_delimiter_is_named(tmp_path: Path):
+    """A training file from Excel (';', BOM, CRLF) with a comma in a text said only "2 fields where the header has 1";
+    predict read the same file as one column."""
     from hybridft.config import DataConfig
     from hybridft.data import load_splits
 
     f = tmp_path / "excel.csv"
     f.write_bytes("\ufeffreview;sentiment\r\ngood film;pos\r\nbad, slow film;neg\r\n".encode("utf-8"))
+    s = load_splits(DataConfig(train=str(f), validation=str(f), text_column="review", label_column="sentiment"), 0)
+    assert s.train.texts == ["good film", "bad, slow film"] and s.label_names == ["neg", "pos"]
+    assert any("read with ';' between fields, since its header has no ','" in n for n in s.notes)
     with pytest.raises(HybridFTError, match="line 3: 2 fields where the header has 1 .* the delimiter may be ';', "
                                             "not ','"):
-        load_splits(DataConfig(train=str(f), validation=str(f), text_column="review", label_column="sentiment"), 0)
-    s = load_splits(DataConfig(train=str(f), validation=str(f), text_column="review", label_column="sentiment",
-                               delimiter=";"), 0)
-    assert s.train.texts == ["good film", "bad, slow film"]
+        load_splits(DataConfig(train=str(f), validation=str(f), text_column="review", label_column="sentiment",
+                               delimiter=","), 0)
+    report = predict_file(FakeModel(), f, tmp_path / "out.jsonl", text_column="review", progress=False)
+    assert report.rows_written == 2 and any("';'" in n for n in report.notes)
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["review"] for r in rows] == ["good film", "bad, slow film"]
 
 
 def test_other_whole_file_problems(tmp_path: Path):

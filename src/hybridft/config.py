@@ -72,7 +72,8 @@ class DataConfig:
     """Second text column, for sentence-pair tasks."""
     label_column: str = "label"
     delimiter: Optional[str] = None
-    """Field separator for delimited text files; default: tab for .tsv/.txt, comma for .csv."""
+    """Field separator for delimited text files; default: tab for .tsv/.txt, comma for .csv (or ';', tab or '|'
+    when a .csv header holds exactly one of them and no comma, as Excel writes in many locales; the log says so)."""
     quoting: Optional[Literal["csv", "none"]] = None
     """Delimited files: `csv` reads quoted fields (which may hold the separator and newlines), `none` reads quotes
     as literal characters. Default: none for tab-separated files (GLUE's TSVs hold texts that start with an

@@ -161,6 +161,8 @@ class TableReader:
                  text_column: Optional[str], pair_column: Optional[str], text_option: str = "text_column",
                  quoting: Optional[Quoting] = None):
         self.path, self.lines, self.delimiter = path, lines, delimiter
+        self.sniffed = False
+        """Whether `open_reader` chose the delimiter from the header (a `.csv` with ';', tab or '|')."""
         self.quoting = quoting or default_quoting(delimiter)
         # strict=True makes an unclosed quote at the end of the file, or text after a closing quote, an
         # error instead of a silently mangled row.
@@ -303,8 +305,25 @@ def open_reader(src: Path, lines: Lines, text_column: Optional[str], pair_column
     """
     if src.suffix.lower() in JSONL_SUFFIXES:
         return JsonlReader(src, lines, text_column, pair_column, text_option)
-    sep = delimiter or DELIMITERS[src.suffix.lower()]
-    return TableReader(src, lines, sep, column_names, text_column, pair_column, text_option, quoting)
+    default = DELIMITERS[src.suffix.lower()]
+    sep = delimiter or (sniff_delimiter(src, default) if column_names is None else default)
+    reader = TableReader(src, lines, sep, column_names, text_column, pair_column, text_option, quoting)
+    reader.sniffed = sep != (delimiter or default)
+    return reader
+
+
+def sniff_delimiter(src: Path, default: str) -> str:
+    """The field separator of a `.csv` given none: ';', tab or '|' when the header line holds exactly one of them
+    and no ',' (Excel writes ';' where the decimal mark is a comma), else `default`. Other suffixes keep theirs."""
+    if default != ",":
+        return default
+    try:
+        with open(src, "rb") as f:
+            head = f.readline(1 << 16).decode("utf-8-sig", errors="replace")
+    except OSError:
+        return default
+    found = [s for s in (";", "\t", "|") if s in head]
+    return found[0] if "," not in head and len(found) == 1 else default
 
 
 def quoting_notes(reader: Union[JsonlReader, TableReader], what: str, setting: str) -> list[str]:
@@ -313,6 +332,9 @@ def quoting_notes(reader: Union[JsonlReader, TableReader], what: str, setting: s
     if not isinstance(reader, TableReader):
         return []
     notes = []
+    if reader.sniffed:
+        notes.append(f"{what}: read with {reader.delimiter!r} between fields, since its header has no ',' "
+                     f"(set the delimiter to read it otherwise)")
     if reader.multiline_records:
         notes.append(f"{what}: {reader.multiline_records} rows have a quoted text that spans several lines (first at "
                      f"line {reader.first_multiline_line}); if that is an unclosed quote, read quotes literally "
