@@ -40,6 +40,16 @@ def test_all_formats_read_the_same_examples(tmp_path: Path):
     assert len(seen) == 1, "every format must give identical examples"
 
 
+def test_a_label_written_as_1_0_is_the_label_1_in_every_format(tmp_path: Path):
+    """JSON 1.0 read as "1" but a CSV "1.0" (pandas' float column) was refused as another label."""
+    train = tmp_path / "t.jsonl"
+    train.write_text("".join(json.dumps({"text": f"t{i}", "label": y}) + "\n" for i, y in enumerate([0, 1, 1.0, 0])))
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\na,1.0\nb,0.0\nc, 1 \n")
+    s = load_splits(DataConfig(train=str(train), validation=str(train), test=str(test)), 0)
+    assert s.label_names == ["0", "1"] and s.test.labels == [1, 0, 1]
+
+
 def test_integer_labels_sort_numerically_and_label_map_is_explicit(tmp_path: Path):
     f = tmp_path / "n.csv"
     f.write_text("text,label\n" + "".join(f"t{i},{y}\n" for i, y in enumerate([10, 2, 1, 2, 10, 1])))

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -270,12 +271,15 @@ def _texts(values: list[Any], lines: list[int], source: str, what: str) -> list[
 
 
 def _raw_label(v: Any) -> Optional[str]:
-    """Labels are compared as strings: 1, 1.0 and "1" are the same label."""
+    """Labels are compared as strings: 1, 1.0, "1" and "1.0" are the same label (pandas writes an integer column
+    that held a missing value as "1.0"), and surrounding whitespace is dropped."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     s = str(v).strip()
+    if re.fullmatch(r"-?\d+\.0+", s):
+        s = s[:s.index(".")]
     return s or None
 
 
