@@ -84,3 +84,21 @@ def test_public_api_is_declared():
 
     public = {n for n in dir(hybridft) if not n.startswith("_") and not inspect.ismodule(getattr(hybridft, n))}
     assert public == set(hybridft.__all__)
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    from hybridft import cli
+
+    def full(_args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/student/model.safetensors")
+
+    monkeypatch.setattr(cli, "_dispatch", full)
+    assert cli.main(["run", "output_dir=runs/x"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "hybridft: error: the disk is full (runs/x/student/model.safetensors); free space and run again (a training "
+        "run continues from its last checkpoint with --resume)")
+    monkeypatch.setattr(cli, "_dispatch", lambda _a: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))
+    with pytest.raises(OSError):  # other OS errors are not disguised as a full disk
+        cli.main(["run", "output_dir=runs/x"])

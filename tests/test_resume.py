@@ -146,6 +146,31 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: 
     assert len(checkpoint_steps(folder)) == 3, "old checkpoints are pruned to keep_checkpoints"
 
 
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path: Path, monkeypatch):
+    """torch.save on a full disk raised "basic_ios::clear: iostream error" as a traceback (a benchmark hit it)."""
+    import hybridft.checkpoint as ck
+    from hybridft.errors import HybridFTError
+
+    tok, items = _items(tmp_path)
+    tc = TrainConfig(epochs=4, batch_size=4, checkpoint_every=1, keep_checkpoints=3)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def disk_fills_on_the_fifth_write(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 46911168 vs 46911056")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", disk_fills_on_the_fifth_write)
+    folder = tmp_path / "full"
+    with pytest.raises(HybridFTError, match=r"could not write the checkpoint .*step-000005 \(\[enforce fail.*MiB are "
+                                            r"free on its disk.*--resume continues"):
+        fit(make_bert(layers=1, seed=5), items, items[:8], checkpoint_dir=folder, collate=task.make_collate(tok),
+            tc=tc, weights=LossWeights(0.5, 0.5, 2.0), task=task, device=torch.device("cpu"), seed=3)
+    assert not (folder / "step-000005.tmp").exists() and latest_checkpoint(folder).name == "step-000004"
+
+
 def test_resume_drops_the_log_lines_written_after_the_checkpoint(tmp_path: Path):
     from hybridft.runlog import MetricsWriter
 

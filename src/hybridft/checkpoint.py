@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from hybridft.errors import HybridFTError
+
 STATE_FILE = "training_state.pt"
 
 
@@ -59,11 +61,19 @@ def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], s
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_contiguous(weights), str(tmp / "model.safetensors"))
-    if best_state is not None:
-        save_file(_contiguous(best_state), str(tmp / "best.safetensors"))
-    torch.save(state, tmp / STATE_FILE)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(_contiguous(weights), str(tmp / "model.safetensors"))
+        if best_state is not None:
+            save_file(_contiguous(best_state), str(tmp / "best.safetensors"))
+        torch.save(state, tmp / STATE_FILE)
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises "iostream error", not an OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(folder).free / 2**20
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HybridFTError(f"could not write the checkpoint {target} ({reason}); {free:,.0f} MiB are free on its "
+                            f"disk: free space (or lower *.train.keep_checkpoints), then --resume continues from the "
+                            f"last complete checkpoint") from None
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -7,6 +7,7 @@ User errors (`HybridFTError`) print one line and exit with status 2; nothing els
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -132,6 +133,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("hybridft: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"hybridft: error: the disk is full ({e.filename or 'writing a file'}); free space and run again "
+              f"(a training run continues from its last checkpoint with --resume)", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
