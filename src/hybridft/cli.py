@@ -1,7 +1,8 @@
 """`hybridft run | teacher | distill | evaluate | predict | generate`: parse arguments, call the pipeline,
 print a table.
 
-User errors (`HybridFTError`) print one line and exit with status 2; nothing else is caught.
+User errors (`HybridFTError`) print one line and exit with status 2; a full disk prints one line and exits with
+status 1; nothing else is caught.
 """
 
 from __future__ import annotations
