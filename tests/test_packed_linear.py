@@ -224,6 +224,13 @@ def test_the_fp32_teacher_store_pass_packed_equals_the_plain_one(monkeypatch: py
         cfg = load_config(None, ["task=causal_lm", "data.train=unused"])
     items = task.encode(exs, tok, 32)
     layers = [m for m in teacher.modules() if type(m) is nn.Linear]
+    from hybridft import teacher_outputs
+
+    seen = []  # a few batches are never timed: the timing would cost more than packing could save
+    compute(teacher, items, task.make_collate(tok), cpu, "fp32", lambda m, b: seen.append(is_packed(m)) or [None] * len(
+        b["input_ids"]), batch_size=4)
+    assert seen == [False] * -(-len(items) // 4)
+    monkeypatch.setattr(teacher_outputs, "MIN_BATCHES_TO_TIME", 1)
     results = {}
     for gain in (0.0, 1e9):  # never faster enough / always
         monkeypatch.setattr(packed_linear, "PACK_GAIN", gain)

@@ -281,15 +281,23 @@ def default_cache_dir() -> Path:
 # running the teacher once
 
 
+MIN_BATCHES_TO_TIME = 20
+"""The store pass times prepacked weights only when it has at least this many batches. The timing runs the first
+batch 8 times (a warm-up and 3 timed passes, plain and packed), and prepacking saves at most about half of each
+later batch (1.9x for MiniLM): below about 17 batches the timing costs more than it can save. Measured: 48
+SmolLM2 examples, one batch, took 11 s to store and 106 s to time."""
+
+
 def _packed_in_fp32(teacher: nn.Module, batches: Any, device: torch.device, precision: str,
                     summarise: Callable[[nn.Module, dict[str, Any]], list[Any]]) -> Any:
-    """`packed_if_faster` timed on the first of `batches` in fp32 on a CPU; elsewhere a context that does nothing."""
+    """`packed_if_faster` timed on the first of `batches` in fp32 on a CPU when there are `MIN_BATCHES_TO_TIME` of
+    them; otherwise a context that does nothing."""
     from contextlib import nullcontext
 
     from hybridft.batching import to_device
     from hybridft.packed_linear import median_ms, packed_if_faster
 
-    if precision != "fp32" or device.type != "cpu":
+    if precision != "fp32" or device.type != "cpu" or len(batches) < MIN_BATCHES_TO_TIME:
         return nullcontext()
     first = next(iter(batches), None)
     if first is None:
@@ -307,7 +315,7 @@ def compute(teacher: nn.Module, items: list[dict[str, Any]], collate: Any, devic
     row of the batch (a logits row, or a token summary). Items are batched by length so that dynamic padding
     wastes little work. Under several processes each computes every `world`-th batch and all processes
     receive the merged result. In fp32 on a CPU the teacher runs from oneDNN-prepacked weights where one timed
-    batch shows it faster (`hybridft.packed_linear`; 1.9x for all-MiniLM-L6-v2 at 32 x 64 tokens); under bf16
+    batch shows it faster, when the pass has `MIN_BATCHES_TO_TIME` batches (`hybridft.packed_linear`; 1.9x for all-MiniLM-L6-v2 at 32 x 64 tokens); under bf16
     autocast it runs as it is (autocast does not reach packed layers)."""
     from hybridft import dist
     from hybridft.batching import to_device
