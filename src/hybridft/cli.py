@@ -97,10 +97,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def saved_run_config(overrides: list[str]) -> Optional[str]:
     """OUTPUT_DIR/config.yaml when the overrides name an output_dir that holds one, else None."""
+    from hybridft.config import parse_override
+
     for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "output_dir" and (Path(value.strip()) / "config.yaml").is_file():
-            return str(Path(value.strip()) / "config.yaml")
+        keys, value = parse_override(item)
+        if keys == ["output_dir"] and (Path(str(value)) / "config.yaml").is_file():
+            return str(Path(str(value)) / "config.yaml")
     return None
 
 

@@ -762,7 +762,8 @@ def read_yaml(path: Path) -> Any:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         if mark is None:
             raise HybridFTError(f"config file {path} is not valid YAML: {problem}") from None
-        line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+        lines = text.splitlines()
+        line = lines[mark.line] if mark.line < len(lines) else ""
         hint = "; YAML indents with spaces, not tabs" if "\t" in line[:mark.column + 1] or "tab" in problem else ""
         raise HybridFTError(f"config file {path} is not valid YAML at line {mark.line + 1}, column {mark.column + 1}: "
                             f"{problem}{hint}") from None

@@ -315,6 +315,10 @@ def _run_batch(predict_batch: PredictBatch, batch: list[tuple[dict[str, Any], st
     report.rows_written += len(rows)
 
 
+def _empty_jsonl(src: Path) -> HybridFTError:
+    return HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
+
+
 def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str = "text",
                 text_pair_column: Optional[str] = None, delimiter: Optional[str] = None,
                 column_names: Optional[list[str]] = None, skip_bad_rows: bool = False,
@@ -338,7 +342,7 @@ def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str
                 _skip_or_stop(item, src, False, PredictReport(input=str(src), output=str(output_path)))
             return
         if isinstance(reader, JsonlReader):
-            raise HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
+            raise _empty_jsonl(src)
 
 
 def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path: PathLike, *,
@@ -421,7 +425,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                                     f"with literal quotes by default, so read this one back with --quoting csv "
                                     f"(data.quoting=csv), or write .jsonl")
             if isinstance(reader, JsonlReader) and report.rows_in == 0:
-                raise HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
+                raise _empty_jsonl(src)
             writer.commit()
     report.seconds = round(time.perf_counter() - started, 3)
     if write_report:

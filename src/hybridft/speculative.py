@@ -788,6 +788,12 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
         fns["undistilled_student"] = alone(hybrids["undistilled"])
     runs = timed(fns)
     (t_out, t_st), (h_out, h_st), (_, s_st) = runs["teacher"], runs["hybrid"], runs["student"]
+    # the prompt's own pass emits the first token: answers of one token leave no round to measure
+    unmeasured = all(len(out) <= 1 for out in t_out)
+
+    def speedup(st: SpeculativeStats) -> Optional[float]:
+        return round(rate(st) / rate(t_st), 3) if rate(t_st) and not unmeasured else None
+
     result: dict[str, Any] = {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "draft_tokens": draft_tokens, "batch_size": 1,
         "draft_confidence": draft_confidence,
@@ -796,7 +802,7 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
         "matches_teacher": sum(a == b for a, b in zip(h_out, t_out)),
         "teacher": {"tokens_per_s": rate(t_st), "new_tokens": t_st.new_tokens},
         "hybrid": {"tokens_per_s": rate(h_st), **h_st.to_dict(),
-                   "speedup_vs_teacher": round(rate(h_st) / rate(t_st), 3) if rate(t_st) else None},
+                   "speedup_vs_teacher": speedup(h_st)},
         "student": {"tokens_per_s": rate(s_st), "new_tokens": s_st.new_tokens},
     }
     if verify_padding:
@@ -811,14 +817,11 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
     if undistilled is not None:
         (u_out, u_st), (_, ua_st) = runs["undistilled_hybrid"], runs["undistilled_student"]
         result["undistilled_hybrid"] = {"tokens_per_s": rate(u_st), **u_st.to_dict(),
-                                        "speedup_vs_teacher": round(rate(u_st) / rate(t_st), 3) if rate(t_st) else None,
+                                        "speedup_vs_teacher": speedup(u_st),
                                         "matches_teacher": sum(a == b for a, b in zip(u_out, t_out))}
         result["undistilled_student"] = {"tokens_per_s": rate(ua_st), "new_tokens": ua_st.new_tokens}
-    if all(len(out) <= 1 for out in t_out):  # the prompt's own pass emits the first token: no round to measure
+    if unmeasured:
         result["unmeasured"] = (f"the teacher's greedy answers to the {len(prompts)} prompts end at their first token "
                                 f"(max_new_tokens={max_new_tokens}, or it ends them at once), so nothing is drafted: "
                                 f"acceptance and speed-up need answers of several tokens")
-        for key in ("hybrid", "undistilled_hybrid"):
-            if key in result:
-                result[key]["speedup_vs_teacher"] = None
     return result
