@@ -5,11 +5,13 @@ same layers before distillation as the teacher's draft model, same prompts, same
     python bench/speculative.py --run runs/causal_lm_demo --vocabularies 0,8192 --confidences 0,0.4
     python bench/speculative.py --run runs/causal_lm_demo --draft-precisions fp32,bf16,int8 --padding off,on
     python bench/speculative.py --run runs/causal_lm_demo --prepack off,on   # oneDNN-prepacked weights on a CPU
+    python bench/speculative.py --run runs/causal_lm_demo --adaptive off,on  # drafting only while it pays
     python bench/speculative.py --run runs/causal_lm_demo --quick            # a smoke run of the same code
     python bench/speculative.py --run RUN --prompt-file held_out.jsonl       # other prompts than the test split's
 
 Per draft length k, draft vocabulary size, confidence threshold, draft precision, verification padding and
-prepacked weights (hybrid.draft_vocabulary, draft_confidence, draft_precision, verify_padding, eval.prepack_weights):
+prepacked weights (hybrid.draft_vocabulary, draft_confidence, draft_precision, verify_padding, eval.prepack_weights)
+and adaptive drafting (hybrid.adaptive_drafting; off by default here, so that the earlier commands measure what they did):
 acceptance rate, tokens per teacher pass, tokens/s and speed-up over the teacher alone, for both drafts; and whether
 every hybrid output equals the teacher's greedy output. Batch 1, greedy, fp32, the first `--prompts` test prompts of
 the run (or of `--prompt-file`), `--max-new-tokens` each; the teacher in fp32; on `--device` (a CUDA GPU when one
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepack", default="off",
                    help="comma-separated eval.prepack_weights values (off, on): the teacher (alone and verifying) and "
                         "the fp32/bf16 drafts from weights prepacked for oneDNN")
+    p.add_argument("--adaptive", default="off",
+                   help="comma-separated hybrid.adaptive_drafting values (off, on): draft only while drafting is "
+                        "measured faster than the teacher's plain steps")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-file", default=None,
                    help="a .jsonl with a prompt column to take the prompts from (default: the run's test split)")
@@ -85,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     responses = causal_lm.response_tokens(splits.train, tokenizer, cfg.data.max_length)
     vocab = speculative.output_vocabulary_size(teacher)  # the row name of the whole vocabulary
     rows = {}
-    for option, given in (("--padding", args.padding), ("--prepack", args.prepack)):
+    for option, given in (("--padding", args.padding), ("--prepack", args.prepack), ("--adaptive", args.adaptive)):
         bad = [x for x in given.split(",") if x not in ("off", "on")]
         if bad:
             print(f"{option} takes off and on, got {bad}", file=sys.stderr)
             return 2
-    settings = [(k, size, confidence, precision, padding, prepack)
+    settings = [(k, size, confidence, precision, padding, prepack, adaptive)
                 for prepack in args.prepack.split(",")
+                for adaptive in args.adaptive.split(",")
                 for k in [int(x) for x in args.draft_tokens.split(",")]
                 for size in [int(x) for x in args.vocabularies.split(",")]
                 for confidence in [float(x) for x in args.confidences.split(",")]
@@ -114,20 +120,22 @@ def main(argv: list[str] | None = None) -> int:
                           **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
               "rows": rows}
     out = write_report(report, args.out)
-    for k, size, confidence, precision, padding, prepack in settings:
+    for k, size, confidence, precision, padding, prepack, adaptive in settings:
         r = speculative.measure(teacher, draft, undistilled, tokenizer, prompts, args.max_new_tokens, k, device,
-                                vocabularies[size], confidence, precision, padding == "on", prepack == "on")
+                                vocabularies[size], confidence, precision, padding == "on", prepack == "on",
+                                adaptive == "on")
         name = f"k={k} vocabulary={size or vocab} confidence={confidence} draft={precision} padding={padding}" \
-            + (f" prepack={prepack}" if args.prepack != "off" else "")
+            + (f" prepack={prepack}" if args.prepack != "off" else "") \
+            + (f" adaptive={adaptive}" if args.adaptive != "off" else "")
         rows[name] = r
         coverage = r.get("draft_vocabulary", {}).get("teacher_token_coverage", 1.0)
         widths = f", widths {r['verify_padding']['pad_to']}" if "verify_padding" in r else ""
         print(f"{name} (covers {coverage:.1%} of the teacher's tokens{widths}): "
               f"teacher {r['teacher']['tokens_per_s']}/s; distilled draft: acceptance "
               f"{r['hybrid']['acceptance_rate']:.1%}, {r['hybrid']['tokens_per_s']}/s "
-              f"({r['hybrid']['speedup_vs_teacher']}x); undistilled draft: acceptance "
-              f"{r['undistilled_hybrid']['acceptance_rate']:.1%}, {r['undistilled_hybrid']['tokens_per_s']}/s "
-              f"({r['undistilled_hybrid']['speedup_vs_teacher']}x); outputs equal to the teacher's: "
+              f"({r['hybrid']['speedup_vs_teacher']}x){speculative.drafting_note(r['hybrid'])}; undistilled draft: "
+              f"acceptance {r['undistilled_hybrid']['acceptance_rate']:.1%}, {r['undistilled_hybrid']['tokens_per_s']}/s "
+              f"({r['undistilled_hybrid']['speedup_vs_teacher']}x){speculative.drafting_note(r['undistilled_hybrid'])}; outputs equal to the teacher's: "
               f"{r['matches_teacher']}/{r['prompts']} and "
               f"{r['undistilled_hybrid']['matches_teacher']}/{r['prompts']}", flush=True)
         # after every row, so that a run stopped at a time limit keeps the rows it finished

@@ -299,14 +299,15 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     timing = h["prepacked"]["teacher_timing"]
     assert h["prepacked"]["teacher"] == (timing["packed_ms"] < packed_linear.PACK_GAIN * timing["plain_ms"])
     assert h["prepacked"]["draft"] is False  # an int8 draft has its own packed kernels
-    assert settings["prepack_weights"] is True
+    assert settings["prepack_weights"] is True and settings["adaptive_drafting"] is True
+    assert h["adaptive_drafting"] is True and h["hybrid"]["drafting_rounds"] >= 1  # the policy's warm-up drafts
     summary = json.loads((run / "summary.json").read_text())
     assert isinstance(summary["teacher"]["generate_prepacked"], bool)
     pad_to, costs = h["verify_padding"]["pad_to"], h["verify_padding"]["teacher_pass_ms"]
     assert len(pad_to) == len(costs) == 3 + 1 + speculative.MAX_PADDING and all(w >= r for r, w in enumerate(pad_to, 1))
     loaded = speculative.load_hybrid(folder)
     assert loaded.vocabulary_ids == settings["draft_vocabulary"] and loaded.confidence == 0.05
-    assert loaded.draft_precision == "int8" and loaded.prepared is None
+    assert loaded.draft_precision == "int8" and loaded.prepared is None and loaded.adaptive is True
 
     # `generate` on the hybrid writes what the teacher alone writes
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"]} for r in lm_rows(4, seed=9)])
@@ -349,11 +350,16 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
         assert r["hybrid"]["tokens_per_s"] > 0 and r["undistilled_hybrid"]["tokens_per_s"] > 0
     assert bench.main(["--run", str(tmp_path), "--quick", "--out", str(report)]) == 2
     # prompts from a file instead of the run's test split (held-out prompts like those the draft learned from)
+    # and adaptive drafting off and on: the same outputs, the rounds it drafted in counted
     assert bench.main(["--run", str(run), "--prompt-file", str(prompts), "--prompts", "3", "--max-new-tokens", "3",
-                       "--draft-tokens", "1", "--draft-precisions", "fp32", "--out", str(report)]) == 0
+                       "--draft-tokens", "1", "--draft-precisions", "fp32", "--adaptive", "off,on",
+                       "--out", str(report)]) == 0
     written = json.loads(report.read_text())
     assert written["prompt_file"] == str(prompts) and written["prompts"] == 3
-    assert [r["matches_teacher"] for r in written["rows"].values()] == [3]
+    assert [r["matches_teacher"] for r in written["rows"].values()] == [3, 3]
+    always, adaptive = written["rows"].values()
+    assert always["adaptive_drafting"] is False and always["hybrid"]["plain_rounds"] == 0
+    assert adaptive["adaptive_drafting"] is True and adaptive["hybrid"]["drafting_rounds"] >= 1
 
     # bench/speculative_profile.py --quick: the same tokens timed in parts, the parts within the total
     spec = importlib.util.spec_from_file_location("bench_profile",
@@ -403,3 +409,120 @@ def test_a_teacher_that_ends_every_answer_at_once_leaves_the_hybrid_unmeasured(t
     assert main(["generate", "--model", str(tmp_path / "a" / "hybrid"), "--input", str(prompts), "--output",
                  str(tmp_path / "o.jsonl"), "--quiet"]) == 0
     assert "nothing was drafted" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# adaptive drafting: draft only while it pays (DraftPolicy)
+
+
+def test_the_draft_policy_warms_up_drafting_then_takes_the_faster_choice_and_explores_the_other():
+    policy = speculative.DraftPolicy(decay=0.5, warmup=2, explore_every=5)
+    assert policy.rate(True) is None and policy.rate(False) is None
+    choices = []
+    for _ in range(12):
+        drafting = policy.draft_next()
+        choices.append(drafting)
+        # drafting rounds yield 1 token in 30 ms, plain steps 1 token in 20 ms: drafting does not pay
+        policy.observe(drafting, 1, 0.030 if drafting else 0.020)
+    # two drafting rounds to warm up, one plain round to measure it, then plain except every 5th round overall
+    assert choices == [True, True, False, False, True, False, False, False, False, True, False, False]
+    assert policy.rate(True) == pytest.approx(1 / 0.030) and policy.rate(False) == pytest.approx(1 / 0.020)
+    # the draft turns useful (3 tokens a drafting round): recent rounds outweigh old ones, and drafting wins
+    policy.observe(True, 3, 0.030)
+    policy.observe(True, 3, 0.030)
+    assert policy.rate(True) > policy.rate(False)
+    assert [policy.draft_next() for _ in range(3)] == [True, True, False]  # round 15 explores plain steps
+    with pytest.raises(ValueError, match="decay"):
+        speculative.DraftPolicy(decay=1.0)
+
+
+class _Scripted(speculative.DraftPolicy):
+    """Decides from a fixed list (cycled) and records what the loop reports."""
+
+    def __init__(self, script: list[bool]):
+        super().__init__()
+        self.script, self.calls, self.seen = script, 0, []
+
+    def draft_next(self) -> bool:
+        self.calls += 1
+        return self.script[(self.calls - 1) % len(self.script)]
+
+    def observe(self, drafting: bool, tokens: int, seconds: float) -> None:
+        self.seen.append((drafting, tokens, seconds))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_rounds_without_a_draft_keep_the_teachers_output_and_are_counted(k: int):
+    teacher = _teacher()
+    draft = _half_agreeing_draft(teacher)
+    for ids in _prompts(4):
+        policy = _Scripted([True, False, False, True, False, True, True])
+        out, stats = speculative.speculative_generate(teacher, draft, ids, 24, draft_tokens=k, policy=policy)
+        assert out[0, ids.shape[1]:].tolist() == _hf_greedy(teacher, ids, 24)
+        drafting = [d for d, _, _ in policy.seen]
+        assert stats.plain_rounds == drafting.count(False) > 0 and len(stats.rounds) == drafting.count(True) > 0
+        assert stats.teacher_passes == 1 + len(policy.seen)  # the prompt's pass, then one per round
+        # a plain round emits the teacher's one token; a drafting round its accepted drafts and one more
+        assert all(tokens == 1 for d, tokens, _ in policy.seen if not d)
+        assert sum(tokens for _, tokens, _ in policy.seen) == stats.new_tokens - 1
+        assert all(seconds > 0 for _, _, seconds in policy.seen)
+        assert stats.to_dict()["plain_rounds"] == stats.plain_rounds
+
+
+class _PassClock:
+    """A clock that advances by a set cost whenever a model runs a forward pass, so that which of two models is
+    dearer does not depend on this machine's speed or load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def charge(self, model, cost: float):
+        import functools
+
+        inner = model.forward
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            self.now += cost
+            return inner(*args, **kwargs)
+
+        model.forward = forward
+        return model
+
+
+def _adaptive_generations(teacher, draft, clock: _PassClock, prompts: int, new_tokens: int, k: int):
+    """Every prompt through one DraftPolicy (warm-up 3, exploring 1 round in 12); each output checked against the
+    teacher's greedy one. Returns the summed stats."""
+    policy = speculative.DraftPolicy(warmup=3, explore_every=12, clock=clock)
+    total = speculative.SpeculativeStats()
+    for ids in _prompts(prompts):
+        out, stats = speculative.speculative_generate(teacher, draft, ids, new_tokens, draft_tokens=k, policy=policy)
+        assert out[0, ids.shape[1]:].tolist() == _hf_greedy(teacher, ids, new_tokens)
+        total.add(stats)
+    return total
+
+
+def test_adaptive_drafting_falls_back_to_teacher_steps_where_the_draft_does_not_pay():
+    clock = _PassClock()
+    teacher = clock.charge(_teacher(), 1.0)
+    useless = clock.charge(_teacher(seed=7), 0.3)  # another random model: its drafts are rarely the teacher's tokens
+    total = _adaptive_generations(teacher, useless, clock, prompts=4, new_tokens=24, k=2)
+    rounds = len(total.rounds) + total.plain_rounds
+    # the warm-up, one exploring round in 12, and the rare round where an accepted draft made drafting look faster
+    assert len(total.rounds) <= 3 + rounds // 12 + 3, (len(total.rounds), total.plain_rounds)
+    assert total.plain_rounds > 0.7 * rounds
+
+
+def test_adaptive_drafting_keeps_drafting_where_the_draft_pays():
+    clock = _PassClock()
+    draft = _teacher()
+    teacher = clock.charge(copy.deepcopy(draft), 1.0)  # the same model: every draft is accepted
+    clock.charge(draft, 0.2)
+    total = _adaptive_generations(teacher, draft, clock, prompts=3, new_tokens=30, k=4)
+    assert total.acceptance_rate == 1.0
+    # one plain round to measure plain steps, and at most one exploring round in 12 after it
+    rounds = len(total.rounds) + total.plain_rounds
+    assert 1 <= total.plain_rounds <= 1 + rounds // 12, total

@@ -336,7 +336,8 @@ def _generate(args: argparse.Namespace) -> int:
               "teacher's pass over the prompt emits)")
     elif stats is not None:
         print(f"speculative decoding: {stats.acceptance_rate:.1%} of {stats.drafted} drafted tokens accepted, "
-              f"{stats.tokens_per_teacher_pass:.2f} tokens per teacher pass, "
+              f"{stats.tokens_per_teacher_pass:.2f} tokens per teacher pass"
+              f"{speculative.drafting_note(stats.to_dict())}, "
               f"{stats.new_tokens / stats.seconds if stats.seconds else 0:.1f} tokens/s while generating "
               f"(after {setup_s:.1f} s of setup)"
               + (f"; the draft ran in {hybrid.prepared['precision']}; prepacked linear weights: teacher "
@@ -435,6 +436,8 @@ def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
         for g in c["generations"]:
             console.print(f"[bold]prompt[/bold] {g['prompt']!r}\n  teacher: {g['teacher']!r}\n  student: {g['student']!r}",
                           markup=True, highlight=False)
+    from hybridft.speculative import drafting_note
+
     h = summary.get("hybrid")
     if h and "unmeasured" in h:
         console.print(f"speculative hybrid: saved to {run_dir}/hybrid, not measured: {h['unmeasured']}")
@@ -443,10 +446,11 @@ def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
         line = (f"speculative hybrid (the student drafts {h['draft_tokens']} token{'s' if h['draft_tokens'] != 1 else ''} per teacher pass, batch 1, "
                 f"{h['prompts']} prompts): {h['matches_teacher']}/{h['prompts']} outputs equal the teacher's greedy "
                 f"ones; {hy['acceptance_rate']:.1%} of drafts accepted; {hy['tokens_per_s']:.1f} tokens/s against "
-                f"the teacher's {h['teacher']['tokens_per_s']:.1f} ({hy['speedup_vs_teacher']:.2f}x)")
+                f"the teacher's {h['teacher']['tokens_per_s']:.1f} ({hy['speedup_vs_teacher']:.2f}x)"
+                f"{drafting_note(hy)}")
         if u:
             line += (f"; undistilled draft: {u['acceptance_rate']:.1%} accepted, {u['tokens_per_s']:.1f} tokens/s "
-                     f"({u['speedup_vs_teacher']:.2f}x)")
+                     f"({u['speedup_vs_teacher']:.2f}x){drafting_note(u)}")
         console.print(line)
     folders = "teacher/, student/, hybrid/" if h and "skipped" not in h else "teacher/, student/"
     console.print(f"outputs: {run_dir}/ (summary.json, {folders}, teacher_outputs.safetensors, metrics.jsonl)")

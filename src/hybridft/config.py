@@ -320,6 +320,10 @@ class HybridConfig:
     teacher verifies in its own precision). `int8` (CPU) quantizes its linear layers dynamically. `auto`: on a CPU
     int8 where torch has the kernels, else bf16 where native (AVX512-BF16, AMX), else fp32; on a GPU bf16 where
     supported. Resolved where the hybrid runs (`speculative.choose_draft_precision`)."""
+    adaptive_drafting: bool = True
+    """causal_lm: the speculative hybrid drafts only while drafting is measured faster than the teacher's plain
+    steps on the machine it runs on, and falls back to plain steps (the teacher alone) where the draft is accepted
+    too rarely to pay for itself (`speculative.DraftPolicy`). The output is the teacher's greedy output either way."""
     verify_padding: bool = True
     """causal_lm: time the teacher's forward pass over 1, 2, ... tokens once per device and run each verification at
     the cheapest width at least its length (on a CPU a pass over 4 tokens can cost less than one over 2)."""

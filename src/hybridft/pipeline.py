@@ -663,10 +663,10 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
     hc = cfg.hybrid
     result = speculative.measure(t_model, s_model, undistilled, tokenizer, prompts, cfg.eval.max_new_tokens,
                                  hc.draft_tokens, ctx.device, vocabulary, hc.draft_confidence, hc.draft_precision,
-                                 hc.verify_padding, cfg.eval.prepack_weights)
+                                 hc.verify_padding, cfg.eval.prepack_weights, hc.adaptive_drafting)
     speculative.save_hybrid(ctx.run_dir / "hybrid", ctx.run_dir / "teacher", ctx.run_dir / "student",
                             hc.draft_tokens, vocabulary, hc.draft_confidence, hc.draft_precision, hc.verify_padding,
-                            cfg.eval.prepack_weights)
+                            cfg.eval.prepack_weights, hc.adaptive_drafting)
     h, u = result["hybrid"], result.get("undistilled_hybrid", {})
     padding = result.get("verify_padding")
     ctx.log(f"speculative hybrid: the draft runs in {result['draft_precision']['chosen']} "
@@ -678,8 +678,9 @@ def build_speculative(ctx: Context, teacher: tuple[nn.Module, Any], student: tup
         return result
     ctx.log(f"speculative hybrid: {result['matches_teacher']}/{len(prompts)} outputs equal the teacher's greedy ones; "
             f"acceptance {h['acceptance_rate']:.1%}, {h['tokens_per_s']} tokens/s = {h['speedup_vs_teacher']}x the "
-            f"teacher alone ({result['teacher']['tokens_per_s']}/s); undistilled draft: acceptance "
-            f"{u.get('acceptance_rate', 0):.1%}, {u.get('speedup_vs_teacher')}x")
+            f"teacher alone ({result['teacher']['tokens_per_s']}/s){speculative.drafting_note(h)}; undistilled "
+            f"draft: acceptance {u.get('acceptance_rate', 0):.1%}, {u.get('speedup_vs_teacher')}x"
+            f"{speculative.drafting_note(u)}")
     return result
 
 

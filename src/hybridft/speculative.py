@@ -46,7 +46,9 @@ class SpeculativeStats:
     """Tokens emitted."""
     seconds: float = 0.0
     rounds: list[int] = field(default_factory=list)
-    """Accepted drafts per round (a histogram source)."""
+    """Accepted drafts per drafting round (a histogram source)."""
+    plain_rounds: int = 0
+    """Rounds in which nothing was drafted because drafting did not pay (`DraftPolicy`): one teacher step each."""
 
     @property
     def acceptance_rate(self) -> float:
@@ -64,11 +66,88 @@ class SpeculativeStats:
         self.new_tokens += other.new_tokens
         self.seconds += other.seconds
         self.rounds += other.rounds
+        self.plain_rounds += other.plain_rounds
 
     def to_dict(self) -> dict[str, Any]:
         return {"drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": round(self.acceptance_rate, 4),
                 "teacher_passes": self.teacher_passes, "new_tokens": self.new_tokens,
-                "tokens_per_teacher_pass": round(self.tokens_per_teacher_pass, 3)}
+                "tokens_per_teacher_pass": round(self.tokens_per_teacher_pass, 3),
+                "drafting_rounds": len(self.rounds), "plain_rounds": self.plain_rounds}
+
+
+def drafting_note(stats: dict[str, Any]) -> str:
+    """", drafting in R of N rounds" for a `SpeculativeStats.to_dict()` with plain rounds; "" without any."""
+    plain = stats.get("plain_rounds", 0)
+    if not plain:
+        return ""
+    rounds = plain + stats.get("drafting_rounds", 0)
+    return f", drafting in {stats.get('drafting_rounds', 0)} of {rounds} rounds (the others: plain teacher steps)"
+
+
+class DraftPolicy:
+    """Whether the next round drafts: drafting is chosen while it yields more tokens per second than the teacher's
+    plain steps, both measured on this machine as generation goes.
+
+    A drafting round costs the draft's tokens and one teacher pass over them and yields 1 + the accepted drafts; a
+    plain round is one teacher step and yields 1 token. Where the draft is accepted too rarely for its cost (a draft
+    serving prompts unlike those it was distilled on, or a slow draft), speculative decoding is slower than the
+    teacher alone (0.75-0.80x measured on a 2-core CPU); with this policy the hybrid falls back to plain teacher
+    steps there and drafts again where the draft proves useful. The output is the teacher's greedy output either
+    way: only the speed depends on the choice. This is the dynamic draft length of transformers' assisted generation
+    (`num_assistant_tokens_schedule`, which never drafts fewer than 1 token), extended to 0 drafts and driven by
+    measured time instead of the acceptance count alone.
+
+    Each rate is an exponentially weighted ratio (`decay` per observation of its own kind) of tokens to seconds.
+    The first rounds draft, until `warmup` drafting and one plain round are measured; after that, every
+    `explore_every`-th round takes the other choice, so that a rate no longer chosen is still refreshed (the draft
+    may grow useful later in a text; the machine's speed drifts). One policy may serve many generations: what it
+    learned carries from one prompt to the next.
+
+    `clock` (seconds, monotonic) times the rounds; tests give one that counts model passes instead.
+
+    Raises:
+        ValueError: for decay outside (0, 1), warmup < 1 or explore_every < 2.
+    """
+
+    def __init__(self, decay: float = 0.9, warmup: int = 3, explore_every: int = 12,
+                 clock: Any = time.perf_counter):
+        if not 0 < decay < 1 or warmup < 1 or explore_every < 2:
+            raise ValueError(f"DraftPolicy needs 0 < decay < 1, warmup >= 1 and explore_every >= 2; got decay={decay}, "
+                             f"warmup={warmup}, explore_every={explore_every}")
+        self.decay, self.warmup, self.explore_every, self.clock = decay, warmup, explore_every, clock
+        # per choice (True: drafting, False: plain): weighted tokens, weighted seconds, rounds observed
+        self._tokens = {True: 0.0, False: 0.0}
+        self._seconds = {True: 0.0, False: 0.0}
+        self._seen = {True: 0, False: 0}
+        self._rounds = 0
+
+    def rate(self, drafting: bool) -> Optional[float]:
+        """Tokens per second of drafting (True) or plain (False) rounds, weighted to the recent ones; None before
+        any such round."""
+        s = self._seconds[drafting]
+        return self._tokens[drafting] / s if self._seen[drafting] and s > 0 else None
+
+    def draft_next(self) -> bool:
+        """True: draft in the next round; False: one plain teacher step."""
+        self._rounds += 1
+        if self._seen[True] < self.warmup:
+            return True
+        if not self._seen[False]:
+            return False
+        best = self.rate(True) >= self.rate(False)  # type: ignore[operator]
+        return (not best) if self._rounds % self.explore_every == 0 else best
+
+    def observe(self, drafting: bool, tokens: int, seconds: float) -> None:
+        """One finished round: whether it drafted, the tokens it emitted, its seconds (draft tokens and the teacher's
+        pass, or the teacher's step)."""
+        self._tokens[drafting] = self._tokens[drafting] * self.decay + tokens
+        self._seconds[drafting] = self._seconds[drafting] * self.decay + seconds
+        self._seen[drafting] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        rates = {k: self.rate(k) for k in (True, False)}
+        return {"drafting_tokens_per_s": round(rates[True], 2) if rates[True] else None,
+                "plain_tokens_per_s": round(rates[False], 2) if rates[False] else None}
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, keep: int = 0) -> torch.Tensor:
@@ -392,7 +471,8 @@ def verification_widths(teacher: nn.Module, draft_tokens: int) -> tuple[list[int
 def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
                          draft_tokens: int = 4, eos_token_ids: Optional[set[int]] = None,
                          vocabulary: Optional[DraftVocabulary] = None, confidence: float = 0.0,
-                         pad_to: Optional[list[int]] = None) -> tuple[torch.Tensor, SpeculativeStats]:
+                         pad_to: Optional[list[int]] = None, policy: Optional[DraftPolicy] = None
+                         ) -> tuple[torch.Tensor, SpeculativeStats]:
     """Greedy decoding of `teacher`, drafted by `draft`.
 
     Args:
@@ -410,6 +490,8 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
             On a CPU, torch runs a linear layer on 2 or 3 rows as 2 or 3 matrix-vector products but on 4 or more
             as one matrix product, so a pass over 4 tokens can cost less than one over 2 (`padded_widths` picks
             the widths from timings, `teacher_pass_ms`). None, or r past its end: no padding.
+        policy: decides round by round whether to draft at all, from the measured speed of drafting and of plain
+            teacher steps (`DraftPolicy`; it learns from every round). None: every round drafts.
     Returns:
         ([1, P + N] the prompt and the N <= max_new_tokens new tokens, the round's counts).
     Raises:
@@ -445,10 +527,13 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
     while len(tokens) - prompt_len < max_new_tokens and tokens[-1] not in eos:
         left = max_new_tokens - (len(tokens) - prompt_len)
         k = min(draft_tokens, left)  # never draft past the limit (the teacher's bonus token may still be dropped)
-        # 1. draft up to k tokens; the draft cache may lag several tokens behind (all drafts accepted last round)
+        drafting = policy is None or policy.draft_next()
+        round_start = policy.clock() if policy is not None else 0.0
+        # 1. draft up to k tokens; the draft cache may lag several tokens behind (all drafts accepted last round, or
+        # plain rounds since its last draft)
         feed = torch.tensor([tokens[d_cache.get_seq_length():]], device=device)
         drafted: list[int] = []
-        for _ in range(k):
+        for _ in range(k if drafting else 0):
             nxt, prob = _draft_token(draft, vocabulary, feed, d_cache, confidence)
             if prob < confidence:
                 break  # the token stays in neither the draft nor its cache beyond the cut below
@@ -472,11 +557,17 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         stats.drafted += len(drafted)
         stats.accepted += n
         stats.teacher_passes += 1
-        stats.rounds.append(n)
+        if drafting:
+            stats.rounds.append(n)
+        else:
+            stats.plain_rounds += 1
+        before = len(tokens)
         for tok in emitted[:left]:
             tokens.append(tok)
             if tok in eos:
                 break
+        if policy is not None:
+            policy.observe(drafting, len(tokens) - before, policy.clock() - round_start)
         if tokens[-1] in eos:
             break
         # 4. cut both caches back to every token but the newest
@@ -540,7 +631,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: int,
                 draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0,
-                draft_precision: str = "auto", verify_padding: bool = True, prepack_weights: bool = True) -> Path:
+                draft_precision: str = "auto", verify_padding: bool = True, prepack_weights: bool = True,
+                adaptive_drafting: bool = True) -> Path:
     """OUTPUT_DIR/hybrid of a causal_lm run: teacher/, draft/ (fp32, as trained), hybrid.json (the decoding settings,
     and the draft's token ids when its vocabulary is cut; `draft_precision` is resolved where the hybrid is loaded,
     as `auto` depends on the device) and manifest.json (checksums), written beside the target and renamed, so a
@@ -559,7 +651,7 @@ def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: 
     settings = {"format": FORMAT, "kind": "speculative", "draft_tokens": draft_tokens,
                 "draft_confidence": draft_confidence, "draft_vocabulary": draft_vocabulary,
                 "draft_precision": draft_precision, "verify_padding": verify_padding,
-                "prepack_weights": prepack_weights}
+                "prepack_weights": prepack_weights, "adaptive_drafting": adaptive_drafting}
     (tmp / "hybrid.json").write_text(json.dumps(settings), encoding="utf-8")
     write_manifest(tmp)
     if folder.exists():
@@ -602,9 +694,12 @@ class SpeculativeHybrid:
     prepacked once where that is faster (`hybridft.packed_linear`; the teacher is packed in place, for good)."""
     teacher_pack: Optional[dict[str, Any]] = field(default=None, repr=False)
     """The teacher's packing decision when made outside (`measure`); None: `prepare` makes it."""
+    adaptive: bool = True
+    """`hybrid.adaptive_drafting`: draft only while drafting is measured faster than plain teacher steps
+    (`DraftPolicy`, one for all the generations on this device)."""
     prepared: Optional[dict[str, Any]] = field(default=None, repr=False)
     """After the first `generate`: draft (the model as it drafts), vocabulary, precision, precision_reason, packed
-    (linear layers of the teacher and of the draft now prepacked)."""
+    (linear layers of the teacher and of the draft now prepacked), policy (a `DraftPolicy`, or None)."""
 
     def to(self, device: torch.device) -> "SpeculativeHybrid":
         """Move the hybrid; before its first `generate`, as a teacher prepacked for the CPU stays there.
@@ -632,7 +727,8 @@ class SpeculativeHybrid:
             self.prepared = {"draft": draft, "vocabulary": vocabulary, "precision": precision,
                              "precision_reason": reason,
                              "packed": {"teacher": is_packed(self.teacher), "draft": is_packed(draft)},
-                             "teacher_pack": self.teacher_pack}
+                             "teacher_pack": self.teacher_pack,
+                             "policy": DraftPolicy() if self.adaptive else None}
         if self.verify_padding and self.widths is None:
             self.widths = verification_widths(self.teacher, self.draft_tokens)
         return self.prepared
@@ -642,7 +738,7 @@ class SpeculativeHybrid:
         p = self.prepare()
         return speculative_generate(self.teacher, p["draft"], input_ids, max_new_tokens, self.draft_tokens,
                                     eos_ids(self.teacher, self.tokenizer), p["vocabulary"], self.confidence,
-                                    self.widths[0] if self.widths else None)
+                                    self.widths[0] if self.widths else None, p["policy"])
 
 
 def load_hybrid(folder: Path) -> SpeculativeHybrid:
@@ -674,7 +770,8 @@ def load_hybrid(folder: Path) -> SpeculativeHybrid:
     return SpeculativeHybrid(teacher, draft, tokenizer, int(settings["draft_tokens"]),
                              float(settings.get("draft_confidence", 0.0)), ids or None, precision,
                              bool(settings.get("verify_padding", False)),
-                             prepack_weights=bool(settings.get("prepack_weights", True)))
+                             prepack_weights=bool(settings.get("prepack_weights", True)),
+                             adaptive=bool(settings.get("adaptive_drafting", True)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -717,8 +814,8 @@ def draft_top_k_agreement(teacher: nn.Module, draft: nn.Module, tokenizer: Any, 
 def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Module], tokenizer: Any,
             prompts: list[str], max_new_tokens: int, draft_tokens: int, device: torch.device,
             draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0,
-            draft_precision: str = "fp32", verify_padding: bool = False, prepack_weights: bool = False
-            ) -> dict[str, Any]:
+            draft_precision: str = "fp32", verify_padding: bool = False, prepack_weights: bool = False,
+            adaptive_drafting: bool = False) -> dict[str, Any]:
     """Speculative decoding against its parts, at batch 1, greedy, on `prompts`; the teacher in fp32, the drafts in
     `draft_precision` (resolved by `choose_draft_precision`); with `prepack_weights` on a CPU, the teacher (alone
     and in the hybrid) and the drafts run from prepacked weights (`hybridft.packed_linear`; the teacher's layers
@@ -726,7 +823,8 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
 
     Reported: tokens/s of the teacher alone, the hybrid (the teacher drafted by the distilled student), the
     student alone (in the draft's precision) and, with `undistilled`, the same draft model before distillation, as
-    a draft (with the same settings) and alone; the acceptance rates; how many hybrid outputs equal the
+    a draft (with the same settings) and alone; the acceptance rates; with `adaptive_drafting`, the rounds each
+    hybrid drafted in and those it left to plain teacher steps (`DraftPolicy`); how many hybrid outputs equal the
     teacher's own greedy output token for token; the draft's precision and why; with `verify_padding`, the timed
     cost of a teacher pass per width and the widths chosen (timed once, before the generations, untimed); and,
     with `draft_vocabulary`, its size and the share of the teacher's greedy tokens inside it. Every timing runs
@@ -738,14 +836,14 @@ def measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modul
     with packed_if_faster(teacher, device) if prepack_weights else nullcontext() as decision:
         return _measure(teacher, draft, undistilled, tokenizer, prompts, max_new_tokens, draft_tokens, device,
                         draft_vocabulary, draft_confidence, draft_precision, verify_padding, prepack_weights,
-                        decision)
+                        decision, adaptive_drafting)
 
 
 def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Module], tokenizer: Any,
              prompts: list[str], max_new_tokens: int, draft_tokens: int, device: torch.device,
              draft_vocabulary: Optional[list[int]], draft_confidence: float, draft_precision: str,
-             verify_padding: bool, prepack_weights: bool, teacher_pack: Optional[dict[str, Any]]
-             ) -> dict[str, Any]:
+             verify_padding: bool, prepack_weights: bool, teacher_pack: Optional[dict[str, Any]],
+             adaptive_drafting: bool) -> dict[str, Any]:
     eos = eos_ids(teacher, tokenizer)
     inputs = [prompt_tensor(tokenizer, p, device) for p in prompts]
     for m in (teacher, draft, undistilled):
@@ -753,7 +851,7 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
             m.to(device).eval()
     distilled = SpeculativeHybrid(teacher, draft, tokenizer, draft_tokens, draft_confidence, draft_vocabulary,
                                   draft_precision, verify_padding, prepack_weights=prepack_weights,
-                                  teacher_pack=teacher_pack)
+                                  teacher_pack=teacher_pack, adaptive=adaptive_drafting)
     first = distilled.prepare()
     hybrids = {"distilled": distilled}
     if undistilled is not None:  # the same settings; one timing of the teacher's passes serves both drafts
@@ -796,7 +894,7 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
 
     result: dict[str, Any] = {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "draft_tokens": draft_tokens, "batch_size": 1,
-        "draft_confidence": draft_confidence,
+        "draft_confidence": draft_confidence, "adaptive_drafting": adaptive_drafting,
         "draft_precision": {"chosen": first["precision"], "reason": first["precision_reason"]},
         "prepacked": {**first["packed"], **({"teacher_timing": teacher_pack} if teacher_pack else {})},
         "matches_teacher": sum(a == b for a, b in zip(h_out, t_out)),
