@@ -302,6 +302,20 @@ def test_a_csv_row_spanning_several_lines_is_read_whole_and_reported(tmp_path: P
     assert any("1 rows have a quoted text that spans several lines (first at line 2)" in n for n in splits.notes)
     report = predict_file(_echo, path, tmp_path / "out.jsonl", progress=False)
     assert report.rows_written == 4 and any("line 2" in n for n in report.notes)
+    # a multi-line prompt is normal: no advice to change the quoting rule, which would break such a file
+    assert not any("none" in n for n in splits.notes + report.notes)
+
+
+def test_a_quote_left_open_over_many_lines_is_pointed_at(tmp_path: Path):
+    from hybridft.rowfiles import SUSPECT_RECORD_LINES
+
+    path = tmp_path / "open.csv"
+    rows = "".join(f"film {i},pos\n" for i in range(SUSPECT_RECORD_LINES + 5))
+    path.write_text(f'text,label\nfine,neg\n"a great film,pos\n{rows}the end",neg\n', encoding="utf-8")
+    report = predict_file(_echo, path, tmp_path / "out.jsonl", progress=False)
+    assert report.rows_written == 2  # the open quote swallowed every row after it, and the file still parses
+    note = next(n for n in report.notes if "spans several lines" in n)
+    assert f"the row at line 3 spans {SUSPECT_RECORD_LINES + 7} lines" in note and "--quoting none" in note
 
 
 def test_the_run_says_the_data_notes_and_keeps_them_in_the_summary(tmp_path: Path, tiny_teacher_dir: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -235,6 +236,11 @@ def test_predict_with_a_single_classifier_folder_reports_no_teacher(pair, tmp_pa
     assert "wrote 5 rows" in printed.out and "teacher" not in printed.out
     assert "linear weights: student" in printed.err and "teacher" not in printed.err
     assert {json.loads(x)["answered_by"] for x in out.read_text().splitlines()} == {"student"}
+    # the same model as a run's teacher/ folder, or a folder of the user's own, is named as what it is
+    for name, expected in (("teacher", "teacher"), ("my_classifier", "model")):
+        other = shutil.copytree(folder, tmp_path / name)
+        assert main(["predict", "--model", str(other), "--input", str(src), "--output", str(out), "--quiet"]) == 0
+        assert {json.loads(x)["answered_by"] for x in out.read_text().splitlines()} == {expected}
 
 
 def test_predict_prepacks_only_for_files_large_enough_to_win_the_timing_back(pair, tmp_path: Path, capsys,

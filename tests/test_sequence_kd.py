@@ -245,8 +245,15 @@ def test_unlabeled_prompts_are_read_from_data_unlabeled_text_column(tmp_path: Pa
     assert main(run_args(tmp_path, teacher_dir, "x", f"data.unlabeled={questions}",
                          "data.unlabeled_text_column=query")) == 2
     err = capsys.readouterr().err
-    assert "no prompt column 'query'" in err and "set data.unlabeled_text_column" in err
+    assert "no prompt column 'query'" in err and "in data.unlabeled_text_column" in err
     half = tmp_path / "half.jsonl"
     half.write_text('{"prompt": "red \\ud83d"}\n', encoding="utf-8")
     assert main(run_args(tmp_path, teacher_dir, "y", f"data.unlabeled={half}")) == 2
     assert "line 1: the prompt column holds a lone UTF-16 surrogate" in capsys.readouterr().err
+    # a whole run: the prompts the teacher answered count as unlabeled text in the summary, not as labelled rows
+    assert main(run_args(tmp_path, teacher_dir, "z", f"data.unlabeled={questions}",
+                         "data.unlabeled_text_column=question")) == 0
+    summary = json.loads((tmp_path / "z" / "summary.json").read_text())
+    answered = summary["transfer_set"]["augment"]["sequence_kd"]["from_unlabeled_prompts"]
+    assert answered >= 1
+    assert summary["transfer_set"]["labeled"] == 24 and summary["transfer_set"]["unlabeled"] == answered

@@ -177,7 +177,8 @@ class HybridModel:
                  label_names: list[str], *, threshold: float, student_temperature: float = 1.0,
                  teacher_temperature: float = 1.0, confidence_kind: str = "max_prob", max_length: int = 128,
                  teacher_budget: Optional[float] = None, device: Optional[torch.device] = None,
-                 text_column: str = "text", text_pair_column: Optional[str] = None) -> None:
+                 text_column: str = "text", text_pair_column: Optional[str] = None,
+                 answered_by: Optional[str] = None) -> None:
         if confidence_kind not in CONFIDENCE_KINDS:
             raise HybridFTError(f"hybrid.confidence '{confidence_kind}' is not one of {CONFIDENCE_KINDS}")
         self.student, self.student_tokenizer = student, student_tokenizer
@@ -192,6 +193,8 @@ class HybridModel:
         # the columns the run read its texts from: `hybridft predict`'s defaults for --text-column and
         # --text-pair-column, so that a file shaped like the training file needs no options
         self.text_column, self.text_pair_column = text_column, text_pair_column
+        # one model in both slots (`load_predictor` on a single folder): every row is that model's, by this name
+        self.single_name = answered_by
         self.device = device or torch.device("cpu")
         self.rows_seen = self.teacher_rows = 0  # the running quota's counts (see `reset_budget`)
         for model in (student, teacher):
@@ -247,7 +250,8 @@ class HybridModel:
             probs[defer] = (t_logits / self.teacher_temperature).softmax(-1)
         label_ids = probs.argmax(-1)
         return HybridPrediction(label_ids=label_ids, probs=probs,
-                                answered_by=["teacher" if d else "student" for d in defer.tolist()],
+                                answered_by=[self.single_name or ("teacher" if d else "student")
+                                             for d in defer.tolist()],
                                 labels=[self.label_names[i] for i in label_ids.tolist()])
 
     def prepack(self) -> dict[str, Any]:
@@ -367,7 +371,9 @@ def saved_text_columns(folder: str | Path) -> Optional[tuple[str, Optional[str]]
 
 
 def load_predictor(folder: str | Path, device: Optional[torch.device] = None) -> HybridModel:
-    """A hybrid folder, or a single classifier folder (then every row is answered by that model, as "student")."""
+    """A hybrid folder, or a single classifier folder: then that model answers every row, named in `answered_by` as
+    "teacher" for a run's teacher/ folder (or an LLM teacher read zero-shot, zero_shot.json), "student" for its
+    student/ folder, and "model" for any other folder."""
     folder = Path(folder)
     if (folder / "hybrid.json").is_file():
         return HybridModel.load(folder, device)
@@ -378,8 +384,11 @@ def load_predictor(folder: str | Path, device: Optional[torch.device] = None) ->
         raise HybridFTError(f"--model {folder} is neither a hybrid folder (hybrid.json) nor a fine-tuned "
                             f"classifier; give OUTPUT_DIR/hybrid or OUTPUT_DIR/student of a run")
     model, tokenizer = task.load_classifier(path, labels, "--model"), task.load_tokenizer(path, "--model")
+    name = ("teacher" if folder.name == "teacher" or (folder / "zero_shot.json").is_file() else
+            "student" if folder.name == "student" else "model")
     # A threshold below any confidence: the teacher slot is never called.
-    return HybridModel(model, tokenizer, model, tokenizer, labels, threshold=float("-inf"), device=device)
+    return HybridModel(model, tokenizer, model, tokenizer, labels, threshold=float("-inf"), device=device,
+                       answered_by=name)
 
 
 def _sha256(path: Path) -> str:

@@ -741,7 +741,10 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: bool = False, force: bo
         summary["data_notes"] = ctx.splits.notes
     unlabeled = len(ctx.splits.unlabeled) if ctx.splits.unlabeled is not None else 0
     generated = ctx.splits.augmented.get("generated", 0)
-    summary["transfer_set"] = {"labeled": len(ctx.splits.train), "unlabeled": unlabeled - generated,
+    # sequence KD turns the unlabeled prompts the teacher answered into training rows: they are still unlabeled text
+    answered = ctx.splits.augmented.get("sequence_kd", {}).get("from_unlabeled_prompts", 0)
+    summary["transfer_set"] = {"labeled": len(ctx.splits.train) - answered,
+                               "unlabeled": unlabeled - generated + answered,
                                "generated": generated,
                                **({"augment": ctx.splits.augmented} if ctx.splits.augmented else {})}
     summary["seconds"] = round(time.perf_counter() - start, 1)

@@ -173,6 +173,8 @@ class TableReader:
         self.multiline_records = 0
         """Records whose quoted field spans several physical lines (legitimate, or an unclosed quote)."""
         self.first_multiline_line: Optional[int] = None
+        self.longest_record = (0, 0)
+        """(physical lines, start line) of the record spanning the most lines."""
         self.quoted_looking_records = 0
         """quoting="none" only: records with a field wrapped in double quotes, as CSV quoting writes them."""
         self.first_quoted_looking_line: Optional[int] = None
@@ -227,6 +229,7 @@ class TableReader:
                 self.multiline_records += 1
                 if self.first_multiline_line is None:
                     self.first_multiline_line = start
+                self.longest_record = max(self.longest_record, (self._end - start + 1, -start))
             yield start, fields
 
     def __iter__(self) -> Iterator[Item]:
@@ -326,6 +329,10 @@ def sniff_delimiter(src: Path, default: str) -> str:
     return found[0] if "," not in head and len(found) == 1 else default
 
 
+SUSPECT_RECORD_LINES = 25
+"""A quoted field over this many lines gets the unclosed-quote hint; shorter ones are multi-line texts."""
+
+
 def quoting_notes(reader: Union[JsonlReader, TableReader], what: str, setting: str) -> list[str]:
     """Lines that say where the quoting rule may have read a file other than its writer meant; `setting` is how
     the caller's user sets the rule (`data.quoting=` or `--quoting `)."""
@@ -336,9 +343,14 @@ def quoting_notes(reader: Union[JsonlReader, TableReader], what: str, setting: s
         notes.append(f"{what}: read with {reader.delimiter!r} between fields, since its header has no ',' "
                      f"(set the delimiter to read it otherwise)")
     if reader.multiline_records:
-        notes.append(f"{what}: {reader.multiline_records} rows have a quoted text that spans several lines (first at "
-                     f"line {reader.first_multiline_line}); if that is an unclosed quote, read quotes literally "
-                     f"({setting}none)")
+        note = (f"{what}: {reader.multiline_records} rows have a quoted text that spans several lines (first at line "
+                f"{reader.first_multiline_line}), each read as one text")
+        spanned, start = reader.longest_record[0], -reader.longest_record[1]
+        if spanned >= SUSPECT_RECORD_LINES:  # multi-line prompts are normal; a quote left open swallows many lines
+            note += (f"; the row at line {start} spans {spanned} lines: if a quote was left open there, the rows "
+                     f"after it were merged into it (close the quote, or read quotes literally with {setting}none "
+                     f"if the file never uses CSV quoting)")
+        notes.append(note)
     if reader.quoted_looking_records:
         notes.append(f"{what}: {reader.quoted_looking_records} rows have a field wrapped in double quotes (first at "
                      f"line {reader.first_quoted_looking_line}), read literally as tab-separated files are by "

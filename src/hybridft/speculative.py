@@ -531,8 +531,9 @@ def speculative_generate(teacher: nn.Module, draft: nn.Module, input_ids: torch.
         round_start = policy.clock() if policy is not None else 0.0
         # 1. draft up to k tokens; the draft cache may lag several tokens behind (all drafts accepted last round, or
         # plain rounds since its last draft)
-        feed = torch.tensor([tokens[d_cache.get_seq_length():]], device=device)
         drafted: list[int] = []
+        if drafting:
+            feed = torch.tensor([tokens[d_cache.get_seq_length():]], device=device)
         for _ in range(k if drafting else 0):
             nxt, prob = _draft_token(draft, vocabulary, feed, d_cache, confidence)
             if prob < confidence:

@@ -270,14 +270,14 @@ def _read_prompts(path: str, cfg: RunConfig) -> Examples:
     """Prompts without responses (data.unlabeled), for the teacher to answer (sequence KD), from the column
     `data.unlabeled_text_column` (default `data.prompt_column`)."""
     d = cfg.data
-    column, key = (d.unlabeled_text_column, "data.unlabeled_text_column") if d.unlabeled_text_column else \
-        (d.prompt_column, "data.prompt_column")
+    column = d.unlabeled_text_column or d.prompt_column
     rows, lines, source = read_rows(path, d, "unlabeled")
     if d.max_train_samples:
         rows, lines = rows[:d.max_train_samples], lines[:d.max_train_samples]
     if rows and column not in rows[0]:
         raise HybridFTError(f"data.unlabeled {source} has no prompt column '{column}' (columns: "
-                            f"{', '.join(sorted(rows[0]))}); give prompts for the teacher to answer, or set {key}")
+                            f"{', '.join(sorted(rows[0]))}); give prompts for the teacher to answer, or name this "
+                            f"file's prompt column in data.unlabeled_text_column")
     texts = []
     for row, line in zip(rows, lines):
         value = row.get(column)
