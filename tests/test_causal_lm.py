@@ -280,7 +280,7 @@ def _run_args(tmp_path: Path, teacher: Path, data: dict[str, Path], name: str, *
             "precision=fp32", *extra]
 
 
-def test_causal_lm_run_end_to_end_and_generate(tmp_path: Path, tiny_lm_dir: Path, lm_data, capsys):
+def test_causal_lm_run_end_to_end_and_generate(tmp_path: Path, tiny_lm_dir: Path, lm_data, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from hybridft.cli import main
@@ -313,6 +313,23 @@ def test_causal_lm_run_end_to_end_and_generate(tmp_path: Path, tiny_lm_dir: Path
     # the same student generates the same text as the task's generate (greedy, batch-independent)
     expected = task.generate(*task.load_model(str(run / "student"), None, "m"), [lm_rows(5)[0]["prompt"]], 3, CPU)
     assert lines[0]["generation"] == expected[0]
+
+    # the setup is timed (prepacked weights) only where the prompts' work can pay the timing back
+    from hybridft import cli, packed_linear
+
+    decided = []
+    real = packed_linear.prepack_if_faster
+    monkeypatch.setattr(packed_linear, "prepack_if_faster", lambda *a, **k: decided.append(1) or real(*a, **k))
+    assert main(["generate", "--model", str(run / "student"), "--input", str(prompts), "--output", str(out),
+                 "--max-new-tokens", "3"]) == 0
+    assert decided == [] and "setup: not timed (under 400 teacher passes" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "GENERATE_TIMING_MIN_PASSES", 3)  # 5 prompts x 3 tokens at batch 8: 3 passes
+    assert main(["generate", "--model", str(run / "student"), "--input", str(prompts), "--output", str(out),
+                 "--max-new-tokens", "3"]) == 0
+    assert decided == [1] and "linear weights:" in capsys.readouterr().err
+    assert [json.loads(x)["generation"] for x in out.read_text().splitlines()][0] == expected[0]
+    # 5 prompts of 1 token: 3 passes at batch 2 (3 batches), 2 at batch 3
+    assert cli.worth_timing_setup(str(prompts), 1, 2) and not cli.worth_timing_setup(str(prompts), 1, 3)
 
 
 def test_stored_outputs_are_reused_and_a_gpt2_without_pad_token_distils(tmp_path: Path, lm_data, monkeypatch):

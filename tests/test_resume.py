@@ -201,3 +201,19 @@ def test_resume_drops_the_log_lines_written_after_the_checkpoint(tmp_path: Path)
         for k in a:
             if isinstance(a[k], float):
                 assert abs(a[k] - b[k]) <= 1e-6, (k, a, b)
+
+
+def test_a_checkpoint_whose_weights_are_the_best_stores_them_once(tmp_path: Path):
+    from hybridft.checkpoint import load_checkpoint, save_checkpoint
+
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    older = {"w": torch.zeros(2, 3)}
+    same = save_checkpoint(tmp_path, 1, weights, {"step": 1}, weights, keep=5)
+    assert (same / "best.safetensors").stat().st_ino == (same / "model.safetensors").stat().st_ino
+    other = save_checkpoint(tmp_path, 2, weights, {"step": 2}, older, keep=5)
+    assert (other / "best.safetensors").stat().st_ino != (other / "model.safetensors").stat().st_ino
+    for path, best in ((same, weights), (other, older)):
+        got, got_best, state = load_checkpoint(path)
+        assert torch.equal(got["w"], weights["w"]) and torch.equal(got_best["w"], best["w"])
+    save_checkpoint(tmp_path, 3, weights, {"step": 3}, None, keep=1)  # the default keeps one: the newest
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000003"]

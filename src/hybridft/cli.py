@@ -215,6 +215,21 @@ which 20 rows never win back: a fresh user measured 26 s with prepacking against
 1.8-2x it gives MiniLM, the timing pays for itself from about 2,000 rows."""
 
 
+GENERATE_TIMING_MIN_PASSES = 400
+"""`generate` times its setup choices (prepacked weights; the hybrid's verification widths) only for inputs of at
+least this many teacher passes (prompts x --max-new-tokens, divided by the batch for a plain model). Deciding costs
+about 3.6 s for SmolLM2-135M on 2 idle cores, some 70 decoding passes, and prepacking saves about 30% of a pass:
+a fresh user's 6 prompts of 20 tokens spent 100 s deciding on a loaded machine and generated in 89 s."""
+
+
+def worth_timing_setup(path: str, max_new_tokens: int, prompts_per_pass: int) -> bool:
+    """Whether `path` holds enough prompts for `generate`'s timed setup to pay back (GENERATE_TIMING_MIN_PASSES)."""
+    batches = -(-GENERATE_TIMING_MIN_PASSES // max(max_new_tokens, 1))  # of max_new_tokens passes each
+    needed = (batches - 1) * prompts_per_pass + 1
+    header = 0 if path.lower().endswith((".jsonl", ".json")) else 1
+    return not fewer_lines_than(path, needed + header)
+
+
 def fewer_lines_than(path: str, limit: int) -> bool:
     """Whether the file at `path` has fewer than `limit` lines; reads no further than `limit` line breaks, so a
     large file costs little. False for a path that cannot be read (predict_file then says why)."""
@@ -289,10 +304,18 @@ def _generate(args: argparse.Namespace) -> int:
     if (folder / "hybrid.json").is_file() and not speculative.is_speculative_folder(folder):
         raise HybridFTError(f"--model {folder} is a classification hybrid; label texts with `hybridft predict --model "
                             f"{folder}`. generate takes a causal LM folder or the hybrid of a causal_lm run")
-    if speculative.is_speculative_folder(folder):  # OUTPUT_DIR/hybrid: the teacher's greedy output, drafted
+    speculative_hybrid = speculative.is_speculative_folder(folder)
+    timed = worth_timing_setup(args.input, args.max_new_tokens, 1 if speculative_hybrid else args.batch_size)
+    if not timed and not args.no_prepack and not args.quiet:
+        print(f"setup: not timed (under {GENERATE_TIMING_MIN_PASSES} teacher passes of work: prepacked weights"
+              f"{' and verification widths' if speculative_hybrid else ''} would cost more to time than they save)",
+              file=sys.stderr)
+    if speculative_hybrid:  # OUTPUT_DIR/hybrid: the teacher's greedy output, drafted
         hybrid = speculative.load_hybrid(folder).to(device)
-        if args.no_prepack:
+        if args.no_prepack or not timed:
             hybrid.prepack_weights = False
+        if not timed:
+            hybrid.verify_padding = False
         tokenizer, stats = hybrid.tokenizer, speculative.SpeculativeStats()
         if batch_size_given and args.batch_size > 1 and not args.quiet:
             print(f"--batch-size {args.batch_size}: the speculative hybrid generates one prompt at a time (each "
@@ -314,7 +337,7 @@ def _generate(args: argparse.Namespace) -> int:
         stats = None
         model, tokenizer = causal_lm.load_model(args.model, None, "--model")  # type: ignore[arg-type]
         model.to(device).eval()
-        if not args.no_prepack:
+        if not args.no_prepack and timed:
             from hybridft.packed_linear import prepack_if_faster
 
             decision = prepack_if_faster(model, device)  # this model only generates from here on
