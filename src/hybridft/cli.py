@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                          "teacher's greedy output, drafted by the student (speculative decoding, batch 1)")
     ge.add_argument("--input", required=True, help=".jsonl, .csv or .tsv with a prompt column")
     ge.add_argument("--output", required=True, help=".jsonl, .csv or .tsv; written only when the whole file is done")
-    ge.add_argument("--prompt-column", default="prompt")
+    ge.add_argument("--prompt-column", default="prompt",
+                    help="the prompt's column; its cells may hold chat messages (a JSON list of {role, content}, "
+                         "ending with the user's turn): --prompt-column messages")
     ge.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
     ge.add_argument("--quoting", choices=["csv", "none"], default=None,
                     help="csv: quoted fields; none: quotes are literal (default: none for .tsv/.txt, csv otherwise)")
@@ -298,7 +300,8 @@ def _generate(args: argparse.Namespace) -> int:
                             f"of a causal_lm run)")
     # the file's mistakes are found before the models load (15 s for SmolLM2 and its draft)
     check_input(args.input, args.output, text_column=args.prompt_column, delimiter=args.delimiter,
-                skip_bad_rows=args.skip_bad_rows, text_option="prompt_column", quoting=args.quoting)
+                skip_bad_rows=args.skip_bad_rows, text_option="prompt_column", quoting=args.quoting,
+                chat_messages=True)
     device = pick_device(args.device)
     folder = Path(args.model)
     if (folder / "hybrid.json").is_file() and not speculative.is_speculative_folder(folder):
@@ -352,7 +355,7 @@ def _generate(args: argparse.Namespace) -> int:
                           delimiter=args.delimiter, quoting=args.quoting,
                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet,
                           columns=("generation",) if stats is None else ("generation", "acceptance_rate"),
-                          text_option="prompt_column")
+                          text_option="prompt_column", chat_messages=True)
     print(report.summary())
     if stats is not None and stats.drafted == 0:
         print("speculative decoding: nothing was drafted (every answer ended at its first token, which the "

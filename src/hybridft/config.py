@@ -63,7 +63,12 @@ class DataConfig:
     prompt_column: str = "prompt"
     """causal_lm: the prompt; the loss covers only the response tokens."""
     response_column: str = "response"
-    """causal_lm: the response to learn (with `prompt_column`)."""
+    """causal_lm: the response to learn (with `prompt_column`; a file without it may name it `completion`, as TRL's
+    prompt-completion datasets do). Either cell may hold chat messages instead of text (`hybridft.conversations`)."""
+    messages_column: str = "messages"
+    """causal_lm: chat messages ([{"role", "content"}, ...], OpenAI's and TRL's conversational format), read when the
+    file has no `prompt_column`: the last message is the assistant's response to learn, those before it the prompt,
+    rendered by the tokenizer's chat template."""
     chat_template: bool = True
     """causal_lm: wrap prompt and response in the tokenizer's chat template when it has one. Without it the
     prompt's tokens are followed directly by the response's (each tokenised alone, nothing between them): the

@@ -61,7 +61,7 @@ class PredictReport:
     skipped: int = 0
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     """Reason -> count: `empty_text`, `missing_text`, `text_not_a_string`, the same with `text_pair`,
-    `bad_encoding`, `bad_json`, `not_an_object`, `wrong_column_count`, `bad_quoting`."""
+    `bad_encoding`, `bad_json`, `not_an_object`, `wrong_column_count`, `bad_quoting`; `generate`: `bad_messages`."""
     skipped_lines: list[int] = field(default_factory=list)
     """The first `MAX_SKIPPED_LINES` skipped rows' line numbers, in file order."""
     answered_by: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
@@ -126,11 +126,22 @@ def data_options(data: Any) -> dict[str, Any]:
 # rows -> texts, and rows + predictions -> output rows
 
 
-def _text_value(row: dict[str, Any], column: str, what: str) -> tuple[Optional[str], Optional[str], str]:
-    """(text, None, "") for a usable value, else (None, reason, problem)."""
+def _text_value(row: dict[str, Any], column: str, what: str,
+                chat_messages: bool = False) -> tuple[Optional[str], Optional[str], str]:
+    """(text, None, "") for a usable value, else (None, reason, problem). With `chat_messages` (generate's
+    prompts), a list of chat messages is a prompt too (`hybridft.conversations`)."""
     value = row.get(column)
     if value is None:
         return None, f"missing_{what}", f"no value for column '{column}'"
+    if chat_messages and (isinstance(value, (list, tuple)) or (isinstance(value, str) and value.startswith("[{"))):
+        from hybridft import conversations
+
+        try:
+            messages = conversations.parse(value)
+            conversations.check_prompt(messages)
+        except ValueError as e:
+            return None, "bad_messages", f"column '{column}' {e}"
+        value = conversations.as_prompt(messages)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return None, f"{what}_not_a_string", f"column '{column}' holds a {type(value).__name__}, not text"
     problem = text_problem(value)
@@ -287,10 +298,11 @@ def _skip_or_stop(item: Item, src: Path, skip: bool, report: PredictReport) -> N
         report.skipped_lines.append(item.line)
 
 
-def _with_texts(item: Item, text_column: str, pair_column: Optional[str]) -> tuple[Item, str, Optional[str]]:
+def _with_texts(item: Item, text_column: str, pair_column: Optional[str],
+                chat_messages: bool = False) -> tuple[Item, str, Optional[str]]:
     """The item's text and pair, or the item turned bad when either is unusable."""
     assert item.row is not None
-    text, reason, problem = _text_value(item.row, text_column, "text")
+    text, reason, problem = _text_value(item.row, text_column, "text", chat_messages)
     pair = None
     if reason is None and pair_column is not None:
         pair, reason, problem = _text_value(item.row, pair_column, "text_pair")
@@ -322,7 +334,8 @@ def _empty_jsonl(src: Path) -> HybridFTError:
 def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str = "text",
                 text_pair_column: Optional[str] = None, delimiter: Optional[str] = None,
                 column_names: Optional[list[str]] = None, skip_bad_rows: bool = False,
-                text_option: str = "text_column", quoting: Optional[Quoting] = None) -> None:
+                text_option: str = "text_column", quoting: Optional[Quoting] = None,
+                chat_messages: bool = False) -> None:
     """The checks `predict_file` makes before its first batch, without a model: the paths and formats, a delimited
     file's header, and the first row (its text columns; for JSONL, that there is one). The commands run it before
     loading models, which takes seconds to minutes, so a wrong column or an empty file fails at once.
@@ -337,7 +350,7 @@ def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str
                              quoting)
         for item in reader:
             if item.row is not None:
-                item, _, _ = _with_texts(item, text_column, text_pair_column)
+                item, _, _ = _with_texts(item, text_column, text_pair_column, chat_messages)
             if item.row is None and not skip_bad_rows:
                 _skip_or_stop(item, src, False, PredictReport(input=str(src), output=str(output_path)))
             return
@@ -350,7 +363,8 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                  delimiter: Optional[str] = None, column_names: Optional[list[str]] = None,
                  batch_size: int = 256, skip_bad_rows: bool = False, progress: bool = True,
                  write_report: bool = True, columns: tuple[str, ...] = PREDICTION_COLUMNS,
-                 text_option: str = "text_column", quoting: Optional[Quoting] = None) -> PredictReport:
+                 text_option: str = "text_column", quoting: Optional[Quoting] = None,
+                 chat_messages: bool = False) -> PredictReport:
     """Predict every row of a CSV, TSV or JSONL file and write the rows with their predictions.
 
     At most `batch_size` rows are held (and passed to `predict_batch`) at a time, whatever the file size.
@@ -371,6 +385,8 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         write_report: Also write the report as `<output>.report.json`.
         columns: The output columns `predict_batch` fills (`hybridft generate` writes `("generation",)`).
         text_option: The command-line option naming the text column, for messages (`--text-column`).
+        chat_messages: A text cell may hold chat messages (a list of {"role", "content"}, or its JSON), passed
+            on as a prompt string of `hybridft.conversations` (`hybridft generate`).
 
     Returns:
         The `PredictReport` of the run.
@@ -409,7 +425,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                 report.rows_in += 1
                 text, pair = "", None
                 if item.row is not None:
-                    item, text, pair = _with_texts(item, text_column, text_pair_column)
+                    item, text, pair = _with_texts(item, text_column, text_pair_column, chat_messages)
                 if item.row is None:
                     _skip_or_stop(item, src, skip_bad_rows, report)
                     continue

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from hybridft import conversations
 from hybridft.batching import length_sorted_loader, to_device
 from hybridft.config import DEFAULT_LM_TEACHER, RunConfig, student_num_layers
 from hybridft.data import Examples, Splits, read_rows, text_problem
@@ -274,6 +275,8 @@ def _read_prompts(path: str, cfg: RunConfig) -> Examples:
     rows, lines, source = read_rows(path, d, "unlabeled")
     if d.max_train_samples:
         rows, lines = rows[:d.max_train_samples], lines[:d.max_train_samples]
+    if rows and column not in rows[0] and not d.unlabeled_text_column and d.messages_column in rows[0]:
+        column = d.messages_column  # chat messages ending with the user's turn
     if rows and column not in rows[0]:
         raise HybridFTError(f"data.unlabeled {source} has no prompt column '{column}' (columns: "
                             f"{', '.join(sorted(rows[0]))}); give prompts for the teacher to answer, or name this "
@@ -281,6 +284,8 @@ def _read_prompts(path: str, cfg: RunConfig) -> Examples:
     texts = []
     for row, line in zip(rows, lines):
         value = row.get(column)
+        if isinstance(value, (list, tuple)) or column == d.messages_column:
+            value = _conversation_cell(value, True, f"data.unlabeled {source} line {line}: the {column} column")
         problem = text_problem(value)
         if problem:
             raise HybridFTError(f"data.unlabeled {source} line {line}: the {column} column {problem}")
@@ -298,34 +303,66 @@ def _read(path: str, cfg: RunConfig, role: str, limit: Optional[int]) -> Example
     d = cfg.data
     columns = set(rows[0]) if rows else set()
     if d.prompt_column in columns:
-        if d.response_column not in columns:
+        response = d.response_column
+        if response not in columns and response == "response" and "completion" in columns:
+            response = "completion"  # TRL's prompt-completion datasets
+        if response not in columns:
             raise HybridFTError(f"data.{role} {source} has a '{d.prompt_column}' column but no response column "
                                 f"'{d.response_column}' (columns: {', '.join(sorted(columns))}); set "
                                 f"data.response_column")
-        return _from_rows(rows, source, cfg, prompts=True, lines=lines, role=role)
+        return _from_rows(rows, source, cfg, prompts=True, lines=lines, role=role, response_column=response)
+    if d.messages_column in columns:
+        return _from_conversations(rows, source, d.messages_column, lines, role)
     if d.text_column in columns:
         return _from_rows(rows, source, cfg, prompts=False, lines=lines, role=role)
     raise HybridFTError(f"data.{role} {source} has neither a prompt column '{d.prompt_column}' (with a response "
-                        f"column '{d.response_column}') nor a text column '{d.text_column}' (columns: "
-                        f"{', '.join(sorted(columns))}); set data.prompt_column/response_column or data.text_column")
+                        f"column '{d.response_column}'), nor chat messages in '{d.messages_column}', nor a text "
+                        f"column '{d.text_column}' (columns: {', '.join(sorted(columns))}); set "
+                        f"data.prompt_column/response_column, data.messages_column or data.text_column")
+
+
+def _from_conversations(rows: list[dict[str, Any]], source: str, column: str, lines: list[int],
+                        role: str) -> Examples:
+    """Rows of chat messages: the prompt is every message but the last (`conversations.as_prompt`), the response
+    the last, the assistant's."""
+    texts, pairs = [], []
+    for row, line in zip(rows, lines):
+        try:
+            prompt, response = conversations.split_response(conversations.parse(row.get(column)))
+        except ValueError as e:
+            raise HybridFTError(f"data.{role} {source} line {line}: the {column} column {e}") from None
+        problem = next((text_problem(m["content"]) for m in prompt if text_problem(m["content"])), None) or \
+            text_problem(response)
+        if problem:
+            raise HybridFTError(f"data.{role} {source} line {line}: a message in the {column} column {problem}")
+        texts.append(conversations.as_prompt(prompt))
+        pairs.append(response)
+    return Examples(texts=texts, labels=[0] * len(texts), pairs=pairs, source=source, lines=lines)
 
 
 def _from_rows(rows: list[dict[str, Any]], source: str, cfg: RunConfig, prompts: bool,
-               lines: Optional[list[int]] = None, role: str = "train") -> Examples:
-    """`Examples` with the prompt (or the whole text) in `texts` and the response in `pairs`."""
+               lines: Optional[list[int]] = None, role: str = "train",
+               response_column: Optional[str] = None) -> Examples:
+    """`Examples` with the prompt (or the whole text) in `texts` and the response in `pairs`. A prompt cell may
+    hold chat messages ending with the user's turn, and a response cell one assistant message (TRL's
+    conversational prompt-completion format)."""
     d = cfg.data
+    response_column = response_column or d.response_column
     lines = lines or list(range(1, len(rows) + 1))
     texts, pairs = [], []
     for row, line in zip(rows, lines):
-        fields = (d.prompt_column, d.response_column) if prompts else (d.text_column,)
+        fields = (d.prompt_column, response_column) if prompts else (d.text_column,)
         values = []
         for name in fields:
             value = row.get(name)
+            if prompts and isinstance(value, (list, tuple)):
+                value = _conversation_cell(value, name == d.prompt_column, f"data.{role} {source} line {line}: the "
+                                                                          f"{name} column")
             problem = text_problem(value)
             if problem:
                 raise HybridFTError(f"data.{role} {source} line {line}: the {name} column {problem}")
             if not isinstance(value, str) or not value.strip():
-                what = "response" if name == d.response_column else ("prompt" if prompts else "text")
+                what = "response" if name == response_column else ("prompt" if prompts else "text")
                 raise HybridFTError(f"data.{role} {source} line {line}: the {what} is empty or not text "
                                     f"({value!r}); remove the row or fill it in")
             values.append(value)
@@ -333,6 +370,20 @@ def _from_rows(rows: list[dict[str, Any]], source: str, cfg: RunConfig, prompts:
         pairs.append(values[1] if prompts else None)
     return Examples(texts=texts, labels=[0] * len(texts), pairs=pairs if prompts else None, source=source,
                     lines=lines)
+
+
+def _conversation_cell(value: Any, is_prompt: bool, where: str) -> str:
+    """A prompt cell of chat messages as a prompt string, or a completion cell of assistant messages as its text."""
+    try:
+        messages = conversations.parse(value)
+        if is_prompt:
+            conversations.check_prompt(messages)
+            return conversations.as_prompt(messages)
+        if any(m["role"] != "assistant" for m in messages):
+            raise ValueError("holds messages that are not the assistant's; a completion is the assistant's response")
+    except ValueError as e:
+        raise HybridFTError(f"{where} {e}") from None
+    return "".join(m["content"] for m in messages)
 
 
 def augment(splits: Splits, teacher: Any, tokenizer: Any, cfg: RunConfig, log: Any, device: torch.device,
@@ -353,11 +404,17 @@ def transfer_set(splits: Splits) -> Examples:
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, use_template: bool) -> list[int]:
+    """The token ids of a prompt: through the chat template (a plain prompt as one user message), or the text
+    alone. Raises HybridFTError for chat messages without a template to render them."""
     if use_template:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+        out = tokenizer.apply_chat_template(conversations.messages_of(prompt), add_generation_prompt=True,
                                             tokenize=True)
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)
+    if conversations.is_conversation(prompt):
+        raise HybridFTError("a prompt of chat messages needs the tokenizer's chat template, and this tokenizer has "
+                            "none (or data.chat_template is false); give the prompt as text in a prompt column, or "
+                            "use a chat model's tokenizer")
     return list(tokenizer(prompt)["input_ids"])
 
 
@@ -381,7 +438,10 @@ def encode(examples: Examples, tokenizer: Any, max_length: int, targets: Optiona
     for i, text in enumerate(examples.texts):
         line = examples.lines[i] if examples.lines else i + 1
         if examples.pairs is not None:
-            prompt = _prompt_ids(tokenizer, text, use_template)
+            try:
+                prompt = _prompt_ids(tokenizer, text, use_template)
+            except HybridFTError as e:
+                raise HybridFTError(f"{examples.source} line {line}: {e}") from None
             if len(prompt) + 1 > max_length:
                 raise HybridFTError(f"{examples.source} line {line}: the prompt is {len(prompt)} tokens, which leaves "
                                     f"no room for a response within data.max_length={max_length}; raise "
@@ -723,7 +783,7 @@ def report(model: nn.Module, tokenizer: Any, examples: Examples, splits: Splits,
     prompts = examples.texts[:n] if examples.pairs is not None else [t[:200] for t in examples.texts[:n]]
     speed_prompts = examples.texts[:8] if examples.pairs is not None else [t[:200] for t in examples.texts[:8]]
     with packed_if_faster(model, device) if cfg.eval.prepack_weights else nullcontext() as packing:
-        result["generations"] = [{"prompt": p, "output": o} for p, o in zip(prompts, generate(
+        result["generations"] = [{"prompt": conversations.display(p), "output": o} for p, o in zip(prompts, generate(
             model, tokenizer, prompts, cfg.eval.max_new_tokens, device))]
         for b in (1, 8):
             result[f"generate_tokens_per_s_batch{b}"] = generation_speed(
