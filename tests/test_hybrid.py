@@ -241,6 +241,15 @@ def test_predict_with_a_single_classifier_folder_reports_no_teacher(pair, tmp_pa
         other = shutil.copytree(folder, tmp_path / name)
         assert main(["predict", "--model", str(other), "--input", str(src), "--output", str(out), "--quiet"]) == 0
         assert {json.loads(x)["answered_by"] for x in out.read_text().splitlines()} == {expected}
+    # a run's student/ folder reads the text column the run trained on, from the run's config.yaml
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "student")
+    (run / "config.yaml").write_text("data:\n  text_column: review\n", encoding="utf-8")
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("review\n" + "".join(f"{t}\n" for t in TEXTS[:5]), encoding="utf-8")
+    assert main(["predict", "--model", str(run / "student"), "--input", str(reviews), "--output", str(out),
+                 "--quiet"]) == 0
+    assert len(out.read_text().splitlines()) == 5
 
 
 def test_predict_prepacks_only_for_files_large_enough_to_win_the_timing_back(pair, tmp_path: Path, capsys,

@@ -440,19 +440,26 @@ def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"hybridft causal LM: {summary['split']} split, {summary['examples']} examples")
-    for col in ("model", "loss", "perplexity", "next-token acc.", "params", "non-emb. params", "size",
-                "tokens/s (b=1)", "tokens/s (b=8)"):
-        table.add_column(col, justify="right")
+    from rich import box
+
+    # seven columns fit an 80-column terminal; parameters and size go on the line below the table
+    table = Table(title=f"hybridft causal LM: {summary['split']} split, {summary['examples']} examples",
+                  caption="next-token acc.: the share of the true response tokens each model predicts (agreement "
+                          "with the teacher is below)", box=box.SIMPLE_HEAD)
+    for col in ("model", "loss", "perplexity", "next-token\nacc.", "non-emb.\nparams", "tokens/s\nb=1",
+                "tokens/s\nb=8"):
+        table.add_column(col, justify="right", no_wrap=True)
+    sizes = []
     for name in ("teacher", "student"):
         if name in summary:
             r = summary[name]
             table.add_row(name, f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['token_accuracy']:.4f}",
-                          f"{r['params'] / 1e6:.1f}M", f"{r['params_non_embedding'] / 1e6:.1f}M",
-                          f"{r['size_mb']} MB", f"{r['generate_tokens_per_s_batch1']:.1f}",
+                          f"{r['params_non_embedding'] / 1e6:.1f}M", f"{r['generate_tokens_per_s_batch1']:.1f}",
                           f"{r['generate_tokens_per_s_batch8']:.1f}")
+            sizes.append(f"{name} {r['params'] / 1e6:.1f}M parameters, {r['size_mb']} MB")
     console = Console()
     console.print(table)
+    console.print("; ".join(sizes))
     c = summary.get("comparison")
     if c:
         console.print(f"student: perplexity {c['perplexity_ratio']:.2f}x the teacher's, agrees with its next token "

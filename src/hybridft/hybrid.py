@@ -357,10 +357,11 @@ def _text_sequence(items: Any, name: str) -> list[str]:
 
 def saved_text_columns(folder: str | Path) -> Optional[tuple[str, Optional[str]]]:
     """The text and text-pair columns a hybrid folder's run read (from hybrid.json, without loading a model); a
-    single classifier folder reads `text`. None for anything else: loading the folder says what is wrong."""
+    single classifier folder reads those of its run when it is a run's teacher/ or student/ (the run's
+    config.yaml beside it), else `text`. None for anything else: loading the folder says what is wrong."""
     path = Path(folder) / "hybrid.json"
     if not path.is_file():
-        return ("text", None) if (Path(folder) / "config.json").is_file() else None
+        return _run_text_columns(Path(folder)) if (Path(folder) / "config.json").is_file() else None
     try:
         s = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -368,6 +369,21 @@ def saved_text_columns(folder: str | Path) -> Optional[tuple[str, Optional[str]]
     if not isinstance(s, dict) or s.get("kind") == "speculative":  # a causal-LM hybrid: load() says to generate
         return None
     return s.get("text_column", "text"), s.get("text_pair_column")
+
+
+def _run_text_columns(folder: Path) -> tuple[str, Optional[str]]:
+    """A run's teacher/ or student/ folder: the text columns in the run's config.yaml; else ("text", None)."""
+    config = folder.parent / "config.yaml"
+    if folder.name not in ("teacher", "student") or not config.is_file():
+        return "text", None
+    import yaml
+
+    try:
+        data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):  # not a hybridft run's config: the default
+        return "text", None
+    column, pair = data.get("text_column", "text"), data.get("text_pair_column")
+    return (column if isinstance(column, str) else "text"), (pair if isinstance(pair, str) else None)
 
 
 def load_predictor(folder: str | Path, device: Optional[torch.device] = None) -> HybridModel:
@@ -387,8 +403,9 @@ def load_predictor(folder: str | Path, device: Optional[torch.device] = None) ->
     name = ("teacher" if folder.name == "teacher" or (folder / "zero_shot.json").is_file() else
             "student" if folder.name == "student" else "model")
     # A threshold below any confidence: the teacher slot is never called.
+    column, pair = _run_text_columns(folder)  # `hybridft predict`'s defaults, as for a hybrid folder
     return HybridModel(model, tokenizer, model, tokenizer, labels, threshold=float("-inf"), device=device,
-                       answered_by=name)
+                       answered_by=name, text_column=column, text_pair_column=pair)
 
 
 def _sha256(path: Path) -> str:
