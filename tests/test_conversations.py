@@ -123,3 +123,17 @@ def test_a_chat_run_trains_and_generate_takes_messages_as_prompts(tmp_path: Path
     bad = write_jsonl(tmp_path / "bad_prompts.jsonl", [{"messages": _chat(rows[0])}])
     assert main(["generate", "--model", str(tmp_path / "run" / "student"), "--input", str(bad), "--output",
                  str(tmp_path / "b.jsonl"), "--prompt-column", "messages", "--quiet"]) == 2
+
+
+def test_generate_reads_messages_cells_and_leaves_json_looking_text_alone(tmp_path: Path):
+    from hybridft.predict import predict_file
+
+    chat = [{"role": "user", "content": "red blue"}]
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": chat}, {"prompt": json.dumps(chat)},
+                                             {"prompt": '[{"a": 1}] explain this'}])
+    seen = []
+    report = predict_file(lambda texts, _: seen.extend(texts) or [{"generation": ""} for _ in texts], src,
+                          tmp_path / "o.jsonl", text_column="prompt", columns=("generation",), progress=False,
+                          chat_messages=True)
+    assert report.rows_written == 3
+    assert seen == [conversations.as_prompt(chat)] * 2 + ['[{"a": 1}] explain this']

@@ -360,6 +360,8 @@ def test_a_causal_lm_run_saves_and_measures_the_speculative_hybrid(tmp_path: Pat
     always, adaptive = written["rows"].values()
     assert always["adaptive_drafting"] is False and always["hybrid"]["plain_rounds"] == 0
     assert adaptive["adaptive_drafting"] is True and adaptive["hybrid"]["drafting_rounds"] >= 1
+    assert adaptive["hybrid"]["policy"]["drafting_tokens_per_s"] > 0 and "policy" not in always["hybrid"]
+    assert "policy" in adaptive["undistilled_hybrid"]
 
     # bench/speculative_profile.py --quick: the same tokens timed in parts, the parts within the total
     spec = importlib.util.spec_from_file_location("bench_profile",

@@ -138,10 +138,16 @@ def _text_value(row: dict[str, Any], column: str, what: str,
 
         try:
             messages = conversations.parse(value)
-            conversations.check_prompt(messages)
         except ValueError as e:
-            return None, "bad_messages", f"column '{column}' {e}"
-        value = conversations.as_prompt(messages)
+            if isinstance(value, (list, tuple)):
+                return None, "bad_messages", f"column '{column}' {e}"
+            messages = None  # text that only starts like JSON (a prompt about code): a prompt as it is
+        if messages is not None:
+            try:
+                conversations.check_prompt(messages)
+            except ValueError as e:
+                return None, "bad_messages", f"column '{column}' {e}"
+            value = conversations.as_prompt(messages)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return None, f"{what}_not_a_string", f"column '{column}' holds a {type(value).__name__}, not text"
     problem = text_problem(value)

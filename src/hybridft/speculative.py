@@ -919,6 +919,10 @@ def _measure(teacher: nn.Module, draft: nn.Module, undistilled: Optional[nn.Modu
                                         "speedup_vs_teacher": speedup(u_st),
                                         "matches_teacher": sum(a == b for a, b in zip(u_out, t_out))}
         result["undistilled_student"] = {"tokens_per_s": rate(ua_st), "new_tokens": ua_st.new_tokens}
+    for name, key in (("distilled", "hybrid"), ("undistilled", "undistilled_hybrid")):
+        policy = hybrids[name].prepared["policy"] if name in hybrids else None
+        if policy is not None and key in result:  # the rates it chose by, at the end of the measurement
+            result[key]["policy"] = policy.to_dict()
     if unmeasured:
         result["unmeasured"] = (f"the teacher's greedy answers to the {len(prompts)} prompts end at their first token "
                                 f"(max_new_tokens={max_new_tokens}, or it ends them at once), so nothing is drafted: "
