@@ -431,3 +431,35 @@ def test_the_budget_does_not_pay_for_teacher_calls_that_buy_nothing_on_validatio
     gain = hy.cascade_curve(conf, student, labels, labels)
     chosen = hy.choose_threshold(gain, teacher_budget=0.3)
     assert chosen["teacher_fraction"] == 0.08 and chosen["accuracy"] == 1.0  # up to the last row it fixes, no more
+
+
+def test_a_cp1252_csv_is_read_with_its_encoding_and_refused_without_it(tmp_path: Path, capsys):
+    """Excel on Windows saves "CSV" (not "CSV UTF-8") in cp1252: é is one byte, 0xe9, and ’ is 0x92."""
+    rows = [("café au lait", "pos"), ("it’s dull", "neg"), ("naïve but fine", "pos"), ("bad", "neg")]
+    path = tmp_path / "excel.csv"
+    path.write_bytes(("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)).encode("cp1252"))
+    with pytest.raises(HybridFTError, match=r"not valid UTF-8 \(line 2.*data\.encoding \(Excel on Windows saves CSV "
+                                            r"as cp1252\)"):
+        load_splits(DataConfig(train=str(path), validation=str(path)), seed=0)
+    splits = load_splits(DataConfig(train=str(path), validation=str(path), encoding="cp1252"), seed=0)
+    assert splits.validation.texts == [t for t, _ in rows]
+    out = tmp_path / "out.jsonl"
+    report = predict_file(_echo, path, out, progress=False, encoding="cp1252")
+    assert report.rows_written == 4 and [json.loads(x)["text"] for x in out.read_text().splitlines()][1] == "it’s dull"
+    with pytest.raises(HybridFTError, match=r"line 2: not valid UTF-8"):
+        predict_file(_echo, path, out, progress=False)
+    # the option is checked before anything runs
+    assert main(["predict", "--model", str(tmp_path), "--input", str(path), "--output", str(out),
+                 "--encoding", "klingon"]) == 2
+    assert "--encoding: 'klingon' is not an encoding Python knows" in capsys.readouterr().err
+    assert main(["run", "data.encoding=utf-16"]) == 2
+    assert "does not write a newline as one byte" in capsys.readouterr().err
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path: Path):
+    path = tmp_path / "unicode.txt"
+    path.write_bytes("text\tlabel\ngood\tpos\n".encode("utf-16"))
+    with pytest.raises(HybridFTError, match=r"is not valid UTF-8 .*it is UTF-16 \(Excel's \"Unicode Text\""):
+        load_splits(DataConfig(train=str(path), validation=str(path)), seed=0)
+    with pytest.raises(HybridFTError, match=r"cannot be read; it is UTF-16"):
+        predict_file(_echo, path, tmp_path / "o.jsonl", progress=False)

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="default: the column the run trained on (a hybrid folder records it), else 'text'")
     pr.add_argument("--text-pair-column", default=None, help="default: the run's, for a sentence-pair hybrid")
     pr.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
+    pr.add_argument("--encoding", default="utf-8",
+                    help="the input's text encoding (default utf-8; cp1252 for a CSV saved by Excel on Windows)")
     pr.add_argument("--quoting", choices=["csv", "none"], default=None,
                     help="csv: quoted fields; none: quotes are literal (default: none for .tsv/.txt, csv otherwise)")
     pr.add_argument("--batch-size", type=int, default=256, help="rows read, predicted and written at a time")
@@ -78,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="the prompt's column; its cells may hold chat messages (a JSON list of {role, content}, "
                          "ending with the user's turn): --prompt-column messages")
     ge.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
+    ge.add_argument("--encoding", default="utf-8",
+                    help="the input's text encoding (default utf-8; cp1252 for a CSV saved by Excel on Windows)")
     ge.add_argument("--quoting", choices=["csv", "none"], default=None,
                     help="csv: quoted fields; none: quotes are literal (default: none for .tsv/.txt, csv otherwise)")
     ge.add_argument("--max-new-tokens", type=int, default=64)
@@ -247,7 +251,16 @@ def fewer_lines_than(path: str, limit: int) -> bool:
     return True
 
 
+def _encoding_option(args: argparse.Namespace) -> None:
+    from hybridft.rowfiles import check_encoding
+
+    problem = check_encoding(args.encoding)
+    if problem:
+        raise HybridFTError(f"--encoding: {problem}")
+
+
 def _predict(args: argparse.Namespace) -> int:
+    _encoding_option(args)
     from hybridft.hybrid import load_predictor, saved_text_columns
     from hybridft.predict import check_input, predict_file
     from hybridft.dist import pick_device
@@ -256,7 +269,7 @@ def _predict(args: argparse.Namespace) -> int:
     if saved is not None:  # the file's mistakes are found before the models load
         check_input(args.input, args.output, text_column=args.text_column or saved[0],
                     text_pair_column=args.text_pair_column or saved[1], delimiter=args.delimiter,
-                    skip_bad_rows=args.skip_bad_rows, quoting=args.quoting)
+                    skip_bad_rows=args.skip_bad_rows, quoting=args.quoting, encoding=args.encoding)
     model = load_predictor(args.model, pick_device(args.device))
     if args.student_onnx:
         from hybridft.export import OnnxClassifier
@@ -278,12 +291,14 @@ def _predict(args: argparse.Namespace) -> int:
     report = predict_file(model.predict_batch, args.input, args.output,
                           text_column=args.text_column or model.text_column,
                           text_pair_column=args.text_pair_column or model.text_pair_column, delimiter=args.delimiter,
-                          quoting=args.quoting, batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet)
+                          quoting=args.quoting, batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows,
+                          progress=not args.quiet, encoding=args.encoding)
     print(report.summary(with_teacher=model.teacher is not model.student))  # a single classifier has no teacher
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
+    _encoding_option(args)
     from hybridft.dist import pick_device
     from hybridft.predict import check_input, predict_file
     from hybridft import speculative
@@ -301,7 +316,7 @@ def _generate(args: argparse.Namespace) -> int:
     # the file's mistakes are found before the models load (15 s for SmolLM2 and its draft)
     check_input(args.input, args.output, text_column=args.prompt_column, delimiter=args.delimiter,
                 skip_bad_rows=args.skip_bad_rows, text_option="prompt_column", quoting=args.quoting,
-                chat_messages=True)
+                chat_messages=True, encoding=args.encoding)
     device = pick_device(args.device)
     folder = Path(args.model)
     if (folder / "hybrid.json").is_file() and not speculative.is_speculative_folder(folder):
@@ -355,7 +370,7 @@ def _generate(args: argparse.Namespace) -> int:
                           delimiter=args.delimiter, quoting=args.quoting,
                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, progress=not args.quiet,
                           columns=("generation",) if stats is None else ("generation", "acceptance_rate"),
-                          text_option="prompt_column", chat_messages=True)
+                          text_option="prompt_column", chat_messages=True, encoding=args.encoding)
     print(report.summary())
     if stats is not None and stats.drafted == 0:
         print("speculative decoding: nothing was drafted (every answer ended at its first token, which the "

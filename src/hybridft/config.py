@@ -85,6 +85,10 @@ class DataConfig:
     unclosed quote), csv otherwise. `predict` and `generate` read files the same way (`--quoting`)."""
     column_names: Optional[list[str]] = None
     """Names for the columns of a delimited file that has no header row (e.g. `[text, label]`)."""
+    encoding: str = "utf-8"
+    """The text encoding of CSV, TSV, TXT, JSONL and JSON files: `cp1252` for a CSV saved by Excel on Windows
+    (not "CSV UTF-8"), `latin-1`, `shift_jis`, ... Any encoding that writes a newline as one byte; UTF-16 files are
+    refused (re-save them as UTF-8). `predict` and `generate` take `--encoding`."""
     labels: Optional[list[str]] = None
     """Label names in id order. Default: integers in numeric order, strings in sorted order."""
     validation_fraction: float = 0.1
@@ -423,6 +427,11 @@ def validate(cfg: RunConfig) -> None:
         _fail("data.label_fraction", f"must be in (0, 1], got {d.label_fraction}")
     if d.max_length < 2:
         _fail("data.max_length", f"must be >= 2, got {d.max_length}")
+    from hybridft.rowfiles import check_encoding
+
+    problem = check_encoding(d.encoding)
+    if problem:
+        _fail("data.encoding", problem)
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(d, name)
         if value is not None and value < 1:

@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from hybridft.config import DataConfig
 from hybridft.errors import HybridFTError
-from hybridft.rowfiles import DELIMITERS, JsonlReader, Lines, malformed_row_message, open_reader, quoting_notes
+from hybridft.rowfiles import (DELIMITERS, JsonlReader, Lines, malformed_row_message, open_reader, quoting_notes,
+                               utf16_hint)
 
 NO_LABEL = -100
 TABLE_SUFFIXES = DELIMITERS
@@ -135,24 +136,27 @@ def read_rows(path_spec: str, cfg: DataConfig, role: str) -> tuple[list[dict[str
     return table.rows, table.lines, table.source
 
 
-def _check_utf8(path: Path, role: str) -> None:
+def _check_decodes(path: Path, role: str, encoding: str) -> None:
     raw = path.read_bytes()
     try:
-        raw.decode("utf-8")
+        raw.decode(encoding)
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise HybridFTError(f"data.{role} file {path} is not valid UTF-8 (line {line}, byte {e.start}); "
-                            f"re-save it as UTF-8") from None
+        fix = utf16_hint(raw[:2]) or (
+            "; re-save it as UTF-8, or name its encoding in data.encoding (Excel on Windows saves CSV as cp1252)"
+            if e.encoding.replace("-", "").lower() == "utf8" else "; set data.encoding to the file's encoding")
+        raise HybridFTError(f"data.{role} file {path} is not valid {e.encoding.upper()} (line {line}, byte "
+                            f"{e.start}){fix}") from None
     if not raw.strip():
         raise HybridFTError(f"data.{role} file {path} is empty; give a file with at least one row")
 
 
 def _read_records(path: Path, cfg: DataConfig, role: str) -> Table:
     """A delimited or JSON Lines file, through the reader `predict` uses, so both see the same rows."""
-    _check_utf8(path, role)
+    _check_decodes(path, role, cfg.encoding)
     rows, lines = [], []
     with open(path, "rb") as fh:
-        lines_in = Lines(fh)
+        lines_in = Lines(fh, cfg.encoding)
         reader = (JsonlReader(path, lines_in, None, None) if path.suffix.lower() == ".json" else
                   open_reader(path, lines_in, None, None, cfg.delimiter, cfg.column_names, quoting=cfg.quoting))
         for item in reader:
@@ -170,8 +174,9 @@ def _read_json(path: Path, cfg: DataConfig, role: str) -> Table:
     """A `.json` file: one JSON array of objects, or JSON Lines under a .json name."""
     import json
 
-    _check_utf8(path, role)
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first object
+    _check_decodes(path, role, cfg.encoding)
+    # a byte-order mark is not part of the first object
+    text = path.read_text(encoding="utf-8-sig" if cfg.encoding.replace("-", "").lower() == "utf8" else cfg.encoding)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

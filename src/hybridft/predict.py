@@ -31,7 +31,8 @@ from typing import IO, Any, Callable, Optional, Sequence, Union
 
 from hybridft.data import text_problem
 from hybridft.errors import HybridFTError
-from hybridft.rowfiles import DELIMITERS, JSONL_SUFFIXES, Item, JsonlReader, Lines, Quoting, TableReader, open_reader, quoting_notes
+from hybridft.rowfiles import (DELIMITERS, JSONL_SUFFIXES, Item, JsonlReader, Lines, Quoting, TableReader, open_reader,
+                               quoting_notes, utf16_hint)
 
 PREDICTION_COLUMNS = ("label", "probability", "answered_by")
 OUTPUT_FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
@@ -119,7 +120,8 @@ def report_path(output_path: PathLike) -> Path:
 def data_options(data: Any) -> dict[str, Any]:
     """`predict_file` keyword arguments from a `DataConfig`, so prediction reads files the way training did."""
     return {"text_column": data.text_column, "text_pair_column": data.text_pair_column,
-            "delimiter": data.delimiter, "column_names": data.column_names, "quoting": data.quoting}
+            "delimiter": data.delimiter, "column_names": data.column_names, "quoting": data.quoting,
+            "encoding": data.encoding}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,6 +284,10 @@ def _check_paths(src: Path, dst: Path) -> Optional[str]:
     if in_suffix not in DELIMITERS and in_suffix not in JSONL_SUFFIXES:
         raise HybridFTError(f"input file {src} has an unsupported format '{in_suffix}'; use .csv, .tsv, .txt "
                             f"(delimited) or .jsonl (one JSON object per line)")
+    with open(src, "rb") as fh:
+        hint = utf16_hint(fh.read(2))
+    if hint:
+        raise HybridFTError(f"input file {src} cannot be read{hint}")
     if dst.exists() and dst.resolve() == src.resolve():
         raise HybridFTError(f"output file {dst} is the input file; write the output to another file")
     return OUTPUT_FORMATS[out_suffix]
@@ -341,7 +347,7 @@ def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str
                 text_pair_column: Optional[str] = None, delimiter: Optional[str] = None,
                 column_names: Optional[list[str]] = None, skip_bad_rows: bool = False,
                 text_option: str = "text_column", quoting: Optional[Quoting] = None,
-                chat_messages: bool = False) -> None:
+                chat_messages: bool = False, encoding: str = "utf-8") -> None:
     """The checks `predict_file` makes before its first batch, without a model: the paths and formats, a delimited
     file's header, and the first row (its text columns; for JSONL, that there is one). The commands run it before
     loading models, which takes seconds to minutes, so a wrong column or an empty file fails at once.
@@ -352,8 +358,8 @@ def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str
     src = Path(input_path)
     _check_paths(src, Path(output_path))
     with open(src, "rb") as fh:
-        reader = open_reader(src, Lines(fh), text_column, text_pair_column, delimiter, column_names, text_option,
-                             quoting)
+        reader = open_reader(src, Lines(fh, encoding), text_column, text_pair_column, delimiter, column_names,
+                             text_option, quoting)
         for item in reader:
             if item.row is not None:
                 item, _, _ = _with_texts(item, text_column, text_pair_column, chat_messages)
@@ -370,7 +376,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                  batch_size: int = 256, skip_bad_rows: bool = False, progress: bool = True,
                  write_report: bool = True, columns: tuple[str, ...] = PREDICTION_COLUMNS,
                  text_option: str = "text_column", quoting: Optional[Quoting] = None,
-                 chat_messages: bool = False) -> PredictReport:
+                 chat_messages: bool = False, encoding: str = "utf-8") -> PredictReport:
     """Predict every row of a CSV, TSV or JSONL file and write the rows with their predictions.
 
     At most `batch_size` rows are held (and passed to `predict_batch`) at a time, whatever the file size.
@@ -393,6 +399,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         text_option: The command-line option naming the text column, for messages (`--text-column`).
         chat_messages: A text cell may hold chat messages (a list of {"role", "content"}, or its JSON), passed
             on as a prompt string of `hybridft.conversations` (`hybridft generate`).
+        encoding: The input's text encoding (`data.encoding`); the output is written in UTF-8.
 
     Returns:
         The `PredictReport` of the run.
@@ -410,7 +417,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         raise HybridFTError(f"batch size must be at least 1, got {batch_size}")
     report = PredictReport(input=str(src), output=str(dst), columns=list(columns))
     with open(src, "rb") as fh:
-        lines = Lines(fh)
+        lines = Lines(fh, encoding)
         # The reader comes first: a delimited file's header is checked before anything is created.
         reader = open_reader(src, lines, text_column, text_pair_column, delimiter, column_names, text_option,
                              quoting)

@@ -51,8 +51,9 @@ class Lines:
     its place in multi-line quoted fields) and remembered in `bad`, for the record that contains it.
     """
 
-    def __init__(self, fh: IO[bytes]):
+    def __init__(self, fh: IO[bytes], encoding: str = "utf-8"):
         self._fh = fh
+        self.encoding = encoding
         self.line_no = 0
         self.bytes_read = 0
         self.bad: list[tuple[int, UnicodeDecodeError]] = []
@@ -65,10 +66,10 @@ class Lines:
         self.line_no += 1
         self.bytes_read += len(raw)
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode(self.encoding)
         except UnicodeDecodeError as e:
             self.bad.append((self.line_no, e))
-            text = raw.decode("utf-8", errors="replace")
+            text = raw.decode(self.encoding, errors="replace")
         if self.line_no == 1 and text.startswith("\ufeff"):  # Excel writes a BOM; it is not part of the header
             text = text[1:]
         return text
@@ -81,7 +82,29 @@ class Lines:
 def encoding_problem(start: int, bad: list[tuple[int, UnicodeDecodeError]]) -> str:
     line, e = bad[0]
     where = "the line" if line == start else f"line {line}, inside this row's quoted field"
-    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of {where})"
+    return f"not valid {e.encoding.upper()} (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of {where})"
+
+
+def check_encoding(name: str) -> Optional[str]:
+    """Why `name` cannot read a file line by line, or None. hybridft splits files at newline bytes, so an encoding
+    must write a newline as the one byte 0x0A: UTF-8, cp1252, latin-1, Shift-JIS and GBK do; UTF-16 and UTF-32 do
+    not."""
+    import codecs
+
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        return f"{name!r} is not an encoding Python knows (e.g. utf-8, cp1252, latin-1)"
+    if "\n".encode(info.name) != b"\n":
+        return f"{name!r} does not write a newline as one byte; re-save the file as UTF-8"
+    return None
+
+
+def utf16_hint(head: bytes) -> str:
+    """A hint for a file that starts with a UTF-16 or UTF-32 byte-order mark (Excel's "Unicode Text"), else ""."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "; it is UTF-16 (Excel's \"Unicode Text\" writes it): re-save it as UTF-8 (\"CSV UTF-8\")"
+    return ""
 
 
 def delimiter_hint(columns: list[str], delimiter: Optional[str]) -> str:
