@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from hybridft import conversations
 from hybridft.config import load_config
@@ -92,13 +93,14 @@ def test_bad_chat_rows_are_named_with_their_line(tmp_path: Path):
         [conversations.as_prompt(_chat(r)[:1]) for r in rows]
 
 
-def test_a_chat_run_trains_and_generate_takes_messages_as_prompts(tmp_path: Path):
+def test_a_chat_run_trains_and_generate_takes_messages_as_prompts(tmp_path: Path, capsys):
     from hybridft.cli import main
 
     teacher = tmp_path / "teacher"
     tok = make_lm_tokenizer(teacher, template=True)
     make_llama(len(tok)).save_pretrained(teacher)
-    data = {split: write_jsonl(tmp_path / f"{split}.jsonl", [{"messages": _chat(r)} for r in lm_rows(n, seed)])
+    data = {split: write_jsonl(tmp_path / f"{split}.jsonl", [{"messages": _chat(r, system="gold")}
+                                                             for r in lm_rows(n, seed)])
             for split, n, seed in (("train", 24, 1), ("validation", 8, 2), ("test", 8, 3))}
     assert main(["run", "task=causal_lm", f"data.train={data['train']}", f"data.validation={data['validation']}",
                  f"data.test={data['test']}", f"teacher.model={teacher}", "student.num_layers=1",
@@ -106,20 +108,33 @@ def test_a_chat_run_trains_and_generate_takes_messages_as_prompts(tmp_path: Path
                  "eval.generate_examples=2", "hybrid.speculative_prompts=2", f"output_dir={tmp_path / 'run'}",
                  "progress=false", "precision=fp32"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # reports show the prompt's text, not its encoding
-    assert summary["comparison"]["generations"][0]["prompt"] == lm_rows(8, 3)[0]["prompt"]
+    # reports show the prompt's text, not its encoding, and the console keeps "[system]" (not read as markup)
+    assert summary["comparison"]["generations"][0]["prompt"] == "[system] " + lm_rows(8, 3)[0]["prompt"]
+    assert "'[system] " in capsys.readouterr().out
     assert summary["hybrid"]["matches_teacher"] == 2
     # generate: a messages column of prompts gives what the same texts as plain prompts give
     rows = lm_rows(3, seed=9)
     as_chat = write_jsonl(tmp_path / "chat_prompts.jsonl", [{"messages": _chat(r)[:1]} for r in rows])
     as_text = write_jsonl(tmp_path / "text_prompts.jsonl", [{"prompt": r["prompt"]} for r in rows])
-    outs = []
-    for src, column in ((as_chat, "messages"), (as_text, "prompt")):
-        out = tmp_path / f"{column}.jsonl"
-        assert main(["generate", "--model", str(tmp_path / "run" / "hybrid"), "--input", str(src), "--output",
-                     str(out), "--prompt-column", column, "--max-new-tokens", "3", "--quiet"]) == 0
-        outs.append([json.loads(x)["generation"] for x in out.read_text().splitlines()])
+    outs, threads = [], torch.get_num_threads()
+    try:
+        for src, column in ((as_chat, "messages"), (as_text, "prompt")):
+            out = tmp_path / f"{column}.jsonl"
+            assert main(["generate", "--model", str(tmp_path / "run" / "hybrid"), "--input", str(src), "--output",
+                         str(out), "--prompt-column", column, "--max-new-tokens", "3", "--quiet",
+                         "--num-threads", "1"]) == 0
+            outs.append([json.loads(x)["generation"] for x in out.read_text().splitlines()])
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)  # the option sets it for the process; later tests keep their own
     assert outs[0] == outs[1]
+    # a messages file without --prompt-column is told the option; a bad thread count is refused
+    assert main(["generate", "--model", str(tmp_path / "run" / "student"), "--input", str(as_chat), "--output",
+                 str(tmp_path / "b.jsonl")]) == 2
+    assert "--prompt-column messages" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "run" / "student"), "--input", str(as_text), "--output",
+                 str(tmp_path / "b.jsonl"), "--num-threads", "0"]) == 2
+    assert "--num-threads must be at least 1" in capsys.readouterr().err
     bad = write_jsonl(tmp_path / "bad_prompts.jsonl", [{"messages": _chat(rows[0])}])
     assert main(["generate", "--model", str(tmp_path / "run" / "student"), "--input", str(bad), "--output",
                  str(tmp_path / "b.jsonl"), "--prompt-column", "messages", "--quiet"]) == 2

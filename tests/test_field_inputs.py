@@ -438,16 +438,24 @@ def test_a_cp1252_csv_is_read_with_its_encoding_and_refused_without_it(tmp_path:
     rows = [("café au lait", "pos"), ("it’s dull", "neg"), ("naïve but fine", "pos"), ("bad", "neg")]
     path = tmp_path / "excel.csv"
     path.write_bytes(("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)).encode("cp1252"))
-    with pytest.raises(HybridFTError, match=r"not valid UTF-8 \(line 2.*data\.encoding \(Excel on Windows saves CSV "
-                                            r"as cp1252\)"):
+    with pytest.raises(HybridFTError, match=r"not valid UTF-8 \(byte 0xe9 at byte 4 of line 2\).*data\.encoding "
+                                            r"\(Excel on Windows saves CSV as cp1252\)"):
         load_splits(DataConfig(train=str(path), validation=str(path)), seed=0)
     splits = load_splits(DataConfig(train=str(path), validation=str(path), encoding="cp1252"), seed=0)
     assert splits.validation.texts == [t for t, _ in rows]
     out = tmp_path / "out.jsonl"
     report = predict_file(_echo, path, out, progress=False, encoding="cp1252")
     assert report.rows_written == 4 and [json.loads(x)["text"] for x in out.read_text().splitlines()][1] == "it’s dull"
-    with pytest.raises(HybridFTError, match=r"line 2: not valid UTF-8"):
+    with pytest.raises(HybridFTError, match=r"line 2: not valid UTF-8 \(byte 0xe9 at byte 4 of the line\); if the "
+                                            r"file is in another encoding, pass it with --encoding"):
         predict_file(_echo, path, out, progress=False)
+    # latin-1 reads every byte: the curly apostrophe (0x92) would become a control character, so it is refused
+    with pytest.raises(HybridFTError, match=r"line 3 holds a control character \(byte 0x92\) when read as latin-1: "
+                                            r"the file is probably cp1252"):
+        load_splits(DataConfig(train=str(path), validation=str(path), encoding="latin-1"), seed=0)
+    with pytest.raises(HybridFTError, match=r"line 3: byte 0x92 at byte 3 of the line is a control character in "
+                                            r"latin-1: the file is probably cp1252"):
+        predict_file(_echo, path, out, progress=False, encoding="latin-1")
     # the option is checked before anything runs
     assert main(["predict", "--model", str(tmp_path), "--input", str(path), "--output", str(out),
                  "--encoding", "klingon"]) == 2
@@ -459,7 +467,8 @@ def test_a_cp1252_csv_is_read_with_its_encoding_and_refused_without_it(tmp_path:
 def test_a_utf16_file_is_named_as_such(tmp_path: Path):
     path = tmp_path / "unicode.txt"
     path.write_bytes("text\tlabel\ngood\tpos\n".encode("utf-16"))
-    with pytest.raises(HybridFTError, match=r"is not valid UTF-8 .*it is UTF-16 \(Excel's \"Unicode Text\""):
-        load_splits(DataConfig(train=str(path), validation=str(path)), seed=0)
+    for encoding in ("utf-8", "cp1252"):  # a one-byte encoding would read it as text full of NULs
+        with pytest.raises(HybridFTError, match=r"cannot be read; it is UTF-16 \(Excel's \"Unicode Text\""):
+            load_splits(DataConfig(train=str(path), validation=str(path), encoding=encoding), seed=0)
     with pytest.raises(HybridFTError, match=r"cannot be read; it is UTF-16"):
         predict_file(_echo, path, tmp_path / "o.jsonl", progress=False)

@@ -267,7 +267,8 @@ def test_bad_csv_row_stops_with_its_line_number(tmp_path: Path):
     assert "\n" not in str(e.value)
     src.write_bytes(src.read_bytes().replace(b"4,   \n", b"4,ok\n"))
     with pytest.raises(HybridFTError, match=r"bad\.csv line 7: not valid UTF-8 \(byte 0xe9 at byte 6 of the "
-                                            r"line\); fix the row"):
+                                            r"line\); if the file is in another encoding, pass it with --encoding "
+                                            r"\(Excel on Windows saves CSV as cp1252\); else fix the row"):
         predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
     src.write_bytes(src.read_bytes().replace(b"caf\xe9", b"cafe"))
     with pytest.raises(HybridFTError, match=r"bad\.csv line 9: 3 fields where the header has 2"):

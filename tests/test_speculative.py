@@ -436,6 +436,12 @@ def test_the_draft_policy_warms_up_drafting_then_takes_the_faster_choice_and_exp
     assert [policy.draft_next() for _ in range(3)] == [True, True, False]  # round 15 explores plain steps
     with pytest.raises(ValueError, match="decay"):
         speculative.DraftPolicy(decay=1.0)
+    # drafts never accepted: drafting cannot pay, however its rounds were timed (noise on a loaded machine)
+    noisy = speculative.DraftPolicy(warmup=2, explore_every=100)
+    for drafting in (True, True, False):
+        assert noisy.draft_next() == drafting
+        noisy.observe(drafting, 1, 0.010 if drafting else 0.020)
+    assert noisy.rate(True) > noisy.rate(False) and not noisy.draft_next()
 
 
 class _Scripted(speculative.DraftPolicy):

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="default: the column the run trained on (a hybrid folder records it), else 'text'")
     pr.add_argument("--text-pair-column", default=None, help="default: the run's, for a sentence-pair hybrid")
     pr.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
+    pr.add_argument("--num-threads", type=int, default=None,
+                    help="CPU threads (default: torch's, one per core); 1 is often faster where other processes "
+                         "share the cores")
     pr.add_argument("--encoding", default="utf-8",
                     help="the input's text encoding (default utf-8; cp1252 for a CSV saved by Excel on Windows)")
     pr.add_argument("--quoting", choices=["csv", "none"], default=None,
@@ -80,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="the prompt's column; its cells may hold chat messages (a JSON list of {role, content}, "
                          "ending with the user's turn): --prompt-column messages")
     ge.add_argument("--delimiter", default=None, help="for delimited input; default from the suffix")
+    ge.add_argument("--num-threads", type=int, default=None,
+                    help="CPU threads (default: torch's, one per core); 1 is often faster where other processes "
+                         "share the cores")
     ge.add_argument("--encoding", default="utf-8",
                     help="the input's text encoding (default utf-8; cp1252 for a CSV saved by Excel on Windows)")
     ge.add_argument("--quoting", choices=["csv", "none"], default=None,
@@ -251,16 +257,23 @@ def fewer_lines_than(path: str, limit: int) -> bool:
     return True
 
 
-def _encoding_option(args: argparse.Namespace) -> None:
+def _machine_options(args: argparse.Namespace) -> None:
+    """--encoding and --num-threads of predict and generate, checked before anything loads."""
     from hybridft.rowfiles import check_encoding
 
     problem = check_encoding(args.encoding)
     if problem:
         raise HybridFTError(f"--encoding: {problem}")
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise HybridFTError(f"--num-threads must be at least 1, got {args.num_threads}")
+        import torch
+
+        torch.set_num_threads(args.num_threads)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    _encoding_option(args)
+    _machine_options(args)
     from hybridft.hybrid import load_predictor, saved_text_columns
     from hybridft.predict import check_input, predict_file
     from hybridft.dist import pick_device
@@ -298,7 +311,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    _encoding_option(args)
+    _machine_options(args)
     from hybridft.dist import pick_device
     from hybridft.predict import check_input, predict_file
     from hybridft import speculative
@@ -453,6 +466,7 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
 
 def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from rich import box
@@ -482,8 +496,8 @@ def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
                       f"faster at batch 1 and {c['generate_speedup_batch8']:.1f}x at batch 8, with "
                       f"{c['non_embedding_param_ratio']:.0%} of its non-embedding parameters")
         for g in c["generations"]:
-            console.print(f"[bold]prompt[/bold] {g['prompt']!r}\n  teacher: {g['teacher']!r}\n  student: {g['student']!r}",
-                          markup=True, highlight=False)
+            console.print(f"[bold]prompt[/bold] {escape(repr(g['prompt']))}\n  teacher: {escape(repr(g['teacher']))}\n"
+                          f"  student: {escape(repr(g['student']))}", markup=True, highlight=False)
     from hybridft.speculative import drafting_note
 
     h = summary.get("hybrid")

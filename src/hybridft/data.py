@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 from hybridft.config import DataConfig
 from hybridft.errors import HybridFTError
-from hybridft.rowfiles import (DELIMITERS, JsonlReader, Lines, malformed_row_message, open_reader, quoting_notes,
-                               utf16_hint)
+from hybridft.rowfiles import (DELIMITERS, JsonlReader, Lines, first_c1, is_latin1, malformed_row_message,
+                               open_reader, quoting_notes, utf16_hint)
 
 NO_LABEL = -100
 TABLE_SUFFIXES = DELIMITERS
@@ -138,15 +138,24 @@ def read_rows(path_spec: str, cfg: DataConfig, role: str) -> tuple[list[dict[str
 
 def _check_decodes(path: Path, role: str, encoding: str) -> None:
     raw = path.read_bytes()
+    utf16 = utf16_hint(raw[:2])
+    if utf16:  # whatever data.encoding says: a one-byte encoding reads UTF-16 as text full of NULs
+        raise HybridFTError(f"data.{role} file {path} cannot be read{utf16}")
     try:
-        raw.decode(encoding)
+        text = raw.decode(encoding)
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        fix = utf16_hint(raw[:2]) or (
-            "; re-save it as UTF-8, or name its encoding in data.encoding (Excel on Windows saves CSV as cp1252)"
-            if e.encoding.replace("-", "").lower() == "utf8" else "; set data.encoding to the file's encoding")
-        raise HybridFTError(f"data.{role} file {path} is not valid {e.encoding.upper()} (line {line}, byte "
-                            f"{e.start}){fix}") from None
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1  # 1-based within the line, as predict says it
+        fix = ("; re-save it as UTF-8, or name its encoding in data.encoding (Excel on Windows saves CSV as cp1252)"
+               if e.encoding.replace("-", "").lower() == "utf8" else "; set data.encoding to the file's encoding")
+        raise HybridFTError(f"data.{role} file {path} is not valid {e.encoding.upper()} (byte 0x{raw[e.start]:02x} "
+                            f"at byte {column} of line {line}){fix}") from None
+    c1 = first_c1(text) if is_latin1(encoding) else None
+    if c1 is not None:  # latin-1 reads every byte; a cp1252 file's curly quotes and dashes become control characters
+        line = text[:c1].count("\n") + 1
+        raise HybridFTError(f"data.{role} file {path} line {line} holds a control character (byte "
+                            f"0x{ord(text[c1]):02x}) when read as {encoding}: the file is probably cp1252, as Excel "
+                            f"on Windows saves it; set data.encoding=cp1252")
     if not raw.strip():
         raise HybridFTError(f"data.{role} file {path} is empty; give a file with at least one row")
 

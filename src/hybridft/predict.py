@@ -302,7 +302,11 @@ def _progress_bar(path: Path, enabled: bool, desc: str = "predict") -> Any:
 
 def _skip_or_stop(item: Item, src: Path, skip: bool, report: PredictReport) -> None:
     if not skip:
-        raise HybridFTError(f"{src} line {item.line}: {item.problem}; {SKIP_HINT}")
+        hint = SKIP_HINT
+        if item.reason == "bad_encoding" and "surrogate" not in item.problem:  # the file's encoding, not one row
+            hint = ("if the file is in another encoding, pass it with --encoding (Excel on Windows saves CSV as "
+                    "cp1252); else " + SKIP_HINT)
+        raise HybridFTError(f"{src} line {item.line}: {item.problem}; {hint}")
     assert item.reason is not None
     report.skipped += 1
     report.skipped_by_reason[item.reason] = report.skipped_by_reason.get(item.reason, 0) + 1

@@ -54,6 +54,7 @@ class Lines:
     def __init__(self, fh: IO[bytes], encoding: str = "utf-8"):
         self._fh = fh
         self.encoding = encoding
+        self._latin1 = is_latin1(encoding)
         self.line_no = 0
         self.bytes_read = 0
         self.bad: list[tuple[int, UnicodeDecodeError]] = []
@@ -67,6 +68,9 @@ class Lines:
         self.bytes_read += len(raw)
         try:
             text = raw.decode(self.encoding)
+            c1 = first_c1(text) if self._latin1 else None
+            if c1 is not None:  # latin-1 decodes every byte: a cp1252 file's curly quotes become control characters
+                raise UnicodeDecodeError(self.encoding, raw, c1, c1 + 1, "a C1 control character")
         except UnicodeDecodeError as e:
             self.bad.append((self.line_no, e))
             text = raw.decode(self.encoding, errors="replace")
@@ -82,6 +86,9 @@ class Lines:
 def encoding_problem(start: int, bad: list[tuple[int, UnicodeDecodeError]]) -> str:
     line, e = bad[0]
     where = "the line" if line == start else f"line {line}, inside this row's quoted field"
+    if e.reason == "a C1 control character":
+        return (f"byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of {where} is a control character in "
+                f"{e.encoding}: the file is probably cp1252 (Excel on Windows), not latin-1")
     return f"not valid {e.encoding.upper()} (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of {where})"
 
 
@@ -98,6 +105,21 @@ def check_encoding(name: str) -> Optional[str]:
     if "\n".encode(info.name) != b"\n":
         return f"{name!r} does not write a newline as one byte; re-save the file as UTF-8"
     return None
+
+
+def is_latin1(encoding: str) -> bool:
+    import codecs
+
+    try:
+        return codecs.lookup(encoding).name == "iso8859-1"
+    except LookupError:
+        return False
+
+
+def first_c1(text: str) -> Optional[int]:
+    """The index of the first C1 control character (U+0080-U+009F) in `text`, or None. Real text has none; a cp1252
+    file read as latin-1 has one for each curly quote, dash or euro sign."""
+    return next((i for i, ch in enumerate(text) if "\x80" <= ch <= "\x9f"), None)
 
 
 def utf16_hint(head: bytes) -> str:
@@ -122,6 +144,8 @@ def _missing_column(path: Path, name: str, columns: list[str], key: str, delimit
     found = ", ".join(repr(c) for c in columns) or "none"
     hint = delimiter_hint(columns, delimiter)
     option = "--" + key.replace("_", "-")
+    if key == "prompt_column" and "messages" in columns:  # generate: a file of chat messages
+        hint += "; for the chat messages there: --prompt-column messages"
     return HybridFTError(f"{path} has no column '{name}' (columns found: {found}); rename the column or pass "
                          f"{option}{hint}")
 

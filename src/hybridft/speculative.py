@@ -98,6 +98,9 @@ class DraftPolicy:
     measured time instead of the acceptance count alone.
 
     Each rate is an exponentially weighted ratio (`decay` per observation of its own kind) of tokens to seconds.
+    Drafting also needs recent drafting rounds to have yielded more than one token each: a round whose drafts are
+    all rejected does a plain step's work and more, so where only timing noise makes drafting look faster (a
+    loaded machine, few rounds), plain steps win.
     The first rounds draft, until `warmup` drafting and one plain round are measured; after that, every
     `explore_every`-th round takes the other choice, so that a rate no longer chosen is still refreshed (the draft
     may grow useful later in a text; the machine's speed drifts). One policy may serve many generations: what it
@@ -119,6 +122,7 @@ class DraftPolicy:
         self._tokens = {True: 0.0, False: 0.0}
         self._seconds = {True: 0.0, False: 0.0}
         self._seen = {True: 0, False: 0}
+        self._weight = {True: 0.0, False: 0.0}  # the weighted count of rounds, decayed like the sums
         self._rounds = 0
 
     def rate(self, drafting: bool) -> Optional[float]:
@@ -134,7 +138,8 @@ class DraftPolicy:
             return True
         if not self._seen[False]:
             return False
-        best = self.rate(True) >= self.rate(False)  # type: ignore[operator]
+        accepted_some = self._tokens[True] > self._weight[True] + 1e-9  # more than 1 token a round, weighted
+        best = accepted_some and self.rate(True) >= self.rate(False)  # type: ignore[operator]
         return (not best) if self._rounds % self.explore_every == 0 else best
 
     def observe(self, drafting: bool, tokens: int, seconds: float) -> None:
@@ -142,6 +147,7 @@ class DraftPolicy:
         pass, or the teacher's step)."""
         self._tokens[drafting] = self._tokens[drafting] * self.decay + tokens
         self._seconds[drafting] = self._seconds[drafting] * self.decay + seconds
+        self._weight[drafting] = self._weight[drafting] * self.decay + 1
         self._seen[drafting] += 1
 
     def to_dict(self) -> dict[str, Any]:
