@@ -31,7 +31,7 @@ cp $RUN/summary.json $RUN/metrics.jsonl "$OUTDIR/" 2>/dev/null
 timeout 120 python3 bench/speculative_profile.py --run $RUN --device cuda --draft-tokens 1 --prompts 16 \
   --torch-profile --out "$OUTDIR/speculative_profile.json" 2>&1 | grep -v Warning | tail -25
 timeout 100 python3 bench/speculative.py --run $RUN --device cuda --prompt-file .gpu/whl/test_prompts.jsonl \
-  --prompts 32 --max-new-tokens 48 --draft-tokens 1,2 --draft-precisions bf16 \
+  --prompts 32 --max-new-tokens 48 --draft-tokens 1,2 --draft-precisions bf16 --adaptive off,on \
   --out "$OUTDIR/speculative_gpu_heldout.json" 2>&1 | grep -v Warning | tail -6
 timeout 150 python3 bench/speculative.py --run $RUN --device cuda --prompts 16 --max-new-tokens 64 \
   --draft-tokens 1,2,4 --confidences 0,0.4 --draft-precisions bf16 --padding off \
