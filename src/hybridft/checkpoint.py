@@ -65,7 +65,7 @@ def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], s
         tmp.mkdir(parents=True)
         save_file(_contiguous(weights), str(tmp / "model.safetensors"))
         if best_state is weights:  # this step is the best so far: one file, two names (an 8-layer SmolLM2: 250 MB)
-            _link_or_copy(tmp / "model.safetensors", tmp / "best.safetensors")
+            link_or_copy(tmp / "model.safetensors", tmp / "best.safetensors")
         elif best_state is not None:
             save_file(_contiguous(best_state), str(tmp / "best.safetensors"))
         torch.save(state, tmp / STATE_FILE)
@@ -86,7 +86,8 @@ def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], s
     return target
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: "str | Path", dst: "str | Path") -> None:
+    """A hard link costs no disk space; copy where the file system has none (or across devices)."""
     try:
         os.link(src, dst)
     except OSError:  # a file system without hard links

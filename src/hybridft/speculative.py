@@ -625,17 +625,6 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 FORMAT = "hybridft-speculative/1"
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    """A hard link costs no disk space (the run's teacher/ and student/ hold the same files); copy across devices."""
-    import os
-    import shutil
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: int,
                 draft_vocabulary: Optional[list[int]] = None, draft_confidence: float = 0.0,
                 draft_precision: str = "auto", verify_padding: bool = True, prepack_weights: bool = True,
@@ -647,14 +636,15 @@ def save_hybrid(folder: Path, teacher_dir: Path, draft_dir: Path, draft_tokens: 
     import json
     import shutil
 
+    from hybridft.checkpoint import link_or_copy
     from hybridft.hybrid import write_manifest
 
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    shutil.copytree(teacher_dir, tmp / "teacher", copy_function=_link_or_copy)
-    shutil.copytree(draft_dir, tmp / "draft", copy_function=_link_or_copy)
+    shutil.copytree(teacher_dir, tmp / "teacher", copy_function=link_or_copy)
+    shutil.copytree(draft_dir, tmp / "draft", copy_function=link_or_copy)
     settings = {"format": FORMAT, "kind": "speculative", "draft_tokens": draft_tokens,
                 "draft_confidence": draft_confidence, "draft_vocabulary": draft_vocabulary,
                 "draft_precision": draft_precision, "verify_padding": verify_padding,
