@@ -93,6 +93,70 @@ def test_bad_chat_rows_are_named_with_their_line(tmp_path: Path):
         [conversations.as_prompt(_chat(r)[:1]) for r in rows]
 
 
+def _two_turns(a: dict[str, str], b: dict[str, str]) -> list[dict[str, str]]:
+    return _chat(a, system="be brief") + _chat(b)
+
+
+def test_every_assistant_turn_is_a_response_with_the_conversation_before_it_as_prompt():
+    a, b = {"prompt": "red blue", "response": "blue red"}, {"prompt": "gold", "response": "gold"}
+    chat = _two_turns(a, b)
+    turns = conversations.assistant_turns(chat)
+    assert turns == [(chat[:2], "blue red"), (chat[:4], "gold")]
+    assert conversations.assistant_turns(chat, "last") == [(chat[:4], "gold")]
+    # an assistant greeting before any other message has no prompt: it is context, not a response
+    greeting = [{"role": "assistant", "content": "hello"}] + _chat(a)
+    assert conversations.assistant_turns(greeting) == [(greeting[:2], "blue red")]
+    hollow = chat[:2] + [{"role": "assistant", "content": " "}] + chat[3:]
+    with pytest.raises(ValueError, match="message 3 is an empty assistant message.*assistant_turns=last"):
+        conversations.assistant_turns(hollow)
+    assert conversations.assistant_turns(hollow, "last") == [(hollow[:4], "gold")]
+
+
+def test_multi_turn_conversations_train_on_every_answer_and_stay_on_one_side_of_the_split(tmp_path: Path):
+    tok = make_lm_tokenizer(tmp_path / "tok", template=True)
+    rows = lm_rows(40, seed=5)
+    chats = [_two_turns(rows[i], rows[i + 1]) for i in range(0, 40, 2)]  # 20 conversations of 2 answers
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in chats])
+    cfg = load_config(None, ["task=causal_lm", f"data.train={path}", "teacher.model=unused",
+                             "data.validation_fraction=0.25"])
+    splits = task.load_splits(cfg, 0)
+    assert len(splits.train) + len(splits.validation) == 40 and len(splits.validation) == 10
+    assert not set(splits.train.lines) & set(splits.validation.lines)  # a conversation is never on both sides
+    for split in (splits.train, splits.validation):
+        for text, response, line in zip(split.texts, split.pairs, split.lines):
+            chat = chats[line - 1]
+            assert response in (chat[2]["content"], chat[4]["content"])
+            assert conversations.messages_of(text) == (chat[:2] if response == chat[2]["content"] else chat[:4])
+    # the second answer's item: the first answer is in its prompt (no loss on it), its own tokens are the target
+    items = task.encode(splits.train, tok, 128)
+    second = next(i for i, t in enumerate(splits.train.texts) if len(conversations.messages_of(t)) == 4)
+    first_answer = tok(conversations.messages_of(splits.train.texts[second])[2]["content"],
+                       add_special_tokens=False)["input_ids"]
+    prompt = items[second]["input_ids"][:items[second]["prompt_length"]]
+    assert any(prompt[k:k + len(first_answer)] == first_answer for k in range(len(prompt)))
+    assert items[second]["input_ids"][items[second]["prompt_length"]:] == \
+        tok(splits.train.pairs[second], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    last = load_config(None, ["task=causal_lm", f"data.train={path}", "teacher.model=unused",
+                              "data.validation_fraction=0.25", "data.assistant_turns=last"])
+    only_last = task.load_splits(last, 0)
+    assert len(only_last.train) + len(only_last.validation) == 20
+    assert all(len(conversations.messages_of(t)) == 4 for t in only_last.train.texts)
+
+
+def test_one_example_a_row_splits_as_before(tmp_path: Path):
+    """Rows with one example each (prompt/response files, single-turn chats) keep the seeded split they had."""
+    import random
+
+    rows = lm_rows(30, seed=2)
+    path = write_jsonl(tmp_path / "plain.jsonl", rows)
+    splits = task.load_splits(load_config(None, ["task=causal_lm", f"data.train={path}", "teacher.model=unused"]), 7)
+    order = list(range(30))
+    random.Random(7).shuffle(order)
+    n_val = max(1, round(0.1 * 30))
+    assert splits.validation.pairs == [rows[i]["response"] for i in sorted(order[:n_val])]
+    assert splits.train.pairs == [rows[i]["response"] for i in sorted(order[n_val:])]
+
+
 def test_a_chat_run_trains_and_generate_takes_messages_as_prompts(tmp_path: Path, capsys):
     from hybridft.cli import main
 
@@ -101,13 +165,17 @@ def test_a_chat_run_trains_and_generate_takes_messages_as_prompts(tmp_path: Path
     make_llama(len(tok)).save_pretrained(teacher)
     data = {split: write_jsonl(tmp_path / f"{split}.jsonl", [{"messages": _chat(r, system="gold")}
                                                              for r in lm_rows(n, seed)])
-            for split, n, seed in (("train", 24, 1), ("validation", 8, 2), ("test", 8, 3))}
+            for split, n, seed in (("validation", 8, 2), ("test", 8, 3))}
+    train = lm_rows(24, seed=1)  # 12 conversations of two answers each: 24 responses to learn
+    data["train"] = write_jsonl(tmp_path / "train.jsonl", [{"messages": _two_turns(train[i], train[i + 1])}
+                                                            for i in range(0, 24, 2)])
     assert main(["run", "task=causal_lm", f"data.train={data['train']}", f"data.validation={data['validation']}",
                  f"data.test={data['test']}", f"teacher.model={teacher}", "student.num_layers=1",
                  "data.max_length=32", "student.train.epochs=1", "distill.top_k=8", "eval.max_new_tokens=3",
                  "eval.generate_examples=2", "hybrid.speculative_prompts=2", f"output_dir={tmp_path / 'run'}",
                  "progress=false", "precision=fp32"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["train"]["rows"] == 24
     # reports show the prompt's text, not its encoding, and the console keeps "[system]" (not read as markup)
     assert summary["comparison"]["generations"][0]["prompt"] == "[system] " + lm_rows(8, 3)[0]["prompt"]
     assert "'[system] " in capsys.readouterr().out

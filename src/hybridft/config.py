@@ -67,8 +67,13 @@ class DataConfig:
     prompt-completion datasets do). Either cell may hold chat messages instead of text (`hybridft.conversations`)."""
     messages_column: str = "messages"
     """causal_lm: chat messages ([{"role", "content"}, ...], OpenAI's and TRL's conversational format), read when the
-    file has no `prompt_column`: the last message is the assistant's response to learn, those before it the prompt,
-    rendered by the tokenizer's chat template."""
+    file has no `prompt_column`: the last message must be the assistant's; each assistant message is a response to
+    learn (see `assistant_turns`), the messages before it its prompt, rendered by the tokenizer's chat template."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """causal_lm, chat messages: which assistant messages are responses to learn. `all` (as TRL's
+    `assistant_only_loss`): every assistant message that follows another message, each with the conversation up to
+    it as its prompt, so a conversation of k assistant turns gives k training rows (the teacher and the student
+    read its start k times); `last`: only the final one."""
     chat_template: bool = True
     """causal_lm: wrap prompt and response in the tokenizer's chat template when it has one. Without it the
     prompt's tokens are followed directly by the response's (each tokenised alone, nothing between them): the

@@ -4,8 +4,9 @@
                   {"role": "assistant", "content": "..."}]}
     {"prompt": [{"role": "user", "content": "..."}], "completion": [{"role": "assistant", "content": "..."}]}
 
-The last message of `messages` is the response to learn and must be the assistant's; the messages before it (a
-system prompt, earlier turns) are the prompt, rendered by the tokenizer's chat template. Such a prompt travels in
+The last message of `messages` must be the assistant's. Each assistant message to learn (every one after the first
+message, or only the last: `data.assistant_turns`) is a response, and the messages before it (a system prompt,
+earlier turns) its prompt, rendered by the tokenizer's chat template. Such a prompt travels in
 `Examples.texts` as `PREFIX` + its JSON, so keys, stores, batches and generation treat it as any other prompt
 string; `messages_of` reads it back.
 """
@@ -62,6 +63,24 @@ def parse(value: Any) -> list[dict[str, str]]:
             raise ValueError(f"message {k + 1} is not a mapping with a text 'role' and 'content' ({str(m)[:60]!r})")
         messages.append({"role": m["role"], "content": m["content"]})
     return messages
+
+
+def assistant_turns(messages: list[dict[str, str]], which: str = "all") -> list[tuple[list[dict[str, str]], str]]:
+    """(prompt messages, response text) for each assistant message to learn in a training conversation: every one
+    that follows another message (`which="all"`, as TRL's `assistant_only_loss`), or the last (`"last"`). Raises
+    ValueError unless the last message is a non-empty assistant message with at least one message before it, or
+    for an empty assistant message among those learned."""
+    prompt, response = split_response(messages)
+    if which == "last":
+        return [(prompt, response)]
+    turns = []
+    for k, m in enumerate(messages[:-1]):
+        if m["role"] == "assistant" and k > 0:
+            if not m["content"].strip():
+                raise ValueError(f"message {k + 1} is an empty assistant message; fill it in, or learn only the "
+                                 f"last answer with data.assistant_turns=last")
+            turns.append((messages[:k], m["content"]))
+    return turns + [(prompt, response)]
 
 
 def split_response(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:

@@ -246,13 +246,7 @@ def load_splits(cfg: RunConfig, seed: int) -> Splits:
         if d.validation:
             validation = _read(d.validation, cfg, "validation", d.max_eval_samples)
         else:
-            if len(train) < 2:
-                raise HybridFTError(f"data.train {train.source} has {len(train)} row; give at least 2, or a "
-                                    f"data.validation file")
-            order = list(range(len(train)))
-            random.Random(seed).shuffle(order)
-            n_val = max(1, round(d.validation_fraction * len(train)))
-            train, validation = train.subset(sorted(order[n_val:])), train.subset(sorted(order[:n_val]))
+            train, validation = _split_off_validation(train, d.validation_fraction, seed)
         if d.test:
             test = _read(d.test, cfg, "test", d.max_eval_samples)
     if train.pairs is None:  # plain texts: cut long ones into max_length-token chunks, each its own example
@@ -265,6 +259,26 @@ def load_splits(cfg: RunConfig, seed: int) -> Splits:
             test = test.subset(list(range(min(d.max_eval_samples, len(test)))))
     unlabeled = _read_prompts(d.unlabeled, cfg) if d.unlabeled else None
     return Splits(train=train, validation=validation, test=test, unlabeled=unlabeled, label_names=[])
+
+
+def _split_off_validation(train: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
+    """(train, validation): a seeded random `fraction` of the file's rows. The examples of one row (the assistant
+    turns of one conversation) go to the same side, so no validation response has its own conversation in train."""
+    rows: dict[int, list[int]] = {}
+    for i, line in enumerate(train.lines or range(len(train))):
+        rows.setdefault(line, []).append(i)
+    groups = list(rows.values())
+    if len(groups) < 2:
+        raise HybridFTError(f"data.train {train.source} has {len(groups)} row; give at least 2, or a "
+                            f"data.validation file")
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * len(groups)))
+
+    def examples_of(chosen: list[int]) -> list[int]:
+        return sorted(i for g in chosen for i in groups[g])
+
+    return train.subset(examples_of(order[n_val:])), train.subset(examples_of(order[:n_val]))
 
 
 def _read_prompts(path: str, cfg: RunConfig) -> Examples:
@@ -312,7 +326,7 @@ def _read(path: str, cfg: RunConfig, role: str, limit: Optional[int]) -> Example
                                 f"data.response_column")
         return _from_rows(rows, source, cfg, prompts=True, lines=lines, role=role, response_column=response)
     if d.messages_column in columns:
-        return _from_conversations(rows, source, d.messages_column, lines, role)
+        return _from_conversations(rows, source, d.messages_column, lines, role, d.assistant_turns)
     if d.text_column in columns:
         return _from_rows(rows, source, cfg, prompts=False, lines=lines, role=role)
     raise HybridFTError(f"data.{role} {source} has neither a prompt column '{d.prompt_column}' (with a response "
@@ -322,22 +336,25 @@ def _read(path: str, cfg: RunConfig, role: str, limit: Optional[int]) -> Example
 
 
 def _from_conversations(rows: list[dict[str, Any]], source: str, column: str, lines: list[int],
-                        role: str) -> Examples:
-    """Rows of chat messages: the prompt is every message but the last (`conversations.as_prompt`), the response
-    the last, the assistant's."""
-    texts, pairs = [], []
+                        role: str, turns: str = "all") -> Examples:
+    """Rows of chat messages: one example per assistant turn learned (`conversations.assistant_turns`), its prompt
+    the messages before it (`conversations.as_prompt`). The examples of one conversation share its file line,
+    which keeps them on one side of the validation split."""
+    texts, pairs, example_lines = [], [], []
     for row, line in zip(rows, lines):
         try:
-            prompt, response = conversations.split_response(conversations.parse(row.get(column)))
+            messages = conversations.parse(row.get(column))
+            learned = conversations.assistant_turns(messages, turns)
         except ValueError as e:
             raise HybridFTError(f"data.{role} {source} line {line}: the {column} column {e}") from None
-        problem = next((text_problem(m["content"]) for m in prompt if text_problem(m["content"])), None) or \
-            text_problem(response)
+        problem = next((text_problem(m["content"]) for m in messages if text_problem(m["content"])), None)
         if problem:
             raise HybridFTError(f"data.{role} {source} line {line}: a message in the {column} column {problem}")
-        texts.append(conversations.as_prompt(prompt))
-        pairs.append(response)
-    return Examples(texts=texts, labels=[0] * len(texts), pairs=pairs, source=source, lines=lines)
+        for prompt, response in learned:
+            texts.append(conversations.as_prompt(prompt))
+            pairs.append(response)
+            example_lines.append(line)
+    return Examples(texts=texts, labels=[0] * len(texts), pairs=pairs, source=source, lines=example_lines)
 
 
 def _from_rows(rows: list[dict[str, Any]], source: str, cfg: RunConfig, prompts: bool,
