@@ -141,6 +141,27 @@ def test_tiny_student_overfits_a_tiny_set(tmp_path: Path):
     assert result.best_metric == 1.0
 
 
+def test_a_validation_tie_keeps_the_earlier_or_the_later_weights_as_configured(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch):
+    tok = make_tokenizer(tmp_path / "tok")
+    items = _items(tok, 16)
+    accuracies = iter([0.5, 0.75, 0.5, 0.75, 0.25])  # the best, 0.75, at the 2nd and 4th evaluations
+
+    def validate(*args, **kwargs):
+        return {"accuracy": next(accuracies), "macro_f1": 0.0}
+
+    monkeypatch.setattr(task, "validate", validate)
+    kept = {}
+    for rule in ("earlier", "later"):
+        accuracies = iter([0.5, 0.75, 0.5, 0.75, 0.25])
+        result = fit(make_bert(layers=1, seed=0), items, items[:4], collate=task.make_collate(tok),
+                     tc=TrainConfig(epochs=5, batch_size=8, lr=1e-2, best_on_tie=rule),
+                     weights=LossWeights(0.5, 0.5, 2.0), task=task, device=torch.device("cpu"))
+        assert result.best_metric == 0.75
+        kept[rule] = result.best_step
+    assert kept == {"earlier": 4, "later": 8}  # 2 steps an epoch
+
+
 def test_gradient_accumulation_counts_steps_and_logs_each_term(tmp_path: Path):
     from hybridft.runlog import MetricsWriter, read_metrics
 

@@ -130,6 +130,9 @@ class TrainConfig:
     would be kept whole on every process instead of sharded)."""
     eval_every: Optional[int] = None
     """Evaluate on validation every N optimizer steps; default: once per epoch."""
+    best_on_tie: Literal["earlier", "later"] = "earlier"
+    """Which weights to keep when an evaluation equals the best validation value so far: the earlier ones, or the
+    later (further trained) ones. On a small validation split a tie is often one row."""
     log_every: int = 10
     """Write a line to metrics.jsonl every N optimizer steps."""
     checkpoint_every: Optional[int] = None

@@ -330,7 +330,9 @@ def fit(
             writer.write(record)
             best.history.append(record)
             value = metrics[metric_key]
-            if best.best_metric is None or (value > best.best_metric if mode == "max" else value < best.best_metric):
+            improved = best.best_metric is None or (value > best.best_metric if mode == "max"
+                                                     else value < best.best_metric)
+            if improved or (tc.best_on_tie == "later" and value == best.best_metric):
                 best.best_metric, best.best_step = value, step
                 best_state = weights_now_whole()
         if checkpoint_dir is not None and (step % (tc.checkpoint_every or eval_every) == 0 or step == total_steps):
