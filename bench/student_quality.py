@@ -58,6 +58,9 @@ VARIANTS: dict[str, list[str]] = {
     "T4": ["loss.temperature=4"],
     "alpha0.2": ["loss.alpha=0.2", "loss.beta=0.8"],
     "alpha0.8": ["loss.alpha=0.8", "loss.beta=0.2"],
+    # the defaults through the variants' path (the teacher read back from the defaults run's folder, no hybrid):
+    # the fair baseline of every other variant, if this path alone changes the student
+    "control": [],
     "later_ties": ["student.train.best_on_tie=later"],  # a validation tie keeps the further-trained weights
     "lr1e-4_alpha0.8": ["student.train.lr=1e-4", "loss.alpha=0.8", "loss.beta=0.2"],  # the two leads together
     "epochs6": ["student.train.epochs=6"],  # the default since 2026-12-04; the rows before it ran with 3
