@@ -145,7 +145,6 @@ def test_a_validation_tie_keeps_the_earlier_or_the_later_weights_as_configured(t
                                                                                monkeypatch: pytest.MonkeyPatch):
     tok = make_tokenizer(tmp_path / "tok")
     items = _items(tok, 16)
-    accuracies = iter([0.5, 0.75, 0.5, 0.75, 0.25])  # the best, 0.75, at the 2nd and 4th evaluations
 
     def validate(*args, **kwargs):
         return {"accuracy": next(accuracies), "macro_f1": 0.0}
@@ -153,7 +152,7 @@ def test_a_validation_tie_keeps_the_earlier_or_the_later_weights_as_configured(t
     monkeypatch.setattr(task, "validate", validate)
     kept = {}
     for rule in ("earlier", "later"):
-        accuracies = iter([0.5, 0.75, 0.5, 0.75, 0.25])
+        accuracies = iter([0.5, 0.75, 0.5, 0.75, 0.25])  # the best, 0.75, at the 2nd and 4th evaluations
         result = fit(make_bert(layers=1, seed=0), items, items[:4], collate=task.make_collate(tok),
                      tc=TrainConfig(epochs=5, batch_size=8, lr=1e-2, best_on_tie=rule),
                      weights=LossWeights(0.5, 0.5, 2.0), task=task, device=torch.device("cpu"))

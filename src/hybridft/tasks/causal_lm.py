@@ -336,7 +336,7 @@ def _read(path: str, cfg: RunConfig, role: str, limit: Optional[int]) -> Example
 
 
 def _from_conversations(rows: list[dict[str, Any]], source: str, column: str, lines: list[int],
-                        role: str, turns: str = "all") -> Examples:
+                        role: str, turns: str) -> Examples:
     """Rows of chat messages: one example per assistant turn learned (`conversations.assistant_turns`), its prompt
     the messages before it (`conversations.as_prompt`). The examples of one conversation share its file line,
     which keeps them on one side of the validation split."""
@@ -347,7 +347,7 @@ def _from_conversations(rows: list[dict[str, Any]], source: str, column: str, li
             learned = conversations.assistant_turns(messages, turns)
         except ValueError as e:
             raise HybridFTError(f"data.{role} {source} line {line}: the {column} column {e}") from None
-        problem = next((text_problem(m["content"]) for m in messages if text_problem(m["content"])), None)
+        problem = next(filter(None, (text_problem(m["content"]) for m in messages)), None)
         if problem:
             raise HybridFTError(f"data.{role} {source} line {line}: a message in the {column} column {problem}")
         for prompt, response in learned:
