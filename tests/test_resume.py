@@ -102,6 +102,30 @@ def test_resume_with_a_changed_config_names_the_keys_and_refuses(tmp_path: Path,
     assert main(["run", *base, "student.train.lr=1e-3", "--resume", "--quiet"]) == 0
 
 
+def test_resume_of_a_run_begun_before_a_setting_existed(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys):
+    """A run begun by an earlier hybridft (its config.yaml lacks a setting added since) resumes when the setting is
+    at its default, with a line saying so, and is refused when it is set to anything else."""
+    import yaml
+
+    from hybridft.cli import main
+
+    base = tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "r") + ["hybrid.enabled=false",
+                                                                         "export.enabled=false"]
+    assert main(["run", *base]) == 0
+    saved_file = tmp_path / "r" / "config.yaml"
+    saved = yaml.safe_load(saved_file.read_text())
+    del saved["student"]["train"]["best_on_tie"], saved["data"]["assistant_turns"]  # as an older version wrote it
+    saved_file.write_text(yaml.safe_dump(saved, sort_keys=False))
+    capsys.readouterr()
+    assert main(["run", *base, "student.train.best_on_tie=later", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the run's config.yaml in student.train.best_on_tie;" in err  # the other one is no change
+    assert main(["run", *base, "--resume", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "without data.assistant_turns, student.train.best_on_tie; they take their defaults" in err
+    assert "differs" not in err
+
+
 def _items(tmp_path: Path):
     tok = make_tokenizer(tmp_path / "tok")
     rows = sentiment_rows(24, seed=2)

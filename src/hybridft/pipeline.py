@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hybridft import dist
-from hybridft.config import RunConfig, save_config, student_num_layers, to_dict
+from hybridft.config import RunConfig, from_dict, save_config, student_num_layers, to_dict
 from hybridft.data import Examples, Splits, split_path_spec
 from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
@@ -178,6 +178,18 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return keys
 
 
+_ABSENT = object()
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key of a nested dict, or `_ABSENT`."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
 MACHINE_SETTINGS = ("progress", "num_threads")
 """Config keys a resumed run may change freely: how it shows progress and how many CPU threads it uses."""
 
@@ -191,7 +203,17 @@ def check_resume(cfg: RunConfig, run_dir: Path, force: bool) -> list[str]:
     if not saved_file.is_file():
         raise HybridFTError(f"--resume: {run_dir} holds no run to resume (no config.yaml); drop --resume to start one")
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-    changed = [k for k in config_changes(saved, to_dict(cfg)) if k not in MACHINE_SETTINGS]
+    now = to_dict(cfg)
+    changed = [k for k in config_changes(saved, now) if k not in MACHINE_SETTINGS]
+    # A run begun by an earlier hybridft lacks the settings added since: at their defaults they are no change
+    # (an upgrade mid-run must not block --resume), set to anything else they are one.
+    defaults = to_dict(from_dict({"task": cfg.task}))
+    added = [k for k in changed if _lookup(saved, k) is _ABSENT and _lookup(now, k) == _lookup(defaults, k)]
+    if added and dist.is_main():
+        print(f"hybridft: --resume: {run_dir} was begun by a hybridft without {', '.join(added)}; "
+              f"{'they take their defaults' if len(added) > 1 else 'it takes its default'}", file=sys.stderr,
+              flush=True)
+    changed = [k for k in changed if k not in added]
     if changed and not force:
         raise HybridFTError(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}; "
                             f"resume with the same settings, or pass --force to continue anyway")
