@@ -175,12 +175,21 @@ def hybridft(args: list[str], out: Path, reuse: bool = False, collect: bool = Fa
         print(f"[bench] missing: {out}", flush=True)
         return None
     start = time.perf_counter()
-    code = main(["run", *args, f"output_dir={out}", "--overwrite"])
-    if code != 0:
-        sys.exit(f"hybridft run {' '.join(args)} exited with {code}")
+    resumed = reuse and not done.is_file() and (out / "config.yaml").is_file() and (out / "checkpoints").is_dir()
+    if resumed:  # an interrupted run (a session that ended): continue it, unless its config differs from ARGS
+        print(f"[bench] resuming {out}", flush=True)
+        resumed = main(["run", *args, f"output_dir={out}", "--resume"]) == 0
+        if not resumed:
+            print(f"[bench] could not resume {out} (message above): running it again", flush=True)
+    if not resumed:
+        code = main(["run", *args, f"output_dir={out}", "--overwrite"])
+        if code != 0:
+            sys.exit(f"hybridft run {' '.join(args)} exited with {code}")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resumable states: dozens of runs filled a 64 GB disk
     result = json.loads(done.read_text())
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    if resumed:  # its seconds count only what ran after the restart
+        result["resumed"] = True
     done.write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / "bench_args.json").write_text(json.dumps(args), encoding="utf-8")
     return result
@@ -260,6 +269,8 @@ def run_seed(config: list[str], base: list[str], seed: int, variants: list[str],
                "student_seconds": round(summary["stage_seconds"]["teacher_outputs"]
                                         + summary["stage_seconds"]["student"], 1),
                "precision": (summary.get("precision") or {}).get("chosen", summary["config"]["precision"])}
+        if summary.get("resumed"):
+            row["resumed"] = True  # continued after an interruption: its seconds count only the last part
         if "hybrid" in summary:
             row["hybrid"] = {k: summary["hybrid"][k] for k in ("accuracy", "teacher_fraction", "gap_closed")}
         rows[variant] = row
@@ -290,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                         "missing are left out, and the JSON lists them)")
     p.add_argument("--reuse", action="store_true",
                    help="keep a variant's finished run from an earlier call with the same arguments (wall times are "
-                        "those of the earlier call)")
+                        "those of the earlier call), and continue an interrupted one from its last checkpoint "
+                        "(`hybridft run --resume`, which refuses a changed config; it then runs again)")
     args = p.parse_args(raw_argv)
     variants = [v.strip() for v in (TUNING if args.variants == "tuning" else args.variants).split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
