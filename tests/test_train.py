@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_bert, make_tokenizer, sentiment_rows, tiny_overrides
 from hybridft import pipeline, train
-from hybridft.batching import SortedSplitBatches
+from hybridft.batching import SortedSplitBatches, length_sorted_loader
 from hybridft.config import TrainConfig, load_config
 from hybridft.data import Examples
 from hybridft.tasks import classification as task
@@ -159,6 +159,60 @@ def test_a_validation_tie_keeps_the_earlier_or_the_later_weights_as_configured(t
         assert result.best_metric == 0.75
         kept[rule] = result.best_step
     assert kept == {"earlier": 4, "later": 8}  # 2 steps an epoch
+
+
+def test_best_metric_loss_keeps_the_lowest_validation_loss_and_accuracy_the_highest_accuracy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tok = make_tokenizer(tmp_path / "tok")
+    items = _items(tok, 16)
+
+    def validate(*args, **kwargs):
+        return next(metrics)
+
+    monkeypatch.setattr(task, "validate", validate)
+    kept = {}
+    for key in ("loss", "accuracy", None):  # None: the task's own, accuracy for classification
+        # accuracy peaks at the 2nd evaluation; the cross-entropy is lowest at the 4th, where accuracy ties
+        metrics = iter([{"accuracy": a, "macro_f1": 0.0, "loss": l}
+                        for a, l in ((0.5, 0.7), (0.75, 0.6), (0.5, 0.55), (0.75, 0.4), (0.25, 0.9))])
+        result = fit(make_bert(layers=1, seed=0), items, items[:4], collate=task.make_collate(tok),
+                     tc=TrainConfig(epochs=5, batch_size=8, lr=1e-2, best_metric=key),
+                     weights=LossWeights(0.5, 0.5, 2.0), task=task, device=torch.device("cpu"))
+        kept[key] = (result.best_key, result.best_step, result.best_metric)
+    assert kept == {"loss": ("loss", 8, 0.4), "accuracy": ("accuracy", 4, 0.75), None: ("accuracy", 4, 0.75)}
+
+
+def test_a_resumed_fit_goes_on_choosing_by_its_checkpoints_metric(tmp_path: Path, capsys):
+    """A checkpoint whose best weights were chosen by accuracy (every checkpoint before best_metric existed) is not
+    compared with a loss: the resumed fit keeps choosing by accuracy, and says so."""
+    import shutil
+
+    from hybridft.checkpoint import latest_checkpoint
+
+    tok = make_tokenizer(tmp_path / "tok")
+    items = _items(tok, 16)
+    folder = tmp_path / "ckpt"
+    common = dict(collate=task.make_collate(tok), weights=LossWeights(0.5, 0.5, 2.0), task=task,
+                  device=torch.device("cpu"), checkpoint_dir=folder)
+    fit(make_bert(layers=1, seed=0), items, items[:4], tc=TrainConfig(epochs=2, batch_size=8, best_metric="accuracy",
+                                                                     keep_checkpoints=5), **common)
+    shutil.rmtree(latest_checkpoint(folder))  # as if killed during the second epoch
+    capsys.readouterr()
+    result = fit(make_bert(layers=1, seed=0), items, items[:4], resume=True,
+                 tc=TrainConfig(epochs=2, batch_size=8, best_metric="loss", keep_checkpoints=5), **common)
+    assert result.resumed_step == 2 and result.best_key == "accuracy"
+    assert "chose its best weights by validation accuracy" in capsys.readouterr().err
+
+
+def test_classification_validation_reports_the_mean_cross_entropy(tmp_path: Path):
+    tok = make_tokenizer(tmp_path / "tok")
+    items = _items(tok, 12)
+    model = make_bert(layers=1, seed=0)
+    loader = length_sorted_loader(items, 4, task.make_collate(tok))
+    logits, labels = task.predict_logits(model, loader, torch.device("cpu"))
+    metrics = task.validate(model, loader, torch.device("cpu"))
+    expected = -logits.log_softmax(-1).gather(1, labels[:, None]).mean()
+    assert metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_gradient_accumulation_counts_steps_and_logs_each_term(tmp_path: Path):

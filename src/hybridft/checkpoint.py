@@ -2,7 +2,7 @@
 
     CHECKPOINT_DIR/step-000123/
         model.safetensors      the weights being trained
-        best.safetensors       the best weights so far (by validation accuracy), if any
+        best.safetensors       the best weights so far (by `train.best_metric` on validation), if any
         training_state.pt      optimizer, scheduler, step, data position, RNG states, best metric, history
 
 A checkpoint is written to `step-000123.tmp` and renamed, so a kill during the write leaves the previous

@@ -388,7 +388,7 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
                      progress=cfg.progress, checkpoint_dir=ctx.run_dir / "checkpoints" / "teacher",
                      resume=ctx.resume)
         teacher = result.model  # a fresh unwrapped copy under FSDP
-        ctx.log(f"teacher: validation {task.BEST[0]} {result.best_metric:.4f} ({result.describe()})")
+        ctx.log(f"teacher: validation {result.best_key} {result.best_metric:.4f} ({result.describe()})")
     else:
         ctx.log("the teacher is used as it is (teacher.finetune)")
         check_splits(ctx, tokenizer)
@@ -522,7 +522,7 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     student = result.model  # a fresh unwrapped copy under FSDP
     if inter is not None:
         inter_losses.detach(student)  # the learned width projection served training only
-    ctx.log(f"student: validation {task.BEST[0]} {result.best_metric:.4f} ({result.describe()})")
+    ctx.log(f"student: validation {result.best_key} {result.best_metric:.4f} ({result.describe()})")
     if dist.is_main():
         task.save_model(student, tokenizer, ctx.run_dir / "student")
     dist.barrier()

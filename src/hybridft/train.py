@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,12 @@ from hybridft.runlog import MetricsWriter
 @dataclass
 class FitResult:
     best_metric: Optional[float]
-    """The best validation value of the task's metric (`task.BEST`), None before the first evaluation."""
+    """The best validation value of `best_key`, None before the first evaluation."""
     best_step: int
     steps: int
     seconds: float
+    best_key: str = ""
+    """The validation metric that chose the weights kept (`TrainConfig.best_metric`, or the task's `BEST`)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     model: Optional[nn.Module] = None
     """The trained model with the best weights: the model passed in, or under FSDP a fresh unwrapped copy."""
@@ -213,7 +216,8 @@ def fit(
 
     best = FitResult(best_metric=None, best_step=0, steps=total_steps, seconds=0.0,
                      embedding_rows=(len(compact.token_ids), len(compact.index)) if compact is not None else None)
-    metric_key, mode = task.BEST
+    metric_key = tc.best_metric or task.BEST[0]
+    best.best_key = metric_key
     best_state: Optional[dict[str, torch.Tensor]] = None
     bar = progress_bar(total_steps, stage, progress)
     start = time.perf_counter()
@@ -235,6 +239,14 @@ def fit(
         best.resumed_step = step
         generator.set_state(st["epoch_rng"])
         best.best_metric, best.best_step, best.history = st["best_metric"], st["best_step"], st["history"]
+        # the best so far was judged by the checkpoint's metric (before 2026-12-06 always the task's): keep it,
+        # since its value cannot be compared with another metric's
+        saved_key = st.get("best_key", task.BEST[0])
+        if saved_key != metric_key:
+            print(f"hybridft: {stage}: the checkpoint chose its best weights by validation {saved_key}; the resumed "
+                  f"run goes on choosing by it (not {metric_key})", file=sys.stderr, flush=True)
+            metric_key = saved_key
+        best.best_key = metric_key
         set_rng_states(st["rng"])
         writer.drop_after(stage, step)
         bar.update(step)
@@ -330,8 +342,8 @@ def fit(
             writer.write(record)
             best.history.append(record)
             value = metrics[metric_key]
-            improved = best.best_metric is None or (value > best.best_metric if mode == "max"
-                                                     else value < best.best_metric)
+            improved = best.best_metric is None or (value < best.best_metric if metric_key == "loss"
+                                                     else value > best.best_metric)
             if improved or (tc.best_on_tie == "later" and value == best.best_metric):
                 best.best_metric, best.best_step = value, step
                 best_state = weights_now_whole()
@@ -345,7 +357,8 @@ def fit(
             state = {"stage": stage, "step": step, "optimizer": optimizer_now, "scheduler": scheduler.state_dict(),
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "epoch_rng": position["epoch_rng"], "consumed": position["consumed"], "rng": rng_states(),
-                     "best_metric": best.best_metric, "best_step": best.best_step, "history": best.history}
+                     "best_metric": best.best_metric, "best_key": metric_key, "best_step": best.best_step,
+                     "history": best.history}
             if main:
                 save_checkpoint(checkpoint_dir, step, weights_now, state, best_state, tc.keep_checkpoints)
     bar.close()
