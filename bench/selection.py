@@ -59,7 +59,8 @@ def score(out: Path) -> dict[str, Any]:
 
     cfg = load_config(out / "config.yaml")
     splits = cl.load_splits(cfg, cfg.seed)
-    precision = (json.loads((out / "summary.json").read_text()).get("precision") or {}).get("chosen", cfg.precision)
+    summary = json.loads((out / "summary.json").read_text())
+    precision = (summary.get("precision") or {}).get("chosen", cfg.precision)
     device = torch.device("cpu")
     student, tokenizer = cl.load_model(str(out / "student"), splits, "student")
     teacher, t_tokenizer = cl.load_model(cfg.teacher.model, splits, "teacher")
@@ -91,8 +92,7 @@ def score(out: Path) -> dict[str, Any]:
                 if group[0][k].is_floating_point() else group[0][k] for k in group[0]}
 
     averages = {"average_last3": measure(mean_state(states[-3:])), "average_all": measure(mean_state(states))}
-    teacher_test = json.loads((out / "summary.json").read_text())["teacher"]["accuracy"]
-    return {"teacher": teacher_test, "student_reported": json.loads((out / "summary.json").read_text())["student"]["accuracy"],
+    return {"teacher": summary["teacher"]["accuracy"], "student_reported": summary["student"]["accuracy"],
             "epochs": epochs, **averages}
 
 
