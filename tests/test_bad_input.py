@@ -291,6 +291,8 @@ CASES = [
          environ={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "two"}),
     Case("accelerate-deepspeed", lambda r: r.argv(), ("DeepSpeed", "not support", "fsdp.yaml"),
          environ={"ACCELERATE_USE_DEEPSPEED": "true"}),
+    Case("text-column-is-the-label-column", lambda r: r.argv(data__label_column="text"),
+         ("data.label_column", "'text'", "data.text_column")),
     Case("override-without-equals", lambda r: r.argv("student.train.epochs"),
          ("'student.train.epochs' is not key=value",)),
     # --- model folders ------------------------------------------------------------------------------

@@ -102,3 +102,51 @@ def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_dispatch", lambda _a: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))
     with pytest.raises(OSError):  # other OS errors are not disguised as a full disk
         cli.main(["run", "output_dir=runs/x"])
+
+
+def test_evaluate_reports_into_the_folder_it_is_given_and_keeps_the_rest(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                         tiny_data, capsys):
+    """A copied run (its config.yaml names the original's output_dir) is evaluated into the copy: the original's
+    summary.json stays byte for byte, and the copy's keeps what evaluation does not measure (the hybrid, the stage
+    times). The copy also resumes where it lies: output_dir is where a run is, not one of its settings."""
+    import shutil
+
+    original = tmp_path / "original"
+    assert main(["run", *tiny_overrides(tiny_teacher_dir, tiny_data, original), "export.enabled=false"]) == 0
+    before = (original / "summary.json").read_bytes()
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    (copy / "summary.json").write_text(json.dumps({**json.loads(before), "note": "kept"}))
+    assert main(["evaluate", "--run", str(copy), "--quiet"]) == 0
+    assert (original / "summary.json").read_bytes() == before
+    first, again = json.loads(before), json.loads((copy / "summary.json").read_text())
+    assert again["note"] == "kept" and again["hybrid"] == first["hybrid"]
+    assert again["stage_seconds"] == first["stage_seconds"]
+    assert again["student"]["accuracy"] == first["student"]["accuracy"]
+    capsys.readouterr()
+    assert main(["run", f"output_dir={copy}", "--resume", "--quiet"]) == 0
+    assert "differs" not in capsys.readouterr().err
+    assert (original / "summary.json").read_bytes() == before
+
+
+def test_an_unfinished_run_is_pointed_at_resume(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys,
+                                                monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C, then the same command again: both lines name --resume, the way to keep the checkpoints."""
+    import hybridft.cli as cli
+
+    out = tmp_path / "r"
+    args = ["run", *tiny_overrides(tiny_teacher_dir, tiny_data, out)]
+
+    def interrupted(_args):
+        out.mkdir()
+        (out / "config.yaml").write_text("task: classification\n")
+        (out / "checkpoints").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert main(args) == 130
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unfinished run" in err[0] and "--resume" in err[0] and "--overwrite" in err[0]

@@ -59,6 +59,10 @@ def test_overrides_reach_nested_keys_and_keep_sibling_defaults(tmp_path: Path):
     (["progress=maybe"], "progress"),
     (["hybrid.draft_vocabulary=-1"], "hybrid.draft_vocabulary"),
     (["hybrid.draft_confidence=1"], "hybrid.draft_confidence"),
+    # one column in two roles: a classifier would learn its answer from its input
+    (["data.text_column=sentiment", "data.label_column=sentiment"], "data.label_column"),
+    (["data.text_pair_column=text"], "data.text_pair_column"),
+    (["task=causal_lm", "data.response_column=prompt"], "data.response_column"),
 ])
 def test_bad_values_are_refused_by_name(overrides, key):
     with pytest.raises(HybridFTError, match=key.replace(".", r"\.")):

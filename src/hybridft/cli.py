@@ -146,7 +146,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"hybridft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hybridft: interrupted", file=sys.stderr)
+        trains = getattr(args, "command", None) in ("run", "teacher", "distill")
+        print("hybridft: interrupted" + ("; the same command with --resume continues from the last checkpoint"
+                                         if trains else ""), file=sys.stderr)
         return 130
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -401,12 +403,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(run_dir: Path, quiet: bool) -> int:
+    from dataclasses import replace
+
     from hybridft import pipeline
     from hybridft.config import load_config
 
     if not (run_dir / "config.yaml").is_file():
         raise HybridFTError(f"{run_dir} is not a run folder (no config.yaml); pass the output_dir of a run")
     cfg = load_config(run_dir / "config.yaml", ["progress=false"] if quiet else [])
+    # The folder named here, not the output_dir its config.yaml recorded: a run that was moved or copied must not
+    # write its report into the original.
+    cfg = replace(cfg, output_dir=str(run_dir))
     ctx = pipeline.prepare(cfg, stage="evaluate", fresh=False)
     models: dict[str, Any] = {}
     for name in ("teacher", "student"):
@@ -415,7 +422,8 @@ def _evaluate(run_dir: Path, quiet: bool) -> int:
             models[name] = ctx.task.load_model(str(folder), ctx.splits, name)
     if not models:
         raise HybridFTError(f"{run_dir} has neither teacher/ nor student/ to evaluate")
-    summary = pipeline.evaluate(ctx, models)
+    previous = pipeline.read_summary(run_dir)
+    summary = pipeline.evaluate(ctx, models, keep=previous)
     print_table(summary, str(run_dir))
     return 0
 

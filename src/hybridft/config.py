@@ -442,6 +442,17 @@ def validate(cfg: RunConfig) -> None:
         _fail("data.label_fraction", f"must be in (0, 1], got {d.label_fraction}")
     if d.max_length < 2:
         _fail("data.max_length", f"must be >= 2, got {d.max_length}")
+    # One column read as two roles trains on its own answer (text = label scores 1.0 everywhere) or reads one
+    # text twice; nothing downstream can notice, so it is refused here.
+    roles = ({"text_column": d.text_column, "text_pair_column": d.text_pair_column, "label_column": d.label_column}
+             if cfg.task == "classification" else {"prompt_column": d.prompt_column, "response_column": d.response_column})
+    named: dict[str, str] = {}
+    for key, column in roles.items():
+        if column is not None and column in named:
+            _fail(f"data.{key}", f"names the column '{column}', as data.{named[column]} does; one column cannot be "
+                                 f"both, so name the file's other column")
+        if column is not None:
+            named[column] = key
     from hybridft.rowfiles import check_encoding
 
     problem = check_encoding(d.encoding)

@@ -190,8 +190,9 @@ def _lookup(tree: Any, dotted: str) -> Any:
     return tree
 
 
-MACHINE_SETTINGS = ("progress", "num_threads")
-"""Config keys a resumed run may change freely: how it shows progress and how many CPU threads it uses."""
+MACHINE_SETTINGS = ("progress", "num_threads", "output_dir")
+"""Config keys a resumed run may change freely: how it shows progress, how many CPU threads it uses, and the
+folder it lives in (a run moved or copied elsewhere resumes there)."""
 
 
 def check_resume(cfg: RunConfig, run_dir: Path, force: bool) -> list[str]:
@@ -305,6 +306,9 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     markers = ("student", "summary.json") if stage == "distill" else RUN_MARKERS
     if fresh and run_dir.exists() and any((run_dir / m).exists() for m in markers) and not overwrite:
         held = "a student" if stage == "distill" else "a run"
+        if (run_dir / "checkpoints").is_dir() and not (run_dir / "summary.json").exists():
+            raise HybridFTError(f"output_dir {run_dir} holds an unfinished run; continue it with --resume, or choose "
+                                f"another output_dir, or pass --overwrite to replace it")
         raise HybridFTError(f"output_dir {run_dir} already holds {held}; choose another output_dir or pass "
                             f"--overwrite to replace it")
     if run_dir.exists() and not run_dir.is_dir():
@@ -533,12 +537,15 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
 # stage 4: evaluation
 
 
-def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]]) -> dict[str, Any]:
-    """Measure each model on the test split (validation if there is none) and write summary.json."""
+def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]], keep: Optional[dict[str, Any]] = None
+             ) -> dict[str, Any]:
+    """Measure each model on the test split (validation if there is none) and write summary.json. `keep`: an
+    earlier summary whose other entries (hybrid, export, stage times, ...) are kept, for `hybridft evaluate`."""
     cfg, s, task = ctx.cfg, ctx.splits, ctx.task
     split_name, examples = ("test", s.test) if s.test is not None else ("validation", s.validation)
-    summary: dict[str, Any] = {"task": cfg.task, "split": split_name, "examples": len(examples),
-                               "labels": s.label_names, "device": str(ctx.device)}
+    summary: dict[str, Any] = dict(keep or {})
+    summary.update({"task": cfg.task, "split": split_name, "examples": len(examples),
+                    "labels": s.label_names, "device": str(ctx.device)})
     for name, (model, tokenizer) in models.items():
         model.to(ctx.device)  # a teacher read from disk (finetune=never, reused outputs, resume) is still on the CPU
         summary[name] = task.report(model, tokenizer, examples, s, cfg, ctx.device, folder=ctx.run_dir / name)
@@ -548,6 +555,15 @@ def evaluate(ctx: Context, models: dict[str, tuple[nn.Module, Any]]) -> dict[str
         summary[name] = {k: v for k, v in summary[name].items() if not k.startswith("_")}
     write_summary(ctx.run_dir, summary)
     return summary
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's summary.json, or {} when it has none or it cannot be read (a report is then written anew)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
