@@ -41,8 +41,10 @@ RULES = ("earliest_best", "latest_best", "last", "best_then_loss", "lowest_loss"
 def run_args(teachers: Path, seed: int, out: Path, extra: list[str]) -> list[str]:
     if (teachers / "train.tsv").is_file():
         data = [f"data.train={teachers / 'train.tsv'}", f"data.test={teachers / 'test.tsv'}"]
-    else:  # sst2-tune's files
+    elif (teachers / "tune_train.tsv").is_file():  # sst2-tune's files
         data = [f"data.train={teachers / 'tune_train.tsv'}", f"data.test={teachers / 'tune_test.tsv'}"]
+    else:  # a config's dataset (sst2-4000): the seed's run config, whose data section names the files
+        data = ["--config", str(teachers / f"seed{seed}" / "defaults" / "config.yaml")]
     return [*data, 'data.labels=["0","1"]', "export.enabled=false", "progress=false", "num_threads=1",
             "teacher.finetune=never", f"teacher.model={teachers / f'seed{seed}' / 'defaults' / 'teacher'}",
             "hybrid.enabled=false", f"seed={seed}", "student.train.keep_checkpoints=1000", *extra,

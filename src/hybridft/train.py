@@ -114,6 +114,25 @@ def length_splits(tc: TrainConfig, device: torch.device, lengths: list[int], pre
     return splits if split <= (1 - MIN_PADDING_SAVED) * whole else 1
 
 
+def forget_accelerate(model: nn.Module) -> None:
+    """Make an unwrapped model again as `from_pretrained` makes it: drop the marks Accelerate's `prepare` and
+    `unwrap_model` leave on it (`_is_accelerate_prepared`, and `forward` bound as an instance attribute).
+
+    A copy of a model carrying them (a student cut from its fine-tuned teacher) is taken by Accelerate's next
+    `prepare` as prepared already, and left without its autocast and fp32-output wrapper: its logits then come out
+    in bf16 where a model loaded from disk gives them in fp32, one bf16 rounding apart in the gradient of the loss.
+    That made a bf16 run resumed from a checkpoint (its student loaded from disk) drift from the uninterrupted run
+    (max |difference| 5e-4 after 120 steps)."""
+    bound = vars(model).get("forward")
+    own, chain = getattr(bound, "__func__", None), [type(model).forward]
+    while hasattr(chain[-1], "__wrapped__"):  # unwrap goes through transformers' own decorators too
+        chain.append(chain[-1].__wrapped__)
+    if own is not None and any(own is f for f in chain):
+        del model.forward
+    for mark in ("_original_forward", "_is_accelerate_prepared"):
+        vars(model).pop(mark, None)
+
+
 def fit(
     model: nn.Module,
     train_items: list[dict[str, Any]],
@@ -368,6 +387,7 @@ def fit(
         model = sharding.plain_model(model_cls, model_config, final, device)
     else:
         acc.unwrap_model(train_model, keep_fp32_wrapper=False)  # the model's own forward, without autocast
+        forget_accelerate(model)
         acc.free_memory()  # drop Accelerate's references to this stage's model and optimizer
         if compact is not None:
             compact.restore(model)
