@@ -229,6 +229,10 @@ CASES = [
          ("no column 'sentence'", "data.text_column")),
     Case("wrong-label-column", lambda r: r.argv(data__label_column="y"),
          ("no column 'y'", "data.label_column")),
+    # the emotion dataset as shipped: a .txt (read as tab-separated) whose header is "text;label"
+    Case("semicolon-txt-read-with-tabs",
+         lambda r: r.with_file("data__train", "emotion.txt", "text;label\ni feel great;joy\ni am sad;sadness\n"),
+         ("no column 'text'", "one column", "data.delimiter=';'")),
     Case("bad-utf8", lambda r: r.with_file("data__train", "latin.csv", b"text,label\n\xff\xfe bad,1\n"),
          ("not valid utf-8", "line 2")),
     Case("empty-text-in-row",

@@ -159,3 +159,27 @@ def test_labels_that_differ_only_in_case_are_refused_unless_listed(tmp_path: Pat
     plain.write_text("text,label\n" + "".join(f"t{i},{y}\n" for i, y in enumerate(["pos", "neg"] * 3)))
     with pytest.raises(HybridFTError, match="label 'Neg' is not one of the task's labels .* matched case by case"):
         load_splits(DataConfig(train=str(plain), validation=str(g)), 0)
+
+
+def test_a_label_of_one_or_two_rows_beside_large_ones_is_noted_as_a_likely_typo(tmp_path: Path):
+    rows = [(f"text number {i}", "pos" if i % 2 else "neg") for i in range(80)] + [("odd one", "postive")]
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    s = load_splits(DataConfig(train=str(train), validation=str(train)), 0)
+    assert s.label_names == ["neg", "pos", "postive"]  # still a class: the note is all it gets
+    typo = [n for n in s.notes if "'postive' has 1 row" in n]
+    assert len(typo) == 1 and "typo" in typo[0]
+    balanced = tmp_path / "balanced.csv"
+    balanced.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows[:80]))
+    assert not [n for n in load_splits(DataConfig(train=str(balanced), validation=str(balanced)), 0).notes
+                if "typo" in n]
+
+
+def test_a_text_column_named_as_the_label_column_is_said_to_be_one(tmp_path: Path):
+    from hybridft.errors import HybridFTError
+
+    train = tmp_path / "train.csv"
+    train.write_text("title,review,sentiment\n" + "".join(f"t{i},review number {i},{'pos' if i % 2 else 'neg'}\n"
+                                                          for i in range(12)))
+    with pytest.raises(HybridFTError, match="label column 'review' holds 12 different values in 12 rows"):
+        load_splits(DataConfig(train=str(train), text_column="title", label_column="review"), 0)

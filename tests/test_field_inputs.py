@@ -229,11 +229,11 @@ def test_resume_after_the_training_file_gained_a_class_names_what_changed(tmp_pa
     capsys.readouterr()
     summary = (tmp_path / "r" / "summary.json").read_bytes()
     with tiny_data["train"].open("a", encoding="utf-8") as f:
-        f.write("a plot that was the story,meh\n")
+        f.write("a plot that was the story,meh\nthe story of a plot,meh\n")  # two rows: not noted as a typo
     assert main(["run", *base, "--resume"]) == 2
     assert "labels are now ['meh', 'neg', 'pos']" in _one_error_line(capsys)
     rows = tiny_data["train"].read_text().splitlines()
-    tiny_data["train"].write_text("\n".join(rows[:-2]) + "\n")  # same labels, fewer rows
+    tiny_data["train"].write_text("\n".join(rows[:-3]) + "\n")  # same labels, fewer rows
     assert main(["run", *base, "--resume"]) == 2
     assert "data.train (" in _one_error_line(capsys)
     assert (tmp_path / "r" / "summary.json").read_bytes() == summary

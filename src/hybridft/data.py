@@ -251,6 +251,12 @@ def _column(rows: list[dict[str, Any]], name: str, source: str, role: str, key: 
         raise HybridFTError(f"data.{role} file {source} has no rows; give a file with at least one example")
     if name not in rows[0]:
         cols = ", ".join(map(str, rows[0].keys()))
+        only = str(next(iter(rows[0]))) if len(rows[0]) == 1 else ""
+        separator = next((c for c in ",\t;|" if c in only), None)
+        if separator is not None:  # one column whose name holds a separator: the file uses another delimiter
+            raise HybridFTError(f"data.{role} file {source} has no column '{name}': its header is one column "
+                                f"{only[:60]!r}, so its delimiter is probably {separator!r}; set "
+                                f"data.delimiter={separator!r}")
         own = " (or data.unlabeled_text_column for this file alone)" if role == "unlabeled" else ""
         raise HybridFTError(f"data.{role} file {source} has no column '{name}' (columns: {cols}); "
                             f"set data.{key}{own} or, for a file without a header, data.column_names")
@@ -499,6 +505,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         else:
             label_names = _label_order(raw)
             check_label_spellings(raw, train.source)
+            notes += rare_label_notes(raw, train.source)
         if len(label_names) < 2:
             raise HybridFTError(f"data.train {train.source} has only one label ({label_names}); a classifier "
                                 f"needs at least 2")
@@ -508,6 +515,10 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         else:
             keep, held = stratified_split(train.labels, cfg.validation_fraction, seed)
             if not held:  # every label has a single row: nothing can be held out without losing a label
+                if len(label_names) > 2:  # as many labels as rows: most likely a text column read as labels
+                    raise HybridFTError(f"data.train {train.source}: its label column '{cfg.label_column}' holds "
+                                        f"{len(label_names)} different values in {len(train)} rows, one per row; set "
+                                        f"data.label_column to the column of labels")
                 raise HybridFTError(f"data.train {train.source} has one row per label ({len(train)} rows), too few to "
                                     f"hold out a validation split; give data.validation=FILE")
             train, validation = train.subset(keep), train.subset(held)
@@ -532,6 +543,18 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                      f"learns to predict it (drop it from data.labels, or add rows with it)")
     return Splits(train=train, validation=validation, test=test, unlabeled=unlabeled, label_names=label_names,
                   notes=notes)
+
+
+def rare_label_notes(raw: list[str], source: str) -> list[str]:
+    """A note per label of one or two rows where another label has at least 20 times as many: most often a typo
+    ("postive", ".0"), which would otherwise become a class of its own without a word."""
+    from collections import Counter
+
+    counts = Counter(raw)
+    most = max(counts.values(), default=0)
+    return [f"data.train {source}: label {label!r} has {n} row{'s' if n > 1 else ''} (the largest label {most}); "
+            f"every distinct value is a class, so fix it if it is a typo of another label"
+            for label, n in sorted(counts.items()) if n <= 2 and most >= 20 * n]
 
 
 def overlap_notes(train: Examples, test: Optional[Examples], unlabeled: Optional[Examples]) -> list[str]:
