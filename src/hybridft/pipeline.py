@@ -306,8 +306,8 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     markers = ("student", "summary.json") if stage == "distill" else RUN_MARKERS
     if fresh and run_dir.exists() and any((run_dir / m).exists() for m in markers) and not overwrite:
         held = "a student" if stage == "distill" else "a run"
-        # a `run` writes summary.json last (the stage commands write none): checkpoints without it were interrupted
-        if stage == "run" and (run_dir / "checkpoints").is_dir() and not (run_dir / "summary.json").exists():
+        # a `run` writes summary.json last (the stage commands write none): a run folder without it was interrupted
+        if stage == "run" and (run_dir / "config.yaml").is_file() and not (run_dir / "summary.json").exists():
             raise HybridFTError(f"output_dir {run_dir} holds an unfinished run; continue it with --resume, or choose "
                                 f"another output_dir, or pass --overwrite to replace it")
         raise HybridFTError(f"output_dir {run_dir} already holds {held}; choose another output_dir or pass "
