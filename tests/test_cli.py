@@ -150,3 +150,15 @@ def test_an_unfinished_run_is_pointed_at_resume(tmp_path: Path, tiny_teacher_dir
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unfinished run" in err[0] and "--resume" in err[0] and "--overwrite" in err[0]
+
+
+def test_a_folder_made_by_the_stage_commands_is_evaluated(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    """`hybridft teacher` then `hybridft distill` into one folder (the README's two steps) leave config.teacher.yaml
+    and config.distill.yaml, no config.yaml: `evaluate` reads the distill stage's."""
+    folder = tmp_path / "staged"
+    assert main(["teacher", *tiny_overrides(tiny_teacher_dir, tiny_data, folder), "--quiet"]) == 0
+    assert main(["distill", *tiny_overrides(folder / "teacher", tiny_data, folder), "--quiet"]) == 0
+    assert not (folder / "config.yaml").exists()
+    assert main(["evaluate", "--run", str(folder), "--quiet"]) == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["teacher"]["accuracy"] > 0 and summary["student"]["accuracy"] > 0

@@ -484,3 +484,17 @@ def test_predict_and_generate_check_the_input_before_loading_a_model(tmp_path: P
     err = capsys.readouterr().err
     assert re.search(message.format(column=column), err) and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_student_of_the_stage_commands_reads_the_text_column_of_its_stage_config(tmp_path: Path):
+    from hybridft.hybrid import _run_text_columns
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "teacher").mkdir()
+    assert _run_text_columns(tmp_path / "student") == ("text", None)
+    (tmp_path / "config.distill.yaml").write_text("data:\n  text_column: review\n")
+    (tmp_path / "config.teacher.yaml").write_text("data:\n  text_column: body\n  text_pair_column: title\n")
+    assert _run_text_columns(tmp_path / "student") == ("review", None)
+    assert _run_text_columns(tmp_path / "teacher") == ("body", "title")
+    (tmp_path / "config.yaml").write_text("data:\n  text_column: sentence\n")  # a run's own config comes first
+    assert _run_text_columns(tmp_path / "student") == ("sentence", None)

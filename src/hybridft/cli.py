@@ -408,9 +408,13 @@ def _evaluate(run_dir: Path, quiet: bool) -> int:
     from hybridft import pipeline
     from hybridft.config import load_config
 
-    if not (run_dir / "config.yaml").is_file():
-        raise HybridFTError(f"{run_dir} is not a run folder (no config.yaml); pass the output_dir of a run")
-    cfg = load_config(run_dir / "config.yaml", ["progress=false"] if quiet else [])
+    # a `run` writes config.yaml; `teacher` then `distill` into one folder write config.teacher.yaml and
+    # config.distill.yaml, whose data section is the run's
+    config = next((run_dir / n for n in ("config.yaml", "config.distill.yaml") if (run_dir / n).is_file()), None)
+    if config is None:
+        raise HybridFTError(f"{run_dir} is not a run folder (no config.yaml or config.distill.yaml); pass the "
+                            f"output_dir of a run")
+    cfg = load_config(config, ["progress=false"] if quiet else [])
     # The folder named here, not the output_dir its config.yaml recorded: a run that was moved or copied must not
     # write its report into the original.
     cfg = replace(cfg, output_dir=str(run_dir))

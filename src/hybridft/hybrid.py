@@ -372,9 +372,11 @@ def saved_text_columns(folder: str | Path) -> Optional[tuple[str, Optional[str]]
 
 
 def _run_text_columns(folder: Path) -> tuple[str, Optional[str]]:
-    """A run's teacher/ or student/ folder: the text columns in the run's config.yaml; else ("text", None)."""
-    config = folder.parent / "config.yaml"
-    if folder.name not in ("teacher", "student") or not config.is_file():
+    """A run's teacher/ or student/ folder: the text columns in the run's config.yaml (or, in a folder the stage
+    commands made, the config.<stage>.yaml of the stage that wrote it); else ("text", None)."""
+    stage = "config.teacher.yaml" if folder.name == "teacher" else "config.distill.yaml"
+    config = next((c for c in (folder.parent / "config.yaml", folder.parent / stage) if c.is_file()), None)
+    if folder.name not in ("teacher", "student") or config is None:
         return "text", None
     import yaml
 
