@@ -162,3 +162,11 @@ def test_a_folder_made_by_the_stage_commands_is_evaluated(tmp_path: Path, tiny_t
     assert main(["evaluate", "--run", str(folder), "--quiet"]) == 0
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["teacher"]["accuracy"] > 0 and summary["student"]["accuracy"] > 0
+
+
+def test_the_hybrids_goal_is_printed_in_words():
+    from hybridft.cli import _goal_words
+
+    assert _goal_words({"teacher_budget": 0.3, "spend_whole_budget": False}) == "a teacher budget of 30%"
+    assert _goal_words({"teacher_budget": 0.1, "spend_whole_budget": True}) == "a teacher budget of 10%, spent whole"
+    assert _goal_words({"target_accuracy_within": 0.01}) == "accuracy within 0.01 of the teacher's"

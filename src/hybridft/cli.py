@@ -470,10 +470,20 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
         alone = (h.get("validation") or {}).get("teacher_fraction") == 0
         choice = ("the student answers every validation row alone" if alone else
                   f"threshold {h['threshold']:.4f} chosen on validation")  # a threshold below every confidence
-        console.print(f"hybrid: {choice} for {h['goal']}{closed}; "
+        console.print(f"hybrid: {choice} for {_goal_words(h.get('goal') or {})}{closed}; "
                       f"* hybrid speed includes tokenisation and the teacher calls")
     folders = "teacher/, student/, hybrid/" if "hybrid" in summary else "teacher/, student/"
     console.print(f"outputs: {run_dir}/ (summary.json, {folders}, metrics.jsonl)")
+
+
+def _goal_words(goal: dict[str, Any]) -> str:
+    """summary.json's hybrid goal in words: "a teacher budget of 30%" or "accuracy within 0.01 of the teacher"."""
+    if goal.get("target_accuracy_within") is not None:
+        return f"accuracy within {goal['target_accuracy_within']} of the teacher's"
+    if goal.get("teacher_budget") is not None:
+        spend = ", spent whole" if goal.get("spend_whole_budget") else ""
+        return f"a teacher budget of {goal['teacher_budget']:.0%}{spend}"
+    return str(goal)
 
 
 def print_lm_table(summary: dict[str, Any], run_dir: str) -> None:
