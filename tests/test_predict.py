@@ -498,3 +498,16 @@ def test_a_student_of_the_stage_commands_reads_the_text_column_of_its_stage_conf
     assert _run_text_columns(tmp_path / "teacher") == ("body", "title")
     (tmp_path / "config.yaml").write_text("data:\n  text_column: sentence\n")  # a run's own config comes first
     assert _run_text_columns(tmp_path / "student") == ("sentence", None)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_device_cuda_without_a_gpu_names_the_option(tmp_path: Path, capsys):
+    from hybridft.cli import main
+
+    rows = tmp_path / "in.csv"
+    rows.write_text("text,prompt\nhello,hello\n")
+    (tmp_path / "model").mkdir()
+    for command in (["predict", "--model", str(tmp_path / "model")], ["generate", "--model", str(tmp_path / "model")]):
+        assert main([*command, "--input", str(rows), "--output", str(tmp_path / "out.csv"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "--device cuda" in err and "--device auto" in err and "device=auto" not in err

@@ -278,14 +278,13 @@ def _predict(args: argparse.Namespace) -> int:
     _machine_options(args)
     from hybridft.hybrid import load_predictor, saved_text_columns
     from hybridft.predict import check_input, predict_file
-    from hybridft.dist import pick_device
 
     saved = saved_text_columns(args.model)
     if saved is not None:  # the file's mistakes are found before the models load
         check_input(args.input, args.output, text_column=args.text_column or saved[0],
                     text_pair_column=args.text_pair_column or saved[1], delimiter=args.delimiter,
                     skip_bad_rows=args.skip_bad_rows, quoting=args.quoting, encoding=args.encoding)
-    model = load_predictor(args.model, pick_device(args.device))
+    model = load_predictor(args.model, _option_device(args.device))
     if args.student_onnx:
         from hybridft.export import OnnxClassifier
 
@@ -314,7 +313,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     _machine_options(args)
-    from hybridft.dist import pick_device
     from hybridft.predict import check_input, predict_file
     from hybridft import speculative
     from hybridft.tasks import causal_lm
@@ -332,7 +330,7 @@ def _generate(args: argparse.Namespace) -> int:
     check_input(args.input, args.output, text_column=args.prompt_column, delimiter=args.delimiter,
                 skip_bad_rows=args.skip_bad_rows, text_option="prompt_column", quoting=args.quoting,
                 chat_messages=True, encoding=args.encoding)
-    device = pick_device(args.device)
+    device = _option_device(args.device)
     folder = Path(args.model)
     if (folder / "hybrid.json").is_file() and not speculative.is_speculative_folder(folder):
         raise HybridFTError(f"--model {folder} is a classification hybrid; label texts with `hybridft predict --model "
@@ -474,6 +472,17 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
                       f"* hybrid speed includes tokenisation and the teacher calls")
     folders = "teacher/, student/, hybrid/" if "hybrid" in summary else "teacher/, student/"
     console.print(f"outputs: {run_dir}/ (summary.json, {folders}, metrics.jsonl)")
+
+
+def _option_device(name: str) -> Any:
+    """`--device` of predict and generate: the error names the option, not the config key."""
+    import torch
+
+    from hybridft.dist import pick_device
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HybridFTError("--device cuda, but no CUDA device is visible; use --device auto or --device cpu")
+    return pick_device(name)
 
 
 def _goal_words(goal: dict[str, Any]) -> str:
