@@ -170,3 +170,13 @@ def test_the_hybrids_goal_is_printed_in_words():
     assert _goal_words({"teacher_budget": 0.3, "spend_whole_budget": False}) == "a teacher budget of 30%"
     assert _goal_words({"teacher_budget": 0.1, "spend_whole_budget": True}) == "a teacher budget of 10%, spent whole"
     assert _goal_words({"target_accuracy_within": 0.01}) == "accuracy within 0.01 of the teacher's"
+
+
+def test_without_a_test_file_the_hybrid_line_says_it_scored_validation(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                        tiny_data, capsys):
+    args = [a for a in tiny_overrides(tiny_teacher_dir, tiny_data, tmp_path / "r") if not a.startswith("data.test=")]
+    assert main(["run", *args, "export.enabled=false", "progress=true", "teacher.train.epochs=2",
+                 "student.train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "hybrid: validation (no data.test, so optimistic" in out and "hybrid: test accuracy" not in out
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "validation"
