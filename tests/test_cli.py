@@ -180,3 +180,19 @@ def test_without_a_test_file_the_hybrid_line_says_it_scored_validation(tmp_path:
     out = capsys.readouterr().out
     assert "hybrid: validation (no data.test, so optimistic" in out and "hybrid: test accuracy" not in out
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "validation"
+
+
+def test_the_hybrid_folder_links_the_runs_models_instead_of_copying_them(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                         tiny_data):
+    import os
+
+    from hybridft.hybrid import HybridModel
+
+    run = tmp_path / "r"
+    assert main(["run", *tiny_overrides(tiny_teacher_dir, tiny_data, run), "export.enabled=false", "--quiet"]) == 0
+    for name in ("student", "teacher"):
+        weights = os.stat(run / name / "model.safetensors")
+        linked = os.stat(run / "hybrid" / name / "model.safetensors")
+        assert (weights.st_ino, weights.st_dev) == (linked.st_ino, linked.st_dev), f"hybrid/{name} is a copy"
+    model = HybridModel.load(run / "hybrid")  # the manifest's checksums hold for the linked files
+    assert len(model.predict(["a fine film", "a dull plot"]).answered_by) == 2

@@ -298,16 +298,25 @@ class HybridModel:
                 "teacher_budget": self.teacher_budget, "text_column": self.text_column,
                 "text_pair_column": self.text_pair_column}
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, saved: Optional[dict[str, Path]] = None) -> Path:
         """One folder: student/, teacher/, hybrid.json and manifest.json (versions and SHA-256 of every file).
-        Written beside the target and renamed, so a failed save never leaves a half folder in its place."""
+        Written beside the target and renamed, so a failed save never leaves a half folder in its place.
+        `saved`: folders where these very models are already saved ({"student": ..., "teacher": ...}, a run's
+        own), hard-linked instead of written again (no second copy on disk; copied where links are refused)."""
+        from hybridft.checkpoint import link_or_copy
+
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        task.save_model(self.student, self.student_tokenizer, tmp / "student")
-        task.save_model(self.teacher, self.teacher_tokenizer, tmp / "teacher")
+        for name, model, tokenizer in (("student", self.student, self.student_tokenizer),
+                                       ("teacher", self.teacher, self.teacher_tokenizer)):
+            source = (saved or {}).get(name)
+            if source is not None and Path(source).is_dir():
+                shutil.copytree(source, tmp / name, copy_function=link_or_copy)
+            else:
+                task.save_model(model, tokenizer, tmp / name)
         (tmp / "hybrid.json").write_text(json.dumps(self.settings(), indent=2), encoding="utf-8")
         write_manifest(tmp)
         if folder.exists():

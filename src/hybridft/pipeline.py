@@ -634,7 +634,8 @@ def build_hybrid(ctx: Context, teacher: tuple[nn.Module, Any], student: tuple[nn
             "accuracy": float((labels == torch.tensor(test.labels)).float().mean()),
             "teacher_fraction": sum(p.answered_by.count("teacher") for p in parts) / max(len(test), 1)}
     model.reset_budget()
-    model.save(ctx.run_dir / "hybrid")
+    # the run saved these two models already: hybrid/ links their files instead of holding a second copy
+    model.save(ctx.run_dir / "hybrid", saved={"student": ctx.run_dir / "student", "teacher": ctx.run_dir / "teacher"})
 
     student_acc, teacher_acc = accuracy(st, yt), accuracy(tt, yt)
     gap = teacher_acc - student_acc
