@@ -109,11 +109,19 @@ def test_evaluate_reports_into_the_folder_it_is_given_and_keeps_the_rest(tmp_pat
     """A copied run (its config.yaml names the original's output_dir) is evaluated into the copy: the original's
     summary.json stays byte for byte, and the copy's keeps what evaluation does not measure (the hybrid, the stage
     times). The copy also resumes where it lies: output_dir is where a run is, not one of its settings."""
+    import os
     import shutil
+
+    from hybridft.hybrid import HybridModel
 
     original = tmp_path / "original"
     assert main(["run", *tiny_overrides(tiny_teacher_dir, tiny_data, original), "export.enabled=false"]) == 0
     before = (original / "summary.json").read_bytes()
+    for name in ("student", "teacher"):  # hybrid/ links the run's models instead of holding a second copy
+        weights, linked = (os.stat(original / f / "model.safetensors") for f in (name, f"hybrid/{name}"))
+        assert (weights.st_ino, weights.st_dev) == (linked.st_ino, linked.st_dev), f"hybrid/{name} is a copy"
+    model = HybridModel.load(original / "hybrid")  # the manifest's checksums hold for the linked files
+    assert len(model.predict(["a fine film", "a dull plot"]).answered_by) == 2
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
     (copy / "summary.json").write_text(json.dumps({**json.loads(before), "note": "kept"}))
@@ -181,18 +189,3 @@ def test_without_a_test_file_the_hybrid_line_says_it_scored_validation(tmp_path:
     assert "hybrid: validation (no data.test, so optimistic" in out and "hybrid: test accuracy" not in out
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "validation"
 
-
-def test_the_hybrid_folder_links_the_runs_models_instead_of_copying_them(tmp_path: Path, tiny_teacher_dir: Path,
-                                                                         tiny_data):
-    import os
-
-    from hybridft.hybrid import HybridModel
-
-    run = tmp_path / "r"
-    assert main(["run", *tiny_overrides(tiny_teacher_dir, tiny_data, run), "export.enabled=false", "--quiet"]) == 0
-    for name in ("student", "teacher"):
-        weights = os.stat(run / name / "model.safetensors")
-        linked = os.stat(run / "hybrid" / name / "model.safetensors")
-        assert (weights.st_ino, weights.st_dev) == (linked.st_ino, linked.st_dev), f"hybrid/{name} is a copy"
-    model = HybridModel.load(run / "hybrid")  # the manifest's checksums hold for the linked files
-    assert len(model.predict(["a fine film", "a dull plot"]).answered_by) == 2
