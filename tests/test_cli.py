@@ -135,6 +135,17 @@ def test_evaluate_reports_into_the_folder_it_is_given_and_keeps_the_rest(tmp_pat
     assert main(["run", f"output_dir={copy}", "--resume", "--quiet"]) == 0
     assert "differs" not in capsys.readouterr().err
     assert (original / "summary.json").read_bytes() == before
+    # a teacher that scores 0 (a broken test set) leaves nothing to divide by: the table says so, no traceback
+    from hybridft.cli import print_table
+
+    print_table({**first, "comparison": {**first["comparison"], "accuracy_retained": None}}, str(copy))
+    assert "student keeps n/a of the teacher's accuracy" in capsys.readouterr().out
+    # the test file changed since the run: what evaluate would keep was measured on the old rows, so it goes
+    rows = tiny_data["test"].read_text().splitlines()
+    tiny_data["test"].write_text("\n".join(rows[:-3]) + "\n")
+    assert main(["evaluate", "--run", str(copy), "--quiet"]) == 0
+    assert "data.test (16 -> 13 rows) changed since the run" in capsys.readouterr().err
+    assert "hybrid" not in json.loads((copy / "summary.json").read_text())
 
 
 def test_an_unfinished_run_is_pointed_at_resume(tmp_path: Path, tiny_teacher_dir: Path, tiny_data, capsys,

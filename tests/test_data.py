@@ -183,3 +183,11 @@ def test_a_text_column_named_as_the_label_column_is_said_to_be_one(tmp_path: Pat
                                                           for i in range(12)))
     with pytest.raises(HybridFTError, match="label column 'review' holds 12 different values in 12 rows"):
         load_splits(DataConfig(train=str(train), text_column="title", label_column="review"), 0)
+
+
+def test_a_label_column_of_many_values_is_noted_as_maybe_a_text_column(tmp_path: Path):
+    rows = [(f"text number {i}", f"sentence {i % 60}") for i in range(100)]  # 60 "labels", some repeated
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    s = load_splits(DataConfig(train=str(train), validation=str(train)), 0)
+    assert any("holds 60 different values in 100 rows; if it is a text column" in n for n in s.notes)

@@ -147,8 +147,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         trains = getattr(args, "command", None) in ("run", "teacher", "distill")
-        print("hybridft: interrupted" + ("; the same command with --resume continues from the last checkpoint"
-                                         if trains else ""), file=sys.stderr)
+        print("hybridft: interrupted" + ("; the same command with --resume continues it (from its last checkpoint, "
+                                         "if one was written)" if trains else ""), file=sys.stderr)
         return 130
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -425,6 +425,11 @@ def _evaluate(run_dir: Path, quiet: bool) -> int:
     if not models:
         raise HybridFTError(f"{run_dir} has neither teacher/ nor student/ to evaluate")
     previous = pipeline.read_summary(run_dir)
+    changed = pipeline.data_changes(run_dir, ctx.splits)
+    if changed:  # the kept entries (hybrid, export) were measured on the old data: they go, and the user is told
+        print(f"hybridft: evaluate: {', '.join(changed)} changed since the run; summary.json now holds this "
+              f"evaluation only", file=sys.stderr, flush=True)
+        previous = {}
     summary = pipeline.evaluate(ctx, models, keep=previous)
     print_table(summary, str(run_dir))
     return 0
@@ -459,7 +464,9 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
     console.print(table)
     if "comparison" in summary:
         c = summary["comparison"]
-        console.print(f"student keeps {c['accuracy_retained']:.1%} of the teacher's accuracy, is {c['speedup']:.1f}x "
+        # None when the teacher scores 0 (a broken or tiny test set): nothing to divide by
+        kept = "n/a" if c.get("accuracy_retained") is None else f"{c['accuracy_retained']:.1%}"
+        console.print(f"student keeps {kept} of the teacher's accuracy, is {c['speedup']:.1f}x "
                       f"faster at batch 32 and {c['latency_speedup']:.1f}x at batch 1, with "
                       f"{c['non_embedding_param_ratio']:.0%} of its non-embedding parameters")
     if "hybrid" in summary:

@@ -506,6 +506,10 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
             label_names = _label_order(raw)
             check_label_spellings(raw, train.source)
             notes += rare_label_notes(raw, train.source)
+            if len(label_names) > max(20, len(raw) // 2):  # e.g. a text column given as data.label_column
+                notes.append(f"data.train {train.source}: the label column '{cfg.label_column}' holds "
+                             f"{len(label_names)} different values in {len(raw)} rows; if it is a text column, set "
+                             f"data.label_column to the column of labels")
         if len(label_names) < 2:
             raise HybridFTError(f"data.train {train.source} has only one label ({label_names}); a classifier "
                                 f"needs at least 2")

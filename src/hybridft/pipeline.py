@@ -159,11 +159,20 @@ def check_resume_data(run_dir: Path, splits: Splits) -> None:
     if saved.get("labels") != now["labels"]:
         raise HybridFTError(f"--resume: the data's labels are now {now['labels']}, but the run was trained on "
                             f"{saved.get('labels')}; start a new run (another output_dir, or --overwrite)")
-    changed = [f"data.{name} ({saved.get(name, {}).get('rows', 0)} -> {now.get(name, {}).get('rows', 0)} rows)"
-               for name in ("train", "validation", "test", "unlabeled") if saved.get(name) != now.get(name)]
+    changed = data_changes(run_dir, splits)
     if changed:
         raise HybridFTError(f"--resume: the rows of {', '.join(changed)} differ from the ones the run started "
                             f"with; resume with the same data, or start a new run")
+
+
+def data_changes(run_dir: Path, splits: Splits) -> list[str]:
+    """The splits whose rows differ from the run's data.json, as "data.test (80 -> 70 rows)"; [] without one."""
+    saved_file = run_dir / DATA_RECORD
+    if not saved_file.is_file():
+        return []
+    saved, now = json.loads(saved_file.read_text(encoding="utf-8")), data_record(splits)
+    return [f"data.{name} ({saved.get(name, {}).get('rows', 0)} -> {now.get(name, {}).get('rows', 0)} rows)"
+            for name in ("train", "validation", "test", "unlabeled") if saved.get(name) != now.get(name)]
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
