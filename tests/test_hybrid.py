@@ -321,3 +321,12 @@ def test_a_classification_hybrid_given_to_generate_or_as_one_model_is_named(pair
     assert "is a classification hybrid; label texts with `hybridft predict" in capsys.readouterr().err
     with pytest.raises(HybridFTError, match="is a hybrid folder \\(a teacher and a student\\), not one model"):
         check_model_folder(str(folder), "teacher.model")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_loading_onto_cuda_without_a_gpu_is_one_clear_error(pair, tmp_path: Path):
+    folder = _model(pair, threshold=0.9).save(tmp_path / "hybrid")
+    for device in ("cuda", torch.device("cuda")):
+        with pytest.raises(HybridFTError, match="no CUDA device is visible; use device='cpu'"):
+            hy.HybridModel.load(folder, device=device)
+    assert hy.HybridModel.load(folder, device="cpu").device == torch.device("cpu")

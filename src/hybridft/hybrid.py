@@ -195,7 +195,9 @@ class HybridModel:
         self.text_column, self.text_pair_column = text_column, text_pair_column
         # one model in both slots (`load_predictor` on a single folder): every row is that model's, by this name
         self.single_name = answered_by
-        self.device = device or torch.device("cpu")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")  # "cuda" as a string too
+        if self.device.type == "cuda" and not torch.cuda.is_available():  # torch's own error is an AssertionError
+            raise HybridFTError(f"device={device!r}, but no CUDA device is visible; use device='cpu'")
         self.rows_seen = self.teacher_rows = 0  # the running quota's counts (see `reset_budget`)
         for model in (student, teacher):
             if isinstance(model, nn.Module):
