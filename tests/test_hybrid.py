@@ -330,3 +330,11 @@ def test_loading_onto_cuda_without_a_gpu_is_one_clear_error(pair, tmp_path: Path
         with pytest.raises(HybridFTError, match="no CUDA device is visible; use device='cpu'"):
             hy.HybridModel.load(folder, device=device)
     assert hy.HybridModel.load(folder, device="cpu").device == torch.device("cpu")
+
+
+def test_hybrid_model_is_importable_from_the_package():
+    from hybridft import HybridModel
+
+    assert HybridModel is hy.HybridModel
+    with pytest.raises(AttributeError, match="no attribute 'HybridModle'"):
+        __import__("hybridft").HybridModle

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HybridFTError",
+    "HybridModel",
     "LossParts",
     "LossWeights",
     "RunConfig",
@@ -21,3 +22,17 @@ __all__ = [
     "write_store",
     "write_token_store",
 ]
+
+
+def __getattr__(name: str):
+    # `from hybridft import HybridModel`, imported on first use: it brings in transformers, which the loss
+    # functions above do not need
+    if name == "HybridModel":
+        from hybridft.hybrid import HybridModel
+
+        return HybridModel
+    raise AttributeError(f"module 'hybridft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"HybridModel"})
