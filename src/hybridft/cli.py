@@ -284,7 +284,7 @@ def _predict(args: argparse.Namespace) -> int:
         check_input(args.input, args.output, text_column=args.text_column or saved[0],
                     text_pair_column=args.text_pair_column or saved[1], delimiter=args.delimiter,
                     skip_bad_rows=args.skip_bad_rows, quoting=args.quoting, encoding=args.encoding)
-    model = load_predictor(args.model, _option_device(args.device))
+    model = load_predictor(args.model, _device_option(args.device))
     if args.student_onnx:
         from hybridft.export import OnnxClassifier
 
@@ -330,7 +330,7 @@ def _generate(args: argparse.Namespace) -> int:
     check_input(args.input, args.output, text_column=args.prompt_column, delimiter=args.delimiter,
                 skip_bad_rows=args.skip_bad_rows, text_option="prompt_column", quoting=args.quoting,
                 chat_messages=True, encoding=args.encoding)
-    device = _option_device(args.device)
+    device = _device_option(args.device)
     folder = Path(args.model)
     if (folder / "hybrid.json").is_file() and not speculative.is_speculative_folder(folder):
         raise HybridFTError(f"--model {folder} is a classification hybrid; label texts with `hybridft predict --model "
@@ -425,7 +425,8 @@ def _evaluate(run_dir: Path, quiet: bool) -> int:
     if not models:
         raise HybridFTError(f"{run_dir} has neither teacher/ nor student/ to evaluate")
     previous = pipeline.read_summary(run_dir)
-    changed = pipeline.data_changes(run_dir, ctx.splits)
+    saved_data = pipeline.saved_data_record(run_dir)
+    changed = pipeline.data_changes(saved_data, pipeline.data_record(ctx.splits)) if saved_data else []
     if changed:  # the kept entries (hybrid, export) were measured on the old data: they go, and the user is told
         print(f"hybridft: evaluate: {', '.join(changed)} changed since the run; summary.json now holds this "
               f"evaluation only", file=sys.stderr, flush=True)
@@ -481,15 +482,10 @@ def print_table(summary: dict[str, Any], run_dir: str) -> None:
     console.print(f"outputs: {run_dir}/ (summary.json, {folders}, metrics.jsonl)")
 
 
-def _option_device(name: str) -> Any:
-    """`--device` of predict and generate: the error names the option, not the config key."""
-    import torch
-
+def _device_option(name: str) -> Any:
     from hybridft.dist import pick_device
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HybridFTError("--device cuda, but no CUDA device is visible; use --device auto or --device cpu")
-    return pick_device(name)
+    return pick_device(name, option="--device")  # its errors name the option, not the config key
 
 
 def _goal_words(goal: dict[str, Any]) -> str:

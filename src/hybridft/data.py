@@ -18,7 +18,7 @@ from typing import Any, Optional
 from hybridft.config import DataConfig
 from hybridft.errors import HybridFTError
 from hybridft.rowfiles import (DELIMITERS, JsonlReader, Lines, first_c1, is_latin1, malformed_row_message,
-                               open_reader, quoting_notes, utf16_hint)
+                               open_reader, quoting_notes, separator_in_header, utf16_hint)
 
 NO_LABEL = -100
 TABLE_SUFFIXES = DELIMITERS
@@ -251,11 +251,11 @@ def _column(rows: list[dict[str, Any]], name: str, source: str, role: str, key: 
         raise HybridFTError(f"data.{role} file {source} has no rows; give a file with at least one example")
     if name not in rows[0]:
         cols = ", ".join(map(str, rows[0].keys()))
-        only = str(next(iter(rows[0]))) if len(rows[0]) == 1 else ""
-        separator = next((c for c in ",\t;|" if c in only), None)
+        columns = [str(c) for c in rows[0]]
+        separator = separator_in_header(columns)
         if separator is not None:  # one column whose name holds a separator: the file uses another delimiter
             raise HybridFTError(f"data.{role} file {source} has no column '{name}': its header is one column "
-                                f"{only[:60]!r}, so its delimiter is probably {separator!r}; set "
+                                f"{columns[0][:60]!r}, so its delimiter is probably {separator!r}; set "
                                 f"data.delimiter={separator!r}")
         own = " (or data.unlabeled_text_column for this file alone)" if role == "unlabeled" else ""
         raise HybridFTError(f"data.{role} file {source} has no column '{name}' (columns: {cols}); "

@@ -194,10 +194,12 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def pick_device(name: str, precision: str = "fp32") -> torch.device:
-    """This process's device: under `accelerate launch` or `torchrun`, the GPU of its local rank."""
+def pick_device(name: str, precision: str = "fp32", option: str = "device") -> torch.device:
+    """This process's device: under `accelerate launch` or `torchrun`, the GPU of its local rank. `option`: how
+    the user gave `name`, for the error (`device`, the config key, or `--device`, a command-line option)."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise HybridFTError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+        say = (lambda v: f"{option} {v}") if option.startswith("--") else (lambda v: f"{option}={v}")
+        raise HybridFTError(f"{say('cuda')}, but no CUDA device is visible; use {say('auto')} or {say('cpu')}")
     cpu = name == "cpu" or not torch.cuda.is_available()
     if precision == "fp16" and cpu:
         raise HybridFTError("precision=fp16 needs a CUDA GPU (CPU autocast is bf16); use precision=bf16 or fp32")

@@ -152,25 +152,27 @@ def check_resume_data(run_dir: Path, splits: Splits) -> None:
     """A resume keeps the finished stages, so the data must be the data they were trained on: a class added to
     the training file would otherwise meet a teacher with a fresh random head, and the summary would compare
     the student with it."""
-    saved_file = run_dir / DATA_RECORD
-    if not saved_file.is_file():
+    saved = saved_data_record(run_dir)
+    if saved is None:
         return  # a run from before this record existed: nothing to compare with
-    saved, now = json.loads(saved_file.read_text(encoding="utf-8")), data_record(splits)
+    now = data_record(splits)
     if saved.get("labels") != now["labels"]:
         raise HybridFTError(f"--resume: the data's labels are now {now['labels']}, but the run was trained on "
                             f"{saved.get('labels')}; start a new run (another output_dir, or --overwrite)")
-    changed = data_changes(run_dir, splits)
+    changed = data_changes(saved, now)
     if changed:
         raise HybridFTError(f"--resume: the rows of {', '.join(changed)} differ from the ones the run started "
                             f"with; resume with the same data, or start a new run")
 
 
-def data_changes(run_dir: Path, splits: Splits) -> list[str]:
-    """The splits whose rows differ from the run's data.json, as "data.test (80 -> 70 rows)"; [] without one."""
+def saved_data_record(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The run's data.json (what `data_record` wrote when it started), or None for a run without one."""
     saved_file = run_dir / DATA_RECORD
-    if not saved_file.is_file():
-        return []
-    saved, now = json.loads(saved_file.read_text(encoding="utf-8")), data_record(splits)
+    return json.loads(saved_file.read_text(encoding="utf-8")) if saved_file.is_file() else None
+
+
+def data_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The splits whose rows differ between two data records, as "data.test (80 -> 70 rows)"."""
     return [f"data.{name} ({saved.get(name, {}).get('rows', 0)} -> {now.get(name, {}).get('rows', 0)} rows)"
             for name in ("train", "validation", "test", "unlabeled") if saved.get(name) != now.get(name)]
 

@@ -129,11 +129,17 @@ def utf16_hint(head: bytes) -> str:
     return ""
 
 
+def separator_in_header(columns: list[str], delimiter: Optional[str] = None) -> Optional[str]:
+    """The separator a one-column header holds (",", tab, ";" or "|", other than `delimiter`), else None: the file
+    was read with the wrong delimiter (an Excel CSV with ';' read with ',')."""
+    if len(columns) != 1:
+        return None
+    return next((s for s in ",\t;|" if s != delimiter and s in columns[0]), None)
+
+
 def delimiter_hint(columns: list[str], delimiter: Optional[str]) -> str:
     """A hint when a one-column header holds another separator (an Excel CSV with ';' read with ','), else ""."""
-    if delimiter is None or len(columns) != 1:
-        return ""
-    other = next((s for s in ",\t;|" if s != delimiter and s in columns[0]), None)
+    other = separator_in_header(columns, delimiter) if delimiter is not None else None
     if other is None:
         return ""
     return (f"; the header is one column {columns[0][:60]!r}, so the delimiter may be {other!r}, not {delimiter!r} "
