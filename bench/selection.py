@@ -2,6 +2,7 @@
 
     python bench/selection.py --teachers bench/results/sq/sst2-tune-20261205 --seeds 1,2,3 --jobs 2
     python bench/selection.py --teachers bench/results/sq/sst2-600-20261205 --seeds 1,2,3,42 --jobs 2
+    python bench/selection.py --teachers bench/results/sq/sst2-tune-4000-20261206 --seeds 1,2 --jobs 2
     python bench/selection.py --quick          # a smoke run: student_quality.py --quick's teacher, 3 short epochs
 
 `--teachers` is a `student_quality.py` work folder: its data files and each seed's `defaults/teacher`. Per seed,
@@ -43,8 +44,11 @@ def run_args(teachers: Path, seed: int, out: Path, extra: list[str]) -> list[str
         data = [f"data.train={teachers / 'train.tsv'}", f"data.test={teachers / 'test.tsv'}"]
     elif (teachers / "tune_train.tsv").is_file():  # sst2-tune's files
         data = [f"data.train={teachers / 'tune_train.tsv'}", f"data.test={teachers / 'tune_test.tsv'}"]
-    else:  # a config's dataset (sst2-4000): the seed's run config, whose data section names the files
-        data = ["--config", str(teachers / f"seed{seed}" / "defaults" / "config.yaml")]
+    else:  # a config's dataset (sst2-4000): the seed's run config, whose data section names the files (a folder
+        # made by `hybridft teacher` alone has config.teacher.yaml)
+        folder = teachers / f"seed{seed}" / "defaults"
+        config = folder / "config.yaml"
+        data = ["--config", str(config if config.is_file() else folder / "config.teacher.yaml")]
     return [*data, 'data.labels=["0","1"]', "export.enabled=false", "progress=false", "num_threads=1",
             "teacher.finetune=never", f"teacher.model={teachers / f'seed{seed}' / 'defaults' / 'teacher'}",
             "hybrid.enabled=false", f"seed={seed}", "student.train.keep_checkpoints=1000", *extra,

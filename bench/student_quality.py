@@ -17,6 +17,10 @@ Datasets (files are written to the work folder, never to the repository):
                   default 10% held out of the 600.
     sst2-tune     for choosing defaults only: the next 600 sentences of the same shuffle for training, the 300
                   after them as test; no reported table tests on them.
+    sst2-tune-4000  for choosing defaults at sst2-4000's size: rows 4,000-7,999 of the GLUE train file, rows
+                  1,000-1,999 of its dev file as validation, and 1,000 test sentences from the sentence-level test
+                  file (rows 300-1,299 of sst2-600's shuffle, after the 300 it tests on); no reported table tests
+                  on them.
     sst2-4000     configs/sst2_hybrid.yaml (4,000 GLUE rows, 1,000 validation rows, the GLUE dev set as test).
     bbc           the built-in BBC News demo (configs/demo_bbc_news.yaml).
     emotion       configs/emotion.yaml with 2,000 training rows.
@@ -127,6 +131,25 @@ def sst2_tune(work: Path, quick: bool) -> list[str]:
             f"data.test={_write_tsv(work / 'tune_test.tsv', test)}", "data.labels=[\"0\",\"1\"]"]
 
 
+def _glue_file(path: Path) -> list[tuple[str, str]]:
+    """`sentence<TAB>label` with a header (the GLUE SST-2 files)."""
+    return [tuple(line.split("\t")) for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+
+
+def sst2_tune_4000(work: Path, quick: bool) -> list[str]:
+    """For choosing defaults on a large validation split (1,000 rows, as configs/sst2_hybrid.yaml has): the GLUE
+    rows after the config's 4,000 training and 1,000 validation rows, tested on sentence-level test sentences that
+    neither sst2-600 (the first 300 of the shuffle) nor sst2-4000 (the GLUE dev set) tests on."""
+    n_train, n_val, n_test = (64, 32, 32) if quick else (4000, 1000, 1000)
+    train = _glue_file(DATA / "sst2" / "glue" / "train.tsv")[4000:4000 + n_train]
+    validation = _glue_file(DATA / "sst2" / "glue" / "dev.tsv")[1000:1000 + n_val]
+    test = _shuffled(_sentence_file(DATA / "sst2" / "sentence" / "stsa.binary.test"))[300:300 + n_test]
+    return [f"data.train={_write_tsv(work / 'tune4k_train.tsv', train)}",
+            f"data.validation={_write_tsv(work / 'tune4k_validation.tsv', validation)}",
+            f"data.test={_write_tsv(work / 'tune4k_test.tsv', test)}", "data.labels=[\"0\",\"1\"]",
+            "data.max_length=64"]
+
+
 def sst2_4000(work: Path, quick: bool) -> list[str]:
     args = ["--config", str(ROOT / "configs" / "sst2_hybrid.yaml")]
     return args + (["data.max_train_samples=64", "data.max_eval_samples=32"] if quick else [])
@@ -158,7 +181,8 @@ def ag_news_1000(work: Path, quick: bool) -> list[str]:
 
 
 DATASETS: dict[str, Callable[[Path, bool], list[str]]] = {
-    "sst2-600": sst2_600, "sst2-tune": sst2_tune, "sst2-4000": sst2_4000, "bbc": bbc, "emotion": emotion, "ag_news-1000": ag_news_1000}
+    "sst2-600": sst2_600, "sst2-tune": sst2_tune, "sst2-tune-4000": sst2_tune_4000,
+    "sst2-4000": sst2_4000, "bbc": bbc, "emotion": emotion, "ag_news-1000": ag_news_1000}
 
 
 def hybridft(args: list[str], out: Path, reuse: bool = False, collect: bool = False) -> dict[str, Any] | None:
@@ -311,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if variants[0] != "defaults":
         variants.insert(0, "defaults")  # the run that fine-tunes the shared teacher, and the baseline of the table
     needs = {"sst2-600": DATA / "sst2" / "sentence", "sst2-tune": DATA / "sst2" / "sentence",
-             "sst2-4000": DATA / "sst2" / "glue", "emotion": DATA / "emotion", "ag_news-1000": DATA / "ag_news"
+             "sst2-4000": DATA / "sst2" / "glue", "sst2-tune-4000": DATA / "sst2", "emotion": DATA / "emotion", "ag_news-1000": DATA / "ag_news"
              }.get(args.dataset)
     if needs is not None and not needs.is_dir():
         print(f"skipped: {needs} is not here (the data lives outside the repository)")

@@ -63,6 +63,12 @@ def test_overrides_reach_nested_keys_and_keep_sibling_defaults(tmp_path: Path):
     (["data.text_column=sentiment", "data.label_column=sentiment"], "data.label_column"),
     (["data.text_pair_column=text"], "data.text_pair_column"),
     (["task=causal_lm", "data.response_column=prompt"], "data.response_column"),
+    # kl is the student's distance to its teacher: not the teacher's, nor a causal LM's (validation measures loss)
+    (["teacher.train.best_metric=kl"], "teacher.train.best_metric"),
+    (["task=causal_lm", "student.train.best_metric=kl"], "student.train.best_metric"),
+    # no teacher is loaded to score validation
+    (["distill.teacher_logits=t.safetensors", "student.model=other/model", "student.train.best_metric=kl"],
+     "student.train.best_metric"),
 ])
 def test_bad_values_are_refused_by_name(overrides, key):
     with pytest.raises(HybridFTError, match=key.replace(".", r"\.")):

@@ -421,3 +421,67 @@ def test_auto_student_dropout_is_off_with_a_teacher_and_the_models_own_without(t
     assert pipeline.student_dropout(load_config(None, [*base, "loss.alpha=0", "loss.beta=1"])) is None  # labels alone
     assert pipeline.student_dropout(load_config(None, [*base, "student.dropout=0.3"])) == 0.3
     assert pipeline.student_dropout(load_config(None, [*base, "student.dropout=null"])) is None
+
+
+def test_classification_validation_reports_the_kl_to_the_teacher_when_the_items_carry_its_logits(tmp_path: Path):
+    tok = make_tokenizer(tmp_path / "tok")
+    items = _items(tok, 12)  # each item carries a teacher_logits row
+    model = make_bert(layers=1, seed=0)
+    loader = length_sorted_loader(items, 4, task.make_collate(tok))  # batches in length order, not item order
+    student, _ = task.predict_logits(model, loader, torch.device("cpu"))
+    teacher = torch.stack([it["teacher_logits"] for it in items])
+    # KL(teacher || student) per example, summed over classes, averaged over examples, at T=1
+    expected = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1).mean()
+    assert task.validate(model, loader, torch.device("cpu"))["kl"] == pytest.approx(float(expected), rel=1e-5)
+    plain = [{k: v for k, v in it.items() if k != "teacher_logits"} for it in items]
+    assert "kl" not in task.validate(model, length_sorted_loader(plain, 4, task.make_collate(tok)), torch.device("cpu"))
+
+
+def test_best_metric_kl_keeps_the_lowest_kl_and_needs_the_teachers_validation_logits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from hybridft.errors import HybridFTError
+
+    tok = make_tokenizer(tmp_path / "tok")
+    items = _items(tok, 16)
+    common = dict(collate=task.make_collate(tok), weights=LossWeights(0.5, 0.5, 2.0), task=task,
+                  device=torch.device("cpu"))
+    plain = [{k: v for k, v in it.items() if k != "teacher_logits"} for it in items[:4]]
+    with pytest.raises(HybridFTError, match="best_metric=kl is not among the validation metrics"):
+        fit(make_bert(layers=1, seed=0), items, plain, tc=TrainConfig(epochs=1, batch_size=8, best_metric="kl"),
+            **common)
+    # the loss is lowest at the 4th evaluation, the KL at the 3rd: kl chooses the 3rd
+    metrics = iter([{"accuracy": 0.5, "macro_f1": 0.0, "loss": l, "kl": k}
+                    for l, k in ((0.7, 0.3), (0.6, 0.2), (0.55, 0.1), (0.4, 0.25), (0.9, 0.5))])
+    monkeypatch.setattr(task, "validate", lambda *a, **k: next(metrics))
+    result = fit(make_bert(layers=1, seed=0), items, items[:4],
+                 tc=TrainConfig(epochs=5, batch_size=8, best_metric="kl"), **common)
+    assert (result.best_key, result.best_step, result.best_metric) == ("kl", 6, 0.1)
+
+
+def test_a_run_with_best_metric_kl_keeps_the_student_closest_to_its_teacher_on_validation(
+        tmp_path: Path, tiny_teacher_dir: Path, tiny_data):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hybridft.data import load_splits
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [*tiny_overrides(tiny_teacher_dir, tiny_data, run), "student.train.best_metric=kl",
+                             "teacher.train.epochs=2", "student.train.epochs=4", "hybrid.enabled=false",
+                             "export.enabled=false"])
+    pipeline.run(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in rows if r.get("split") == "validation"]
+    student_kl = [r["kl"] for r in validation if r["stage"] == "student"]
+    assert len(student_kl) == 4 and all(k >= 0 for k in student_kl)
+    assert not any("kl" in r for r in validation if r["stage"] == "teacher")  # no teacher to compare the teacher to
+    # the saved student is the evaluation with the lowest KL: scored again against the saved teacher, it gives it
+    splits = load_splits(cfg.data, cfg.seed)
+    tok = AutoTokenizer.from_pretrained(run / "student")
+    teacher = AutoModelForSequenceClassification.from_pretrained(run / "teacher")
+    student = AutoModelForSequenceClassification.from_pretrained(run / "student")
+    collate = task.make_collate(tok)
+    items = task.encode(splits.validation, tok, cfg.data.max_length)
+    teacher_logits, _ = task.predict_logits(teacher, length_sorted_loader(items, 8, collate), torch.device("cpu"))
+    items = task.encode(splits.validation, tok, cfg.data.max_length, teacher_logits)
+    kl = task.validate(student, length_sorted_loader(items, 8, collate), torch.device("cpu"))["kl"]
+    assert kl == pytest.approx(min(student_kl), rel=1e-4, abs=1e-6)

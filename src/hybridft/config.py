@@ -130,10 +130,12 @@ class TrainConfig:
     would be kept whole on every process instead of sharded)."""
     eval_every: Optional[int] = None
     """Evaluate on validation every N optimizer steps; default: once per epoch."""
-    best_metric: Optional[Literal["loss", "accuracy", "macro_f1"]] = None
+    best_metric: Optional[Literal["loss", "accuracy", "macro_f1", "kl"]] = None
     """The validation metric whose best value picks the weights kept: `loss` (mean cross-entropy on the
     validation labels, per example or per response token; lower is better), `accuracy` or `macro_f1`
-    (classification; higher is better). None: the task's own (`accuracy` for classification, `loss` for
+    (classification; higher is better), or `kl` (the classification student only: the mean over validation
+    examples of KL(teacher || student) at T=1, in nats, lower is better; it costs one teacher pass over
+    validation, and needs the teacher's weights). None: the task's own (`accuracy` for classification, `loss` for
     causal_lm). The student's default is `loss`: on 60 validation sentences accuracy moves in steps of one
     sentence and ties often, and choosing by cross-entropy kept a student 0.9 points better on test, on the tuning
     split and on the reported one (BENCHMARKS.md, "Which epoch's weights to keep")."""
@@ -512,6 +514,9 @@ def validate(cfg: RunConfig) -> None:
         if cfg.task == "causal_lm" and tc.best_metric not in (None, "loss"):
             _fail(f"{key}.best_metric", f"causal_lm validation measures loss (per response token), not "
                                         f"{tc.best_metric}; set loss or leave it unset")
+        if tc.best_metric == "kl" and (stage == "teacher" or cfg.task != "classification"):
+            _fail(f"{key}.best_metric", "kl measures how far the classification student is from its teacher; "
+                                        "choose loss or accuracy here")
         if tc.length_splits != "auto" and tc.length_splits < 1:
             _fail(f"{key}.length_splits", f"must be >= 1 or auto, got {tc.length_splits}")
         if not tc.lr > 0:
@@ -591,6 +596,10 @@ def validate(cfg: RunConfig) -> None:
         if value > 0 and cfg.distill.teacher_logits:
             _fail(f"loss.{name}", "needs the teacher's hidden states on every batch, but distill.teacher_logits "
                                   "replaces the teacher; set it to 0 or drop distill.teacher_logits")
+    if cfg.student.train.best_metric == "kl" and cfg.distill.teacher_logits and cfg.student.model:
+        _fail("student.train.best_metric", "kl needs the teacher's logits on validation, but with "
+                                           "distill.teacher_logits and student.model no teacher is loaded; choose "
+                                           "loss or accuracy")
     validate_zero_shot(cfg)
     validate_sequence_kd(cfg)
 

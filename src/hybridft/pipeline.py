@@ -480,6 +480,20 @@ def student_dropout(cfg: RunConfig) -> Optional[float]:
     return cfg.student.dropout
 
 
+def teacher_validation_logits(ctx: Context, teacher: Optional[nn.Module], tokenizer: Any) -> Optional[torch.Tensor]:
+    """The teacher's logits [N, C] on the validation split when the student's weights are chosen by their KL to
+    it (`student.train.best_metric=kl`), else None: one teacher pass over validation, as the store's pass runs."""
+    cfg = ctx.cfg
+    if cfg.student.train.best_metric != "kl":
+        return None
+    if teacher is None:  # the config refuses this (distill.teacher_logits with student.model); the API may not
+        raise HybridFTError("student.train.best_metric=kl needs the teacher's weights; choose loss or accuracy")
+    items = ctx.task.encode(ctx.splits.validation, tokenizer, cfg.data.max_length)
+    rows = compute(teacher, items, ctx.task.make_collate(tokenizer), ctx.device, cfg.precision,
+                   ctx.task.summarise(cfg), batch_size=cfg.distill.batch_size)
+    return torch.stack(rows)
+
+
 def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_tokenizer: Any) -> tuple[nn.Module, Any]:
     """Train the student from stored outputs (or, online, from the live teacher)."""
     cfg, s, task = ctx.cfg, ctx.splits, ctx.task
@@ -491,7 +505,8 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     online = teacher if cfg.distill.online else None
     examples, targets = task.training_examples(s, None if online else store, cfg, ctx.log)
     train_items = task.encode(examples, tokenizer, cfg.data.max_length, targets)
-    val_items = task.encode(s.validation, tokenizer, cfg.data.max_length)
+    val_items = task.encode(s.validation, tokenizer, cfg.data.max_length,
+                            teacher_validation_logits(ctx, teacher, teacher_tokenizer))
     check_test_split(ctx, tokenizer)
     loss = cfg.loss
     # --- intermediate-layer distillation (issue 10): KD keeps reading the store, and the teacher runs beside the

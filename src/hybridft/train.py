@@ -32,6 +32,10 @@ from hybridft.progress import progress_bar
 from hybridft.runlog import MetricsWriter
 
 
+LOWER_IS_BETTER = ("loss", "kl")
+"""Validation metrics whose lowest value is the best (`TrainConfig.best_metric`); the others, the highest."""
+
+
 @dataclass
 class FitResult:
     best_metric: Optional[float]
@@ -360,8 +364,12 @@ def fit(
                       "epoch": round(step / steps_per_epoch, 4), **metrics}
             writer.write(record)
             best.history.append(record)
+            if metric_key not in metrics:
+                raise HybridFTError(f"{stage}: best_metric={metric_key} is not among the validation metrics "
+                                    f"({', '.join(sorted(k for k in metrics if isinstance(metrics[k], float)))}); "
+                                    f"kl needs the teacher's logits on the validation items (`teacher_logits`)")
             value = metrics[metric_key]
-            improved = best.best_metric is None or (value < best.best_metric if metric_key == "loss"
+            improved = best.best_metric is None or (value < best.best_metric if metric_key in LOWER_IS_BETTER
                                                      else value > best.best_metric)
             if improved or (tc.best_on_tie == "later" and value == best.best_metric):
                 best.best_metric, best.best_step = value, step

@@ -21,6 +21,7 @@ from hybridft.dist import autocast
 from hybridft.data import NO_LABEL, Examples, Splits, concat
 from hybridft.data import load_splits as _load_splits
 from hybridft.errors import HybridFTError
+from hybridft.losses import kd_loss
 from hybridft.models import (check_model_folder, count_params, ensure_pad_token, layer_cut_student,  # noqa: F401
                              load_tokenizer, quiet_transformers, read_config, save_model, student_from_teacher)
 from hybridft.models import resolve_model_path as _resolve_encoder
@@ -390,11 +391,14 @@ BEST = ("accuracy", "max")
 
 def validate(model: nn.Module, loader: Any, device: torch.device, precision: str = "fp32") -> dict[str, Any]:
     """Accuracy, macro-F1 and mean cross-entropy (`loss`, nats) over the loader (the logits are [N, C] with few
-    classes: kept in memory)."""
-    logits, labels = predict_logits(model, loader, device, precision)
+    classes: kept in memory); with the teacher's logits in the batches (`teacher_logits`, [B, C]), also `kl`:
+    the mean over examples of KL(teacher || student) at T=1, in nats (`hybridft.losses.kd_loss`)."""
+    logits, labels, teacher_logits = _forward_all(model, loader, device, precision)
     out = compute_metrics(logits, labels, [str(i) for i in range(logits.shape[-1])])
     # the mean cross-entropy on the labels: a finer choice of weights than accuracy on a small split
     out["loss"] = float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100))
+    if teacher_logits is not None:
+        out["kl"] = float(kd_loss(logits, teacher_logits, temperature=1.0))
     return out
 
 
@@ -405,14 +409,22 @@ def predict_examples(model: nn.Module, tokenizer: Any, examples: Any, max_length
     return predict_logits(model, length_sorted_loader(items, batch_size, make_collate(tokenizer)), device)
 
 
-@torch.no_grad()
 def predict_logits(model: nn.Module, loader: Any, device: torch.device,
                    precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] (float32, in dataset order) and labels [N] for every item of the loader."""
+    return _forward_all(model, loader, device, precision)[:2]
+
+
+@torch.no_grad()
+def _forward_all(model: nn.Module, loader: Any, device: torch.device,
+                 precision: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """predict_logits, plus the items' stored teacher logits [N, C] in the same order (None if they have none)."""
     was_training = model.training
     model.eval()
-    logits, labels, index = [], [], []
+    logits, labels, index, teacher = [], [], [], []
     for batch in loader:
+        if "teacher_logits" in batch:
+            teacher.append(batch["teacher_logits"].float())
         batch = to_device(batch, device)
         with autocast(device, precision):
             out = logits_for_loss(model, batch)
@@ -421,7 +433,7 @@ def predict_logits(model: nn.Module, loader: Any, device: torch.device,
         index.append(batch["index"].cpu())
     model.train(was_training)
     order = torch.cat(index).argsort()
-    return torch.cat(logits)[order], torch.cat(labels)[order]
+    return torch.cat(logits)[order], torch.cat(labels)[order], torch.cat(teacher)[order] if teacher else None
 
 
 def report(model: nn.Module, tokenizer: Any, examples: Examples, splits: Splits, cfg: RunConfig,
