@@ -200,3 +200,26 @@ def test_without_a_test_file_the_hybrid_line_says_it_scored_validation(tmp_path:
     assert "hybrid: validation (no data.test, so optimistic" in out and "hybrid: test accuracy" not in out
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "validation"
 
+
+
+def test_evaluate_from_another_folder_finds_the_runs_relative_data_files(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                         tiny_data, monkeypatch: pytest.MonkeyPatch):
+    """A run started with relative data paths (data/train.csv) is evaluated from elsewhere: the paths are read from
+    the folder the run started in (data.json), not the current one, where they do not exist."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    for name, path in tiny_data.items():
+        (project / "data" / path.name).write_bytes(path.read_bytes())
+    relative = [f"data.{name}=data/{path.name}" for name, path in tiny_data.items()]
+    monkeypatch.chdir(project)
+    assert main(["run", *tiny_overrides(tiny_teacher_dir, tiny_data, project / "run"), *relative,
+                 "teacher.train.epochs=1", "student.train.epochs=1", "hybrid.enabled=false",
+                 "export.enabled=false"]) == 0
+    first = json.loads((project / "run" / "summary.json").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", "--run", str(project / "run"), "--quiet"]) == 0
+    again = json.loads((project / "run" / "summary.json").read_text())
+    assert again["student"]["accuracy"] == first["student"]["accuracy"]
+    assert again["config"]["data"]["test"] == "data/test.csv"  # the saved config keeps the run's own spelling

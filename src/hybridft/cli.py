@@ -415,7 +415,7 @@ def _evaluate(run_dir: Path, quiet: bool) -> int:
     cfg = load_config(config, ["progress=false"] if quiet else [])
     # The folder named here, not the output_dir its config.yaml recorded: a run that was moved or copied must not
     # write its report into the original.
-    cfg = replace(cfg, output_dir=str(run_dir))
+    cfg = pipeline.data_paths_from_run_folder(replace(cfg, output_dir=str(run_dir)), run_dir)
     ctx = pipeline.prepare(cfg, stage="evaluate", fresh=False)
     models: dict[str, Any] = {}
     for name in ("teacher", "student"):

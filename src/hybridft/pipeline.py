@@ -91,8 +91,9 @@ class Context:
             if self.stage == "distill":  # metrics.jsonl keeps the teacher's history, not the replaced student's
                 self.writer.drop_after("student", -1)
         save_config(self.cfg, self.run_dir / ("config.yaml" if self.stage == "run" else f"config.{self.stage}.yaml"))
-        if self.stage == "run":  # what --resume checks the data against
-            (self.run_dir / DATA_RECORD).write_text(json.dumps(data_record(self.splits), indent=1), encoding="utf-8")
+        if self.stage == "run":  # what --resume checks the data against, and where relative data paths start
+            record = {**data_record(self.splits), "cwd": os.getcwd()}
+            (self.run_dir / DATA_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
         self.committed = True
 
 
@@ -169,6 +170,24 @@ def saved_data_record(run_dir: Path) -> Optional[dict[str, Any]]:
     """The run's data.json (what `data_record` wrote when it started), or None for a run without one."""
     saved_file = run_dir / DATA_RECORD
     return json.loads(saved_file.read_text(encoding="utf-8")) if saved_file.is_file() else None
+
+
+DATA_PATH_KEYS = ("dataset", "train", "validation", "test", "unlabeled")
+
+
+def data_paths_from_run_folder(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """`cfg` (a run's saved config) with each relative data path that is missing from the current folder read
+    from the folder the run started in (data.json's `cwd`), where it is there: `hybridft evaluate --run DIR` from
+    another folder then finds the run's files. The rows are still checked against data.json."""
+    started = (saved_data_record(run_dir) or {}).get("cwd")
+    if not started:
+        return cfg
+    moved = {}
+    for key in DATA_PATH_KEYS:
+        value = getattr(cfg.data, key)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (Path(started) / value).exists():
+            moved[key] = str(Path(started) / value)
+    return replace(cfg, data=replace(cfg.data, **moved)) if moved else cfg
 
 
 def data_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
