@@ -179,6 +179,22 @@ def test_predict_command_labels_a_file_with_the_hybrid_and_stops_on_a_bad_row(pa
                  "--skip-bad-rows"]) == 0
     report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
     assert report["skipped"] == 2 and report["rows_written"] == 2
+    # the formats the training files accept: Parquet and a JSON array label the same rows the same way
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [str(i) for i in range(len(TEXTS))], "text": TEXTS})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=4)
+    (tmp_path / "in.json").write_text(json.dumps(table.to_pylist()), encoding="utf-8")
+    for name in ("in.parquet", "in.json"):
+        again = tmp_path / f"{name}.jsonl"
+        assert main(["predict", "--model", str(folder), "--input", str(tmp_path / name), "--output", str(again),
+                     "--quiet"]) == 0
+        assert [json.loads(x) for x in again.read_text().splitlines()] == rows, name
+    from hybridft.cli import fewer_lines_than
+
+    assert fewer_lines_than(str(tmp_path / "in.parquet"), len(TEXTS) + 1)  # its rows count, not its bytes' newlines
+    assert not fewer_lines_than(str(tmp_path / "in.parquet"), len(TEXTS))
 
 
 def test_run_exports_the_student_with_parity(tmp_path: Path, tiny_teacher_dir: Path, tiny_data):

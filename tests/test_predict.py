@@ -53,6 +53,13 @@ def write_input(tmp_path: Path, kind: str) -> Path:
     path = tmp_path / f"in.{kind}"
     if kind == "jsonl":
         path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in ROWS), encoding="utf-8")
+    elif kind == "json":  # one JSON array, as pandas' to_json(orient="records") writes it
+        path.write_text(json.dumps([{"id": i, "text": t} for i, t in ROWS]), encoding="utf-8")
+    elif kind == "parquet":  # two row groups, so reading crosses a group boundary
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": [i for i, _ in ROWS], "text": [t for _, t in ROWS]}), path, row_group_size=3)
     else:
         sep = "," if kind == "csv" else "\t"
         path.write_text(f"id{sep}text\n" + "".join(f"{i}{sep}{t}\n" for i, t in ROWS), encoding="utf-8")
@@ -69,7 +76,7 @@ def read_output(path: Path) -> list[dict[str, Any]]:
 # formats
 
 
-@pytest.mark.parametrize("in_kind", ["csv", "tsv", "jsonl"])
+@pytest.mark.parametrize("in_kind", ["csv", "tsv", "jsonl", "json", "parquet"])
 @pytest.mark.parametrize("out_kind", ["csv", "tsv", "jsonl"])
 def test_every_format_keeps_input_columns_and_adds_predictions(tmp_path: Path, in_kind: str, out_kind: str):
     src, dst = write_input(tmp_path, in_kind), tmp_path / f"out.{out_kind}"
@@ -80,7 +87,7 @@ def test_every_format_keeps_input_columns_and_adds_predictions(tmp_path: Path, i
     assert got == EXPECTED
     assert [r["text"] for r in rows] == [t for _, t in ROWS]
     assert all(float(r["probability"]) == 0.9 for r in rows)
-    if in_kind == "jsonl" and out_kind == "jsonl":
+    if in_kind in ("jsonl", "json", "parquet") and out_kind == "jsonl":
         assert rows[0]["id"] == "1" and isinstance(rows[0]["probability"], float)  # JSON types are kept
     assert (report.rows_in, report.rows_written, report.skipped) == (4, 4, 0)
     assert report.answered_by == {"student": 2, "teacher": 2}
@@ -380,7 +387,7 @@ def test_unsupported_output_suffix(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
 
 
-@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl"])
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl", "json", "parquet"])
 def test_missing_text_column_names_the_columns_found(tmp_path: Path, kind: str):
     model = FakeModel()
     with pytest.raises(HybridFTError, match=r"has no column 'sentence' \(columns found: 'id', 'text'\)") as e:
@@ -421,8 +428,18 @@ def test_other_whole_file_problems(tmp_path: Path):
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    (tmp_path / "data.xlsx").write_bytes(b"PK")
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "broken.json").write_text('[{"text": "a"},')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     for name, words in [("missing.csv", "input file not found"), ("empty.csv", "is empty"),
-                        ("empty.jsonl", "is empty"), ("data.parquet", "unsupported format '.parquet'")]:
+                        ("empty.jsonl", "is empty"), ("data.parquet", "not a readable Parquet file"),
+                        ("data.xlsx", "unsupported format '.xlsx'"), ("empty.json", "is empty"),
+                        ("broken.json", "is not valid JSON"), ("empty.parquet", "is empty; give a file with at least "
+                                                                                "one row")]:
         with pytest.raises(HybridFTError, match=words):
             predict_file(FakeModel(), tmp_path / name, tmp_path / "out.csv", progress=False)
     src = write_input(tmp_path, "csv")
@@ -511,3 +528,22 @@ def test_device_cuda_without_a_gpu_names_the_option(tmp_path: Path, capsys):
         assert main([*command, "--input", str(rows), "--output", str(tmp_path / "out.csv"), "--device", "cuda"]) == 2
         err = capsys.readouterr().err
         assert "--device cuda" in err and "--device auto" in err and "device=auto" not in err
+
+
+def test_a_parquet_or_json_array_row_that_is_bad_is_named_by_its_row(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": ["a good film", None, "maybe"]}), src)
+    with pytest.raises(HybridFTError, match=r"in.parquet line 2: .*--skip-bad-rows"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    report = predict_file(FakeModel(), src, tmp_path / "out.csv", skip_bad_rows=True, progress=False)
+    assert (report.rows_written, report.skipped) == (2, 1)
+    array = tmp_path / "in.json"
+    array.write_text(json.dumps([{"text": "a good film"}, "not an object", {"text": "maybe"}]))
+    with pytest.raises(HybridFTError, match=r"in.json line 2: item 2 of the array is not a JSON object"):
+        predict_file(FakeModel(), array, tmp_path / "out.csv", progress=False)
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name, as the training files accept it
+    lines.write_text('{"text": "a good film"}\n{"text": "maybe"}\n')
+    assert predict_file(FakeModel(), lines, tmp_path / "out.csv", progress=False).rows_written == 2

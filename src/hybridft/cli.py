@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         "or from distill.teacher_logits")
     pr = sub.add_parser("predict", help="label a CSV, TSV or JSONL file with a hybrid (or student) folder")
     pr.add_argument("--model", required=True, help="OUTPUT_DIR/hybrid of a run, or a classifier folder")
-    pr.add_argument("--input", required=True, help=".csv, .tsv or .jsonl with a text column")
+    pr.add_argument("--input", required=True, help=".csv, .tsv, .jsonl, .json or .parquet with a text column")
     pr.add_argument("--output", required=True, help=".csv, .tsv or .jsonl; written only when the whole file is done")
     pr.add_argument("--text-column", default=None,
                     help="default: the column the run trained on (a hybrid folder records it), else 'text'")
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--model", required=True,
                     help="a causal LM folder (OUTPUT_DIR/student of a causal_lm run), or OUTPUT_DIR/hybrid: the "
                          "teacher's greedy output, drafted by the student (speculative decoding, batch 1)")
-    ge.add_argument("--input", required=True, help=".jsonl, .csv or .tsv with a prompt column")
+    ge.add_argument("--input", required=True, help=".jsonl, .json, .parquet, .csv or .tsv with a prompt column")
     ge.add_argument("--output", required=True, help=".jsonl, .csv or .tsv; written only when the whole file is done")
     ge.add_argument("--prompt-column", default="prompt",
                     help="the prompt's column; its cells may hold chat messages (a JSON list of {role, content}, "
@@ -240,13 +240,21 @@ def worth_timing_setup(path: str, max_new_tokens: int, prompts_per_pass: int) ->
     """Whether `path` holds enough prompts for `generate`'s timed setup to pay back (GENERATE_TIMING_MIN_PASSES)."""
     batches = -(-GENERATE_TIMING_MIN_PASSES // max(max_new_tokens, 1))  # of max_new_tokens passes each
     needed = (batches - 1) * prompts_per_pass + 1
-    header = 0 if path.lower().endswith((".jsonl", ".json")) else 1
+    header = 0 if path.lower().endswith((".jsonl", ".json", ".parquet")) else 1
     return not fewer_lines_than(path, needed + header)
 
 
 def fewer_lines_than(path: str, limit: int) -> bool:
     """Whether the file at `path` has fewer than `limit` lines; reads no further than `limit` line breaks, so a
-    large file costs little. False for a path that cannot be read (predict_file then says why)."""
+    large file costs little. A Parquet file has no lines: its rows (from the footer) count instead. False for a
+    path that cannot be read (predict_file then says why)."""
+    if path.lower().endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows < limit
+        except Exception:  # pyarrow raises several unrelated types for a broken file; predict_file says why
+            return False
     try:
         with open(path, "rb") as f:
             count = 0

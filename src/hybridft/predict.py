@@ -1,4 +1,5 @@
-"""Batch prediction over CSV, TSV and JSONL files, streamed in batches so memory stays bounded.
+"""Batch prediction over CSV, TSV, JSONL, JSON and Parquet files, streamed in batches so memory stays bounded
+(a JSON array is read whole).
 
 `predict_file` is model-agnostic: the caller passes `predict_batch(texts, pairs) -> list[dict]` (the hybrid
 model supplies one) and this module does the file work:
@@ -31,8 +32,8 @@ from typing import IO, Any, Callable, Optional, Sequence, Union
 
 from hybridft.data import text_problem
 from hybridft.errors import HybridFTError
-from hybridft.rowfiles import (DELIMITERS, JSONL_SUFFIXES, Item, JsonlReader, Lines, Quoting, TableReader, open_reader,
-                               quoting_notes, utf16_hint)
+from hybridft.rowfiles import (DELIMITERS, JSONL_SUFFIXES, RECORD_FILE_SUFFIXES, Item, JsonlReader, Lines,
+                               ParquetReader, Quoting, TableReader, open_reader, quoting_notes, utf16_hint)
 
 PREDICTION_COLUMNS = ("label", "probability", "answered_by")
 OUTPUT_FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
@@ -281,11 +282,11 @@ def _check_paths(src: Path, dst: Path) -> Optional[str]:
         raise HybridFTError(f"input file not found: {src}; check the path (relative paths start at the "
                             f"current directory)")
     in_suffix = src.suffix.lower()
-    if in_suffix not in DELIMITERS and in_suffix not in JSONL_SUFFIXES:
+    if in_suffix not in DELIMITERS and in_suffix not in JSONL_SUFFIXES and in_suffix not in RECORD_FILE_SUFFIXES:
         raise HybridFTError(f"input file {src} has an unsupported format '{in_suffix}'; use .csv, .tsv, .txt "
-                            f"(delimited) or .jsonl (one JSON object per line)")
+                            f"(delimited), .jsonl (one JSON object per line), .json or .parquet")
     with open(src, "rb") as fh:
-        hint = utf16_hint(fh.read(2))
+        hint = utf16_hint(fh.read(2)) if in_suffix != ".parquet" else ""
     if hint:
         raise HybridFTError(f"input file {src} cannot be read{hint}")
     if dst.exists() and dst.resolve() == src.resolve():
@@ -344,7 +345,10 @@ def _run_batch(predict_batch: PredictBatch, batch: list[tuple[dict[str, Any], st
 
 
 def _empty_jsonl(src: Path) -> HybridFTError:
-    return HybridFTError(f"{src} is empty; give a file with at least one JSON object per line")
+    """A file without rows (JSON Lines, a JSON array or Parquet: a delimited file has its header at least)."""
+    what = {".parquet": "at least one row", ".json": "at least one JSON object"}.get(src.suffix.lower(),
+                                                                                  "at least one JSON object per line")
+    return HybridFTError(f"{src} is empty; give a file with {what}")
 
 
 def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str = "text",
@@ -370,7 +374,7 @@ def check_input(input_path: PathLike, output_path: PathLike, *, text_column: str
             if item.row is None and not skip_bad_rows:
                 _skip_or_stop(item, src, False, PredictReport(input=str(src), output=str(output_path)))
             return
-        if isinstance(reader, JsonlReader):
+        if not isinstance(reader, TableReader):
             raise _empty_jsonl(src)
 
 
@@ -381,13 +385,14 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                  write_report: bool = True, columns: tuple[str, ...] = PREDICTION_COLUMNS,
                  text_option: str = "text_column", quoting: Optional[Quoting] = None,
                  chat_messages: bool = False, encoding: str = "utf-8") -> PredictReport:
-    """Predict every row of a CSV, TSV or JSONL file and write the rows with their predictions.
+    """Predict every row of a CSV, TSV, JSONL, JSON or Parquet file and write the rows with their predictions.
 
     At most `batch_size` rows are held (and passed to `predict_batch`) at a time, whatever the file size.
 
     Args:
         predict_batch: `(texts, pairs) -> [{"label", "probability", "answered_by"}, ...]`, one per text.
-        input_path: .csv, .tsv/.txt (delimited, with a header row unless `column_names`) or .jsonl.
+        input_path: .csv, .tsv/.txt (delimited, with a header row unless `column_names`), .jsonl, .json (an array
+            of objects, or JSON Lines) or .parquet (read in record batches; a row's "line" is its row number).
         output_path: .csv, .tsv or .jsonl; replaced only if the run succeeds.
         text_column: The column (or JSON key) holding the text.
         text_pair_column: A second text column for sentence-pair tasks; None for single texts.
@@ -427,15 +432,19 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                              quoting)
         desc = "generate" if "generation" in columns else "predict"
         with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress, desc) as bar:
-            if isinstance(reader, TableReader):
+            if isinstance(reader, (TableReader, ParquetReader)):
                 writer.set_columns(reader.columns)
+            # how far into the file, for the progress bar: the lines' bytes, or the reader's own count where the
+            # file is not read by lines (Parquet, a JSON array)
+            bytes_read = (lambda: lines.bytes_read) if isinstance(reader, (TableReader, JsonlReader)) else \
+                (lambda: reader.bytes_read)
             batch: list[tuple[dict[str, Any], str, Optional[str]]] = []
 
             def flush() -> None:
                 if batch:
                     _run_batch(predict_batch, batch, text_pair_column is not None, writer, report)
                     batch.clear()
-                bar.update(lines.bytes_read - bar.n)
+                bar.update(bytes_read() - bar.n)
                 bar.set_postfix(rows=report.rows_written, skipped=report.skipped, refresh=False)
 
             for item in reader:
@@ -457,7 +466,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                                     f"are written in CSV quotes, as pandas and spreadsheets read them; a .tsv is read "
                                     f"with literal quotes by default, so read this one back with --quoting csv "
                                     f"(data.quoting=csv), or write .jsonl")
-            if isinstance(reader, JsonlReader) and report.rows_in == 0:
+            if not isinstance(reader, TableReader) and report.rows_in == 0:
                 raise _empty_jsonl(src)
             writer.commit()
     report.seconds = round(time.perf_counter() - started, 3)

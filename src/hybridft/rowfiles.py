@@ -26,6 +26,9 @@ from hybridft.errors import HybridFTError
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
 """Default field separator per suffix."""
 JSONL_SUFFIXES = (".jsonl",)
+RECORD_FILE_SUFFIXES = (".parquet", ".json")
+"""Files `predict` reads whole-record by whole-record without lines: Parquet (in record batches) and `.json` (one
+JSON array of objects, or JSON Lines under a .json name), as the training files accept them."""
 Quoting = Literal["csv", "none"]
 
 
@@ -204,6 +207,71 @@ class JsonlReader:
             yield Item(line, row=row)
 
 
+class ParquetReader:
+    """A Parquet file read one record batch at a time (pyarrow), so memory stays bounded. Parquet has no lines:
+    an item's `line` is its 1-based row number, as the training files' rows are numbered. `bytes_read` advances
+    by each row group's compressed size, for a progress bar over the file's bytes.
+
+    Raises:
+        HybridFTError: The file is not readable Parquet, or a named column is missing (in the constructor).
+    """
+
+    BATCH_ROWS = 1024
+
+    def __init__(self, path: Path, text_column: Optional[str], pair_column: Optional[str],
+                 text_option: str = "text_column"):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        try:
+            self._file = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several unrelated types for a broken file
+            raise HybridFTError(f"{path} is not a readable Parquet file ({e}); give a Parquet file, or a .csv, "
+                                f".tsv or .jsonl") from None
+        self.columns = list(self._file.schema_arrow.names)
+        self.blank_lines = 0
+        self.bytes_read = 0
+        if text_column is not None:
+            _require_columns(path, self.columns, text_column, pair_column, text_option=text_option)
+
+    def __iter__(self) -> Iterator[Item]:
+        row_no = 0
+        meta = self._file.metadata
+        for group in range(meta.num_row_groups):
+            for batch in self._file.iter_batches(batch_size=self.BATCH_ROWS, row_groups=[group]):
+                for row in batch.to_pylist():
+                    row_no += 1
+                    yield Item(row_no, row=row)
+            self.bytes_read += meta.row_group(group).total_byte_size
+
+
+class JsonArrayReader:
+    """A `.json` file holding one JSON array of objects, read whole (an array cannot be streamed with the
+    standard library); an item's `line` is its 1-based position in the array."""
+
+    def __init__(self, path: Path, text: str, text_column: Optional[str], pair_column: Optional[str],
+                 text_option: str = "text_column"):
+        self.path = path
+        try:
+            self.rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HybridFTError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); give one JSON array of "
+                                f"objects, or one JSON object per line") from None
+        self.blank_lines = 0
+        self.bytes_read = len(text.encode("utf-8"))
+        first = next((r for r in self.rows if isinstance(r, dict)), None)
+        if text_column is not None and first is not None:  # the first object stands in for a header
+            _require_columns(path, list(first), text_column, pair_column, text_option=text_option)
+
+    def __iter__(self) -> Iterator[Item]:
+        for i, row in enumerate(self.rows, start=1):
+            if isinstance(row, dict):
+                yield Item(i, row=row)
+            else:
+                yield Item(i, reason="not_an_object", problem=f"item {i} of the array is not a JSON object (a JSON "
+                                                              f"{type(row).__name__})")
+
+
 class TableReader:
     """A delimited file read with the `csv` module, so quoted fields may hold delimiters and newlines.
 
@@ -317,6 +385,10 @@ class TableReader:
                 yield Item(p.start, reason="bad_quoting", problem=f"malformed CSV ({p.message})")
 
 
+Reader = Union[JsonlReader, TableReader, ParquetReader, JsonArrayReader]
+"""What `open_reader` returns: each yields `Item`s and counts `blank_lines`."""
+
+
 class CsvProblem(Exception):
     def __init__(self, start: int, end: int, message: str):
         super().__init__(message)
@@ -352,20 +424,39 @@ def unique_names(names: list[str]) -> list[str]:
 
 def open_reader(src: Path, lines: Lines, text_column: Optional[str], pair_column: Optional[str],
                 delimiter: Optional[str], column_names: Optional[list[str]], text_option: str = "text_column",
-                quoting: Optional[Quoting] = None) -> Union[JsonlReader, TableReader]:
-    """The reader for `src`'s suffix: `.jsonl` or delimited (`DELIMITERS`). `text_column=None` skips the check
-    that the text (and pair) columns exist, for callers that check with their own message.
+                quoting: Optional[Quoting] = None) -> Reader:
+    """The reader for `src`'s suffix: `.jsonl`, delimited (`DELIMITERS`), `.parquet`, or `.json` (an array of
+    objects, or JSON Lines). `text_column=None` skips the check that the text (and pair) columns exist, for
+    callers that check with their own message.
 
     Raises:
-        HybridFTError: A delimited file's header is malformed or badly encoded, or a named column is missing.
+        HybridFTError: A delimited file's header is malformed or badly encoded, a Parquet or JSON array file is
+            unreadable, or a named column is missing.
     """
-    if src.suffix.lower() in JSONL_SUFFIXES:
+    suffix = src.suffix.lower()
+    if suffix == ".parquet":
+        return ParquetReader(src, text_column, pair_column, text_option)
+    if suffix == ".json":
+        head = src.open("rb").read(1 << 12).decode(lines.encoding, errors="replace").lstrip("\ufeff \t\r\n")
+        if head.startswith("["):
+            return JsonArrayReader(src, _decode_whole(src, lines.encoding), text_column, pair_column, text_option)
+    if suffix in JSONL_SUFFIXES or suffix == ".json":
         return JsonlReader(src, lines, text_column, pair_column, text_option)
     default = DELIMITERS[src.suffix.lower()]
     sep = delimiter or (sniff_delimiter(src, default) if column_names is None else default)
     reader = TableReader(src, lines, sep, column_names, text_column, pair_column, text_option, quoting)
     reader.sniffed = sep != (delimiter or default)
     return reader
+
+
+def _decode_whole(src: Path, encoding: str) -> str:
+    raw = src.read_bytes()
+    try:  # a byte-order mark is not part of the array
+        return raw.decode("utf-8-sig" if encoding.replace("-", "").lower() == "utf8" else encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise HybridFTError(f"{src} is not valid {encoding} (byte 0x{raw[e.start]:02x} on line {line}); re-save it "
+                            f"as UTF-8 or give its encoding") from None
 
 
 def sniff_delimiter(src: Path, default: str) -> str:
@@ -386,7 +477,7 @@ SUSPECT_RECORD_LINES = 25
 """A quoted field over this many lines gets the unclosed-quote hint; shorter ones are multi-line texts."""
 
 
-def quoting_notes(reader: Union[JsonlReader, TableReader], what: str, setting: str) -> list[str]:
+def quoting_notes(reader: Reader, what: str, setting: str) -> list[str]:
     """Lines that say where the quoting rule may have read a file other than its writer meant; `setting` is how
     the caller's user sets the rule (`data.quoting=` or `--quoting `)."""
     if not isinstance(reader, TableReader):
@@ -411,7 +502,7 @@ def quoting_notes(reader: Union[JsonlReader, TableReader], what: str, setting: s
     return notes
 
 
-def malformed_row_message(path: Path, item: "Item", reader: Union[JsonlReader, TableReader]) -> str:
+def malformed_row_message(path: Path, item: "Item", reader: Reader) -> str:
     """One line for a bad record of a training file, with the quoting hint where it may be the cause."""
     hint = "fix the row"
     if item.reason in ("bad_json", "not_an_object"):
