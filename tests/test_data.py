@@ -168,7 +168,7 @@ def test_a_label_of_one_or_two_rows_beside_large_ones_is_noted_as_a_likely_typo(
     s = load_splits(DataConfig(train=str(train), validation=str(train)), 0)
     assert s.label_names == ["neg", "pos", "postive"]  # still a class: the note is all it gets
     typo = [n for n in s.notes if "'postive' has 1 row" in n]
-    assert len(typo) == 1 and "typo" in typo[0]
+    assert len(typo) == 1 and "typo" in typo[0] and "1 row, line 82 (" in typo[0]  # the header is line 1
     balanced = tmp_path / "balanced.csv"
     balanced.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows[:80]))
     assert not [n for n in load_splits(DataConfig(train=str(balanced), validation=str(balanced)), 0).notes

@@ -505,7 +505,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         else:
             label_names = _label_order(raw)
             check_label_spellings(raw, train.source)
-            notes += rare_label_notes(raw, train.source)
+            notes += rare_label_notes(raw, train.source, train.lines)
             if len(label_names) > max(20, len(raw) // 2):  # e.g. a text column given as data.label_column
                 notes.append(f"data.train {train.source}: the label column '{cfg.label_column}' holds "
                              f"{len(label_names)} different values in {len(raw)} rows; if it is a text column, set "
@@ -549,16 +549,24 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                   notes=notes)
 
 
-def rare_label_notes(raw: list[str], source: str) -> list[str]:
+def rare_label_notes(raw: list[str], source: str, lines: Optional[list[int]] = None) -> list[str]:
     """A note per label of one or two rows where another label has at least 20 times as many: most often a typo
-    ("postive", ".0"), which would otherwise become a class of its own without a word."""
+    ("postive", ".0"), which would otherwise become a class of its own without a word. `lines` (the rows' file
+    lines, aligned with `raw`) lets the note say where the rows are."""
     from collections import Counter
 
     counts = Counter(raw)
     most = max(counts.values(), default=0)
-    return [f"data.train {source}: label {label!r} has {n} row{'s' if n > 1 else ''} (the largest label {most}); "
-            f"every distinct value is a class, so fix it if it is a typo of another label"
-            for label, n in sorted(counts.items()) if n <= 2 and most >= 20 * n]
+    notes = []
+    for label, n in sorted(counts.items()):
+        if n <= 2 and most >= 20 * n:
+            where = ""
+            if lines and len(lines) == len(raw):
+                found = [str(line) for line, value in zip(lines, raw) if value == label]
+                where = f", line{'s' if n > 1 else ''} {' and '.join(found)}"
+            notes.append(f"data.train {source}: label {label!r} has {n} row{'s' if n > 1 else ''}{where} (the largest "
+                         f"label {most}); every distinct value is a class, so fix it if it is a typo of another label")
+    return notes
 
 
 def overlap_notes(train: Examples, test: Optional[Examples], unlabeled: Optional[Examples]) -> list[str]:
