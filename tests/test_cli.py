@@ -202,10 +202,10 @@ def test_without_a_test_file_the_hybrid_line_says_it_scored_validation(tmp_path:
 
 
 
-def test_evaluate_from_another_folder_finds_the_runs_relative_data_files(tmp_path: Path, tiny_teacher_dir: Path,
+def test_evaluate_and_resume_from_another_folder_find_the_runs_relative_data_files(tmp_path: Path, tiny_teacher_dir: Path,
                                                                          tiny_data, monkeypatch: pytest.MonkeyPatch):
-    """A run started with relative data paths (data/train.csv) is evaluated from elsewhere: the paths are read from
-    the folder the run started in (data.json), not the current one, where they do not exist."""
+    """A run started with relative data paths (data/train.csv) is evaluated and resumed from elsewhere: the paths
+    are read from the folder the run started in (data.json), not the current one, where they do not exist."""
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     for name, path in tiny_data.items():
@@ -222,4 +222,9 @@ def test_evaluate_from_another_folder_finds_the_runs_relative_data_files(tmp_pat
     assert main(["evaluate", "--run", str(project / "run"), "--quiet"]) == 0
     again = json.loads((project / "run" / "summary.json").read_text())
     assert again["student"]["accuracy"] == first["student"]["accuracy"]
-    assert again["config"]["data"]["test"] == "data/test.csv"  # the saved config keeps the run's own spelling
+    # --resume from there too: the run's config.yaml is compared as saved, and its data read from where it started
+    (project / "run" / "summary.json").unlink()  # as if the run had stopped before its end
+    assert main(["run", f"output_dir={project / 'run'}", "--resume", "--quiet"]) == 0
+    assert json.loads((project / "run" / "summary.json").read_text())["student"]["accuracy"] == \
+        first["student"]["accuracy"]
+    assert "test: data/test.csv" in (project / "run" / "config.yaml").read_text()  # kept as the user wrote it

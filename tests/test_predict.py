@@ -536,14 +536,52 @@ def test_a_parquet_or_json_array_row_that_is_bad_is_named_by_its_row(tmp_path: P
 
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["a good film", None, "maybe"]}), src)
-    with pytest.raises(HybridFTError, match=r"in.parquet line 2: .*--skip-bad-rows"):
+    with pytest.raises(HybridFTError, match=r"in.parquet row 2: .*--skip-bad-rows"):
         predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
     report = predict_file(FakeModel(), src, tmp_path / "out.csv", skip_bad_rows=True, progress=False)
-    assert (report.rows_written, report.skipped) == (2, 1)
+    assert (report.rows_written, report.skipped) == (2, 1) and "bad row (missing_text 1) at rows 2" in report.summary()
+    # a pretty-printed array (pandas' to_json(orient="records", indent=2)): the bad item is named by its file line
     array = tmp_path / "in.json"
+    array.write_text(json.dumps([{"text": "a good film"}, {"text": None}, {"text": "maybe"}], indent=2))
+    with pytest.raises(HybridFTError, match=r"in.json line 5: "):
+        predict_file(FakeModel(), array, tmp_path / "out.csv", progress=False)
     array.write_text(json.dumps([{"text": "a good film"}, "not an object", {"text": "maybe"}]))
-    with pytest.raises(HybridFTError, match=r"in.json line 2: item 2 of the array is not a JSON object"):
+    with pytest.raises(HybridFTError, match=r"in.json line 1: item 2 of the array is not a JSON object"):
         predict_file(FakeModel(), array, tmp_path / "out.csv", progress=False)
     lines = tmp_path / "lines.json"  # JSON Lines under a .json name, as the training files accept it
     lines.write_text('{"text": "a good film"}\n{"text": "maybe"}\n')
     assert predict_file(FakeModel(), lines, tmp_path / "out.csv", progress=False).rows_written == 2
+
+
+def test_a_whole_table_in_one_json_object_or_an_array_of_strings_is_refused_whole(tmp_path: Path):
+    """pandas' df.to_json() default (orient="columns") is one object of columns: it was read as one bad row, and
+    --skip-bad-rows then wrote an empty output and exited 0."""
+    from hybridft.config import DataConfig
+    from hybridft.data import load_splits
+
+    columns = tmp_path / "columns.json"
+    columns.write_text(json.dumps({"text": {"0": "a good film", "1": "a dull film"}, "label": {"0": "pos", "1": "neg"}}))
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps(["a good film", "a dull film"]))
+    for src, words in ((columns, r'is a whole table .* orient="records", lines=True'),
+                       (strings, "is a JSON array of str values, not of objects")):
+        for skip in (False, True):
+            with pytest.raises(HybridFTError, match=words):
+                predict_file(FakeModel(), src, tmp_path / "out.csv", skip_bad_rows=skip, progress=False)
+        with pytest.raises(HybridFTError, match=words if src is columns else "item 1 of the array is not"):
+            load_splits(DataConfig(train=str(src), validation=str(src)), 0)
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_skipping_every_row_is_an_error_and_dropped_keys_are_noted(tmp_path: Path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": {"en": "a good film"}}\n{"text": {"en": "a dull film"}}\n')  # nested: no text
+    (tmp_path / "out.csv").write_text("earlier output\n")
+    with pytest.raises(HybridFTError, match=r"every row of .* is bad \(text_not_a_string 2; the first at line 1\); "
+                                            r"nothing was written: is --text-column the column of texts\?"):
+        predict_file(FakeModel(), src, tmp_path / "out.csv", skip_bad_rows=True, progress=False)
+    assert (tmp_path / "out.csv").read_text() == "earlier output\n"
+    src.write_text('{"text": "a good film"}\n{"text": "maybe", "note": "x"}\n')
+    report = predict_file(FakeModel(), src, tmp_path / "out.csv", progress=False)
+    assert any("keys note are missing from the first row" in n for n in report.notes)
+    assert "write .jsonl to keep them" in report.summary()

@@ -48,9 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     add("teacher", "fine-tune the teacher only (writes OUTPUT_DIR/teacher)")
     add("distill", "teacher outputs + student training, from teacher.model (a fine-tuned classifier) "
         "or from distill.teacher_logits")
-    pr = sub.add_parser("predict", help="label a CSV, TSV or JSONL file with a hybrid (or student) folder")
+    pr = sub.add_parser("predict", help="label a CSV, TSV, JSONL, JSON or Parquet file with a hybrid (or student) "
+                                        "folder")
     pr.add_argument("--model", required=True, help="OUTPUT_DIR/hybrid of a run, or a classifier folder")
-    pr.add_argument("--input", required=True, help=".csv, .tsv, .jsonl, .json or .parquet with a text column")
+    pr.add_argument("--input", required=True, help=".csv, .tsv, .txt, .jsonl, .json or .parquet with a text column")
     pr.add_argument("--output", required=True, help=".csv, .tsv or .jsonl; written only when the whole file is done")
     pr.add_argument("--text-column", default=None,
                     help="default: the column the run trained on (a hybrid folder records it), else 'text'")
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--model", required=True,
                     help="a causal LM folder (OUTPUT_DIR/student of a causal_lm run), or OUTPUT_DIR/hybrid: the "
                          "teacher's greedy output, drafted by the student (speculative decoding, batch 1)")
-    ge.add_argument("--input", required=True, help=".jsonl, .json, .parquet, .csv or .tsv with a prompt column")
+    ge.add_argument("--input", required=True, help=".jsonl, .json, .parquet, .csv, .tsv or .txt with a prompt column")
     ge.add_argument("--output", required=True, help=".jsonl, .csv or .tsv; written only when the whole file is done")
     ge.add_argument("--prompt-column", default="prompt",
                     help="the prompt's column; its cells may hold chat messages (a JSON list of {role, content}, "
@@ -304,7 +305,8 @@ def _predict(args: argparse.Namespace) -> int:
         model.student = onnx_student
     if not args.no_prepack:
         if fewer_lines_than(args.input, PREPACK_MIN_ROWS):
-            summary = (f"linear weights: plain (under {PREPACK_MIN_ROWS:,} input lines, timing prepacked weights "
+            unit = "rows" if args.input.lower().endswith(".parquet") else "lines"
+            summary = (f"linear weights: plain (under {PREPACK_MIN_ROWS:,} input {unit}, timing prepacked weights "
                        f"would cost more than they save)")
         else:  # after the ONNX swap: an ONNX student is left to onnxruntime
             summary = model.prepack_summary(model.prepack())
@@ -423,7 +425,7 @@ def _evaluate(run_dir: Path, quiet: bool) -> int:
     cfg = load_config(config, ["progress=false"] if quiet else [])
     # The folder named here, not the output_dir its config.yaml recorded: a run that was moved or copied must not
     # write its report into the original.
-    cfg = pipeline.data_paths_from_run_folder(replace(cfg, output_dir=str(run_dir)), run_dir)
+    cfg = replace(cfg, output_dir=str(run_dir))
     ctx = pipeline.prepare(cfg, stage="evaluate", fresh=False)
     models: dict[str, Any] = {}
     for name in ("teacher", "student"):

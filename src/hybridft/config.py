@@ -516,7 +516,7 @@ def validate(cfg: RunConfig) -> None:
                                         f"{tc.best_metric}; set loss or leave it unset")
         if tc.best_metric == "kl" and (stage == "teacher" or cfg.task != "classification"):
             _fail(f"{key}.best_metric", "kl measures how far the classification student is from its teacher; "
-                                        "choose loss or accuracy here")
+                                        "choose loss, accuracy or macro_f1 here")
         if tc.length_splits != "auto" and tc.length_splits < 1:
             _fail(f"{key}.length_splits", f"must be >= 1 or auto, got {tc.length_splits}")
         if not tc.lr > 0:
@@ -599,7 +599,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.student.train.best_metric == "kl" and cfg.distill.teacher_logits and cfg.student.model:
         _fail("student.train.best_metric", "kl needs the teacher's logits on validation, but with "
                                            "distill.teacher_logits and student.model no teacher is loaded; choose "
-                                           "loss or accuracy")
+                                           "loss, accuracy or macro_f1")
     validate_zero_shot(cfg)
     validate_sequence_kd(cfg)
 

@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 from hybridft.config import DataConfig
 from hybridft.errors import HybridFTError
-from hybridft.rowfiles import (DELIMITERS, JsonlReader, Lines, first_c1, is_latin1, malformed_row_message,
-                               open_reader, quoting_notes, separator_in_header, utf16_hint)
+from hybridft.rowfiles import (DELIMITERS, JsonlReader, Lines, first_c1, is_latin1, json_array_items,
+                               malformed_row_message, open_reader, pandas_layout_problem, quoting_notes,
+                               separator_in_header, utf16_hint)
 
 NO_LABEL = -100
 TABLE_SUFFIXES = DELIMITERS
@@ -188,14 +189,22 @@ def _read_json(path: Path, cfg: DataConfig, role: str) -> Table:
     text = path.read_text(encoding="utf-8-sig" if cfg.encoding.replace("-", "").lower() == "utf8" else cfg.encoding)
     if text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            items = json_array_items(text)
         except json.JSONDecodeError as e:
             raise HybridFTError(f"data.{role} file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        bad = next((i for i, (_, r) in enumerate(items) if not isinstance(r, dict)), None)
         if bad is not None:
-            raise HybridFTError(f"data.{role} file {path}: item {bad + 1} of the array is not a JSON object; "
-                                f"give an array of objects")
-        return Table(rows, list(range(1, len(rows) + 1)), str(path))
+            raise HybridFTError(f"data.{role} file {path} line {items[bad][0]}: item {bad + 1} of the array is not a "
+                                f"JSON object; give an array of objects")
+        return Table([r for _, r in items], [line for line, _ in items], str(path))
+    if text.lstrip().startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON Lines: several objects
+        layout = pandas_layout_problem(whole)
+        if layout:
+            raise HybridFTError(f"data.{role} file {path} {layout}")
     return _read_records(path, cfg, role)  # JSON Lines under a .json name
 
 

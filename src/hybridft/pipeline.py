@@ -177,8 +177,9 @@ DATA_PATH_KEYS = ("dataset", "train", "validation", "test", "unlabeled")
 
 def data_paths_from_run_folder(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """`cfg` (a run's saved config) with each relative data path that is missing from the current folder read
-    from the folder the run started in (data.json's `cwd`), where it is there: `hybridft evaluate --run DIR` from
-    another folder then finds the run's files. The rows are still checked against data.json."""
+    from the folder the run started in (data.json's `cwd`), where it is there: `hybridft evaluate --run DIR` and
+    `hybridft run output_dir=DIR --resume` from another folder then find the run's files. The rows are still
+    checked against data.json."""
     started = (saved_data_record(run_dir) or {}).get("cwd")
     if not started:
         return cfg
@@ -355,7 +356,9 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     task = TASKS[cfg.task]
-    splits = task.load_splits(cfg, cfg.seed)
+    # a run resumed or evaluated from another folder reads its relative data paths from where it started
+    splits = task.load_splits(data_paths_from_run_folder(cfg, run_dir) if resume or stage == "evaluate" else cfg,
+                              cfg.seed)
     if dist.is_main():  # what reading the data changed is said even with --quiet
         for note in splits.notes:
             print(f"hybridft: {note}", file=sys.stderr, flush=True)
@@ -423,7 +426,8 @@ def train_teacher(ctx: Context) -> tuple[nn.Module, Any]:
                      progress=cfg.progress, checkpoint_dir=ctx.run_dir / "checkpoints" / "teacher",
                      resume=ctx.resume)
         teacher = result.model  # a fresh unwrapped copy under FSDP
-        ctx.log(f"teacher: validation {result.best_key} {result.best_metric:.4f} ({result.describe()})")
+        ctx.log(f"teacher: validation {result.best_key} {result.best_metric:.4f}, the weights of step {result.best_step} of "
+                f"{result.steps} kept ({result.describe()})")
     else:
         ctx.log("the teacher is used as it is (teacher.finetune)")
         check_splits(ctx, tokenizer)
@@ -572,7 +576,8 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     student = result.model  # a fresh unwrapped copy under FSDP
     if inter is not None:
         inter_losses.detach(student)  # the learned width projection served training only
-    ctx.log(f"student: validation {result.best_key} {result.best_metric:.4f} ({result.describe()})")
+    ctx.log(f"student: validation {result.best_key} {result.best_metric:.4f}, the weights of step {result.best_step} of "
+            f"{result.steps} kept ({result.describe()})")
     if dist.is_main():
         task.save_model(student, tokenizer, ctx.run_dir / "student")
     dist.barrier()

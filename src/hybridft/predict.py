@@ -106,7 +106,8 @@ class PredictReport:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_by_reason.items()))
             more = ", ..." if self.skipped > len(self.skipped_lines) else ""
             lines = ", ".join(map(str, self.skipped_lines)) + more
-            line += f"; skipped {self.skipped} bad rows ({reasons}) at lines {lines}"
+            where = "rows" if Path(self.input).suffix.lower() == ".parquet" else "lines"
+            line += f"; skipped {self.skipped} bad row{'s' if self.skipped != 1 else ''} ({reasons}) at {where} {lines}"
         for note in self.notes:
             line += f"; {note.split(': ', 1)[-1]}"
         return line
@@ -307,7 +308,7 @@ def _skip_or_stop(item: Item, src: Path, skip: bool, report: PredictReport) -> N
         if item.reason == "bad_encoding" and "surrogate" not in item.problem:  # the file's encoding, not one row
             hint = ("if the file is in another encoding, pass it with --encoding (Excel on Windows saves CSV as "
                     "cp1252); else " + SKIP_HINT)
-        raise HybridFTError(f"{src} line {item.line}: {item.problem}; {hint}")
+        raise HybridFTError(f"{src} {item.unit} {item.line}: {item.problem}; {hint}")
     assert item.reason is not None
     report.skipped += 1
     report.skipped_by_reason[item.reason] = report.skipped_by_reason.get(item.reason, 0) + 1
@@ -324,7 +325,7 @@ def _with_texts(item: Item, text_column: str, pair_column: Optional[str],
     if reason is None and pair_column is not None:
         pair, reason, problem = _text_value(item.row, pair_column, "text_pair")
     if reason is not None:
-        return Item(item.line, reason=reason, problem=problem), "", None
+        return Item(item.line, reason=reason, problem=problem, unit=item.unit), "", None
     assert text is not None
     return item, text, pair
 
@@ -468,6 +469,15 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                                     f"(data.quoting=csv), or write .jsonl")
             if not isinstance(reader, TableReader) and report.rows_in == 0:
                 raise _empty_jsonl(src)
+            if report.skipped and not report.rows_written:  # skipping rows must not turn a wrong file into no output
+                reasons = ", ".join(f"{k} {v}" for k, v in report.skipped_by_reason.items())
+                unit = "row" if src.suffix.lower() == ".parquet" else "line"
+                raise HybridFTError(f"every row of {src} is bad ({reasons}; the first at {unit} "
+                                    f"{report.skipped_lines[0]}); nothing was written: is --{text_option.replace('_', '-')} "
+                                    f"the column of texts?")
+            if report.dropped_columns:
+                report.notes.append(f"{dst}: the keys {', '.join(report.dropped_columns)} are missing from the first "
+                                    f"row, so they have no column in this CSV/TSV output; write .jsonl to keep them")
             writer.commit()
     report.seconds = round(time.perf_counter() - started, 3)
     if write_report:

@@ -45,6 +45,8 @@ class Item:
     row: Optional[dict[str, Any]] = None
     reason: Optional[str] = None
     problem: str = ""
+    unit: str = "line"
+    """What `line` counts: file lines, or "row" in a Parquet file, which has none."""
 
 
 class Lines:
@@ -180,6 +182,7 @@ class JsonlReader:
 
     def __iter__(self) -> Iterator[Item]:
         checked = self.text_column is None  # None: the caller checks the columns
+        first_object = True
         for text in self.lines:
             line = self.lines.line_no
             bad = self.lines.take_bad()
@@ -198,6 +201,11 @@ class JsonlReader:
                 yield Item(line, reason="not_an_object",
                            problem=f"not a JSON object (a JSON {type(row).__name__})")
                 continue
+            # pandas writes a whole table as one object on one line: an only object in that layout is the file's
+            layout = pandas_layout_problem(row) if first_object else None
+            first_object = False
+            if layout and self._nothing_after_this_line():  # no row of it is usable, skipped or not
+                raise HybridFTError(f"{self.path} {layout}")
             if not checked:
                 # The first object stands in for a header: a wrong column name must not skip every row.
                 assert self.text_column is not None
@@ -206,10 +214,16 @@ class JsonlReader:
                 checked = True
             yield Item(line, row=row)
 
+    def _nothing_after_this_line(self) -> bool:
+        """Whether the file holds only blank space after the line just read."""
+        with open(self.path, "rb") as f:
+            f.seek(self.lines.bytes_read)
+            return not f.read(1 << 16).strip() and not f.read(1)
+
 
 class ParquetReader:
     """A Parquet file read one record batch at a time (pyarrow), so memory stays bounded. Parquet has no lines:
-    an item's `line` is its 1-based row number, as the training files' rows are numbered. `bytes_read` advances
+    an item's `line` is its 1-based row number (`unit` "row"). `bytes_read` advances
     by each row group's compressed size, for a progress bar over the file's bytes.
 
     Raises:
@@ -227,7 +241,7 @@ class ParquetReader:
             self._file = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several unrelated types for a broken file
             raise HybridFTError(f"{path} is not a readable Parquet file ({e}); give a Parquet file, or a .csv, "
-                                f".tsv or .jsonl") from None
+                                f".tsv, .jsonl or .json") from None
         self.columns = list(self._file.schema_arrow.names)
         self.blank_lines = 0
         self.bytes_read = 0
@@ -241,35 +255,93 @@ class ParquetReader:
             for batch in self._file.iter_batches(batch_size=self.BATCH_ROWS, row_groups=[group]):
                 for row in batch.to_pylist():
                     row_no += 1
-                    yield Item(row_no, row=row)
+                    yield Item(row_no, row=row, unit="row")
             self.bytes_read += meta.row_group(group).total_byte_size
+
+
+def json_array_items(text: str) -> list[tuple[int, Any]]:
+    """(file line where it starts, value) of each item of the JSON array `text`, so that a bad row of a
+    pretty-printed array is named by its real line, as in any other file.
+
+    Raises:
+        json.JSONDecodeError: `text` is not one valid JSON array.
+    """
+    decoder = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if not text.startswith("[", i):
+        raise json.JSONDecodeError("Expecting '['", text, i)
+    i += 1
+    items: list[tuple[int, Any]] = []
+
+    def skip_space(k: int) -> int:
+        while k < len(text) and text[k] in " \t\r\n":
+            k += 1
+        return k
+
+    i = skip_space(i)
+    if text.startswith("]", i):
+        i += 1
+    else:
+        while True:
+            value, end = decoder.raw_decode(text, i)
+            items.append((text.count("\n", 0, i) + 1, value))
+            i = skip_space(end)
+            if text.startswith(",", i):
+                i = skip_space(i + 1)
+            elif text.startswith("]", i):
+                i += 1
+                break
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+    if text[i:].strip():
+        raise json.JSONDecodeError("Extra data", text, skip_space(i))
+    return items
+
+
+def pandas_layout_problem(value: Any) -> Optional[str]:
+    """Why a JSON object is not a row but a whole table in one of pandas' column layouts (DataFrame.to_json's
+    default orient="columns", or "index" / "split"), or None."""
+    if not isinstance(value, dict) or not value:
+        return None
+    inner = [set(v) for v in value.values() if isinstance(v, dict)]
+    # orient="columns" / "index": every value is a dict over the same keys (the row index, or the columns)
+    whole = len(inner) == len(value) and all(k == inner[0] for k in inner) and \
+        (len(inner[0]) > 1 or all(str(k).isdigit() for k in inner[0]))
+    if whole or {"columns", "data"} <= set(value):
+        return ("holds one JSON object that is a whole table (pandas' DataFrame.to_json writes that by default), "
+                "not one object per row; write it with df.to_json(path, orient=\"records\", lines=True)")
+    return None
 
 
 class JsonArrayReader:
     """A `.json` file holding one JSON array of objects, read whole (an array cannot be streamed with the
-    standard library); an item's `line` is its 1-based position in the array."""
+    standard library); an item's `line` is the file line where it starts."""
 
     def __init__(self, path: Path, text: str, text_column: Optional[str], pair_column: Optional[str],
                  text_option: str = "text_column"):
         self.path = path
         try:
-            self.rows = json.loads(text)
+            self.items = json_array_items(text)
         except json.JSONDecodeError as e:
             raise HybridFTError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); give one JSON array of "
                                 f"objects, or one JSON object per line") from None
         self.blank_lines = 0
         self.bytes_read = len(text.encode("utf-8"))
-        first = next((r for r in self.rows if isinstance(r, dict)), None)
+        first = next((r for _, r in self.items if isinstance(r, dict)), None)
+        if self.items and first is None:  # a whole-file problem, which skipping rows would turn into no output
+            kind = type(self.items[0][1]).__name__
+            raise HybridFTError(f"{path} is a JSON array of {kind} values, not of objects; give one object per row, "
+                                f"e.g. [{{\"text\": \"...\"}}, ...]")
         if text_column is not None and first is not None:  # the first object stands in for a header
             _require_columns(path, list(first), text_column, pair_column, text_option=text_option)
 
     def __iter__(self) -> Iterator[Item]:
-        for i, row in enumerate(self.rows, start=1):
+        for i, (line, row) in enumerate(self.items, start=1):
             if isinstance(row, dict):
-                yield Item(i, row=row)
+                yield Item(line, row=row)
             else:
-                yield Item(i, reason="not_an_object", problem=f"item {i} of the array is not a JSON object (a JSON "
-                                                              f"{type(row).__name__})")
+                yield Item(line, reason="not_an_object", problem=f"item {i} of the array is not a JSON object (a "
+                                                                 f"JSON {type(row).__name__})")
 
 
 class TableReader:
