@@ -125,7 +125,10 @@ def test_evaluate_reports_into_the_folder_it_is_given_and_keeps_the_rest(tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
     (copy / "summary.json").write_text(json.dumps({**json.loads(before), "note": "kept"}))
+    capsys.readouterr()
     assert main(["evaluate", "--run", str(copy), "--quiet"]) == 0
+    assert "(hybrid: the run's own numbers; evaluate measured the teacher and the student again)" in \
+        capsys.readouterr().out
     assert (original / "summary.json").read_bytes() == before
     first, again = json.loads(before), json.loads((copy / "summary.json").read_text())
     assert again["note"] == "kept" and again["hybrid"] == first["hybrid"]

@@ -443,6 +443,9 @@ def _evaluate(run_dir: Path, quiet: bool) -> int:
         previous = {}
     summary = pipeline.evaluate(ctx, models, keep=previous)
     print_table(summary, str(run_dir))
+    kept = [name for name in ("hybrid", "export") if name in previous]
+    if kept:  # measured by the run, not again here: the table must not pass them off as this evaluation's
+        print(f"({' and '.join(kept)}: the run's own numbers; evaluate measured the teacher and the student again)")
     return 0
 
 
