@@ -106,3 +106,15 @@ def test_a_broken_config_file_names_the_line_and_the_cause(tmp_path: Path, text:
     f.write_text(text)
     with pytest.raises(HybridFTError, match=message):
         load_config(f)
+
+
+def test_the_students_weights_are_chosen_by_its_kl_to_the_teacher_when_it_learns_from_one():
+    from hybridft.config import student_best_metric
+
+    cfg = load_config()
+    assert cfg.student.train.best_metric == "auto" and cfg.teacher.train.best_metric is None
+    assert student_best_metric(cfg, teacher_loaded=True) == "kl"
+    assert student_best_metric(cfg, teacher_loaded=False) == "loss"  # a store and a named student: no teacher
+    assert student_best_metric(load_config(overrides=["loss.alpha=0", "loss.beta=1"]), True) == "loss"  # labels alone
+    assert student_best_metric(load_config(overrides=["task=causal_lm"]), True) == "loss"
+    assert student_best_metric(load_config(overrides=["student.train.best_metric=accuracy"]), True) == "accuracy"

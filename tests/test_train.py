@@ -280,7 +280,11 @@ def test_teacher_outputs_are_reused_and_invalidated(tmp_path: Path, tiny_teacher
                                                     monkeypatch: pytest.MonkeyPatch):
     calls = count_teacher_passes(monkeypatch)
     _run(tmp_path, tiny_teacher_dir, tiny_data, "a")
-    assert calls == [48]
+    # the store's pass over the 48 training rows, then the teacher's pass over the 16 validation rows that the
+    # student's weights are chosen by (best_metric auto = kl), which is not stored
+    assert calls == [48, 16]
+    monkeypatch.setattr(pipeline, "student_best_metric", lambda *a: "loss")  # from here on, the store's passes only
+    del calls[1:]
     _run(tmp_path, tiny_teacher_dir, tiny_data, "b")  # same teacher, data and tokenisation: reused
     assert calls == [48]
     a = (tmp_path / "a" / "teacher_outputs.safetensors").read_bytes()
@@ -332,9 +336,12 @@ def test_labels_alone_leave_unlabeled_rows_out_of_the_store_and_the_student_s_ep
     alone = _run(tmp_path, tiny_teacher_dir, tiny_data, "alone", f"data.unlabeled={unl}", "loss.alpha=0",
                  "loss.beta=1", "augment.factor=auto")
     assert alone["transfer_set"]["unlabeled"] == 0 and alone["transfer_set"]["generated"] == 0
-    assert calls == [alone["transfer_set"]["labeled"]]  # the teacher labelled the training rows only
+    # the teacher labelled the training rows only (and, the student learning from labels alone, its weights are
+    # chosen by validation loss: no teacher pass over validation)
+    assert calls == [alone["transfer_set"]["labeled"]]
     kd = _run(tmp_path, tiny_teacher_dir, tiny_data, "kd", f"data.unlabeled={unl}")
-    assert kd["transfer_set"]["unlabeled"] == 24 and calls[-1] == alone["transfer_set"]["labeled"] + 24
+    # the store's pass, then the validation pass that the student's weights are chosen by (kl)
+    assert kd["transfer_set"]["unlabeled"] == 24 and calls[1:] == [alone["transfer_set"]["labeled"] + 24, 16]
     steps = {name: max(json.loads(x).get("step", 0) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines())
              for name in ("alone", "kd")}
     assert steps["alone"] < steps["kd"]  # 8 epochs of the labelled rows, not of labelled + unlabeled

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hybridft import dist
-from hybridft.config import RunConfig, from_dict, save_config, student_num_layers, to_dict
+from hybridft.config import RunConfig, from_dict, save_config, student_best_metric, student_num_layers, to_dict
 from hybridft.data import Examples, Splits, split_path_spec
 from hybridft.dist import pick_device, seed_everything
 from hybridft.errors import HybridFTError
@@ -503,11 +503,12 @@ def student_dropout(cfg: RunConfig) -> Optional[float]:
     return cfg.student.dropout
 
 
-def teacher_validation_logits(ctx: Context, teacher: Optional[nn.Module], tokenizer: Any) -> Optional[torch.Tensor]:
+def teacher_validation_logits(ctx: Context, teacher: Optional[nn.Module], tokenizer: Any,
+                              metric: str) -> Optional[torch.Tensor]:
     """The teacher's logits [N, C] on the validation split when the student's weights are chosen by their KL to
-    it (`student.train.best_metric=kl`), else None: one teacher pass over validation, as the store's pass runs."""
+    it (`metric` "kl"), else None: one teacher pass over validation, as the store's pass runs."""
     cfg = ctx.cfg
-    if cfg.student.train.best_metric != "kl":
+    if metric != "kl":
         return None
     if teacher is None:  # the config refuses this (distill.teacher_logits with student.model); the API may not
         raise HybridFTError("student.train.best_metric=kl needs the teacher's weights; choose loss or accuracy")
@@ -528,8 +529,10 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     online = teacher if cfg.distill.online else None
     examples, targets = task.training_examples(s, None if online else store, cfg, ctx.log)
     train_items = task.encode(examples, tokenizer, cfg.data.max_length, targets)
+    # which validation metric picks the student's weights (`auto`: its KL to the teacher when it learns from one)
+    tc = replace(cfg.student.train, best_metric=student_best_metric(cfg, teacher is not None))
     val_items = task.encode(s.validation, tokenizer, cfg.data.max_length,
-                            teacher_validation_logits(ctx, teacher, teacher_tokenizer))
+                            teacher_validation_logits(ctx, teacher, teacher_tokenizer, tc.best_metric))
     check_test_split(ctx, tokenizer)
     loss = cfg.loss
     # --- intermediate-layer distillation (issue 10): KD keeps reading the store, and the teacher runs beside the
@@ -559,20 +562,19 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
     ctx.log(f"distilling a {task.count_params(student)['params'] / 1e6:.1f}M-parameter student on "
             f"{len(train_items)} examples ({loss.strategy}, alpha={loss.alpha}, beta={loss.beta}, T={loss.temperature})")
     if loss.strategy == "joint":
-        result = fit(student, train_items, val_items, tc=cfg.student.train,
+        result = fit(student, train_items, val_items, tc=tc,
                      weights=task_weights(cfg, loss.alpha, loss.beta), stage="student",
                      checkpoint_dir=checkpoints / "student", inter=inter, **common)
     else:
         # Phase 1 learns from the teacher alone (all rows); phase 2 fine-tunes on the true labels only.
-        student = fit(student, train_items, val_items, tc=cfg.student.train,
+        student = fit(student, train_items, val_items, tc=tc,
                       weights=task_weights(cfg, max(loss.alpha, 1e-12), 0.0), stage="student-kd",
                       checkpoint_dir=checkpoints / "student-kd", inter=inter, **common).model
         if inter is not None:
             inter_losses.detach(student)  # the CE phase trains the student alone
         labeled = [it for it in train_items if it["labels"] != IGNORE_INDEX]
-        tc = replace(cfg.student.train, epochs=loss.sequential_ce_epochs)
-        result = fit(student, labeled, val_items, tc=tc, weights=task_weights(cfg, 0.0, max(loss.beta, 1e-12)),
-                     stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
+        result = fit(student, labeled, val_items, tc=replace(tc, epochs=loss.sequential_ce_epochs),
+                     weights=task_weights(cfg, 0.0, max(loss.beta, 1e-12)), stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
     student = result.model  # a fresh unwrapped copy under FSDP
     if inter is not None:
         inter_losses.detach(student)  # the learned width projection served training only

@@ -239,7 +239,7 @@ def fit(
 
     best = FitResult(best_metric=None, best_step=0, steps=total_steps, seconds=0.0,
                      embedding_rows=(len(compact.token_ids), len(compact.index)) if compact is not None else None)
-    metric_key = tc.best_metric or task.BEST[0]
+    metric_key = tc.best_metric if tc.best_metric not in (None, "auto") else task.BEST[0]
     best.best_key = metric_key
     best_state: Optional[dict[str, torch.Tensor]] = None
     bar = progress_bar(total_steps, stage, progress)
