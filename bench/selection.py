@@ -15,8 +15,10 @@ precision) and on test (fp32, as the run's report). Rules compared, each choosin
     latest_best     the same, the later epoch on a tie (best_on_tie=later)
     last            no choice: the final weights
     best_then_loss  the highest validation accuracy, a tie broken by the lower validation cross-entropy
-    lowest_loss     the lowest validation cross-entropy (`student.train.best_metric=loss`, the default since)
+    lowest_loss     the lowest validation cross-entropy (`student.train.best_metric=loss`, the default from the
+                    morning of 2026-12-06)
     lowest_kl       the lowest KL(teacher || student) on validation, T=1: the student closest to its teacher
+                    (`best_metric=kl`, what the student's default `auto` chooses since the same day)
     average_last3   the mean of the last three epochs' weights (Izmailov et al. 2018, "Averaging weights leads to
                     wider optima"), chosen without validation
     average_all     the mean of every epoch's weights

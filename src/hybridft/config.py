@@ -139,9 +139,8 @@ class TrainConfig:
     causal_lm). `auto`, the student's default (`student_best_metric`): `kl` for a classification student that
     learns from a loaded teacher, else `loss`. Chosen on two SST-2 tuning splits that no reported table tests on
     (60 and 1,000 validation rows, 10 seed-runs): `kl` kept students 0.4 points better on test than `loss` and
-    0.7 better than `accuracy`, and never fell for the first epoch, whose validation cross-entropy is often the
-    lowest on a large validation set before the student grows more confident (BENCHMARKS.md, "Which epoch's
-    weights to keep")."""
+    0.7 better than `accuracy`; `loss` often keeps the first epoch, whose validation cross-entropy can be the
+    lowest before the student grows more confident (BENCHMARKS.md, "Which epoch's weights to keep")."""
     best_on_tie: Literal["earlier", "later"] = "earlier"
     """Which weights to keep when an evaluation equals the best validation value so far: the earlier ones, or the
     later (further trained) ones. On a small validation split a tie is often one row."""
