@@ -287,6 +287,7 @@ def _predict(args: argparse.Namespace) -> int:
     _machine_options(args)
     from hybridft.hybrid import load_predictor, saved_text_columns
     from hybridft.predict import check_input, predict_file
+    from hybridft.rowfiles import line_unit
 
     saved = saved_text_columns(args.model)
     if saved is not None:  # the file's mistakes are found before the models load
@@ -305,8 +306,7 @@ def _predict(args: argparse.Namespace) -> int:
         model.student = onnx_student
     if not args.no_prepack:
         if fewer_lines_than(args.input, PREPACK_MIN_ROWS):
-            unit = "rows" if args.input.lower().endswith(".parquet") else "lines"
-            summary = (f"linear weights: plain (under {PREPACK_MIN_ROWS:,} input {unit}, timing prepacked weights "
+            summary = (f"linear weights: plain (under {PREPACK_MIN_ROWS:,} input {line_unit(args.input)}s, timing prepacked weights "
                        f"would cost more than they save)")
         else:  # after the ONNX swap: an ONNX student is left to onnxruntime
             summary = model.prepack_summary(model.prepack())
@@ -435,7 +435,7 @@ def _evaluate(run_dir: Path, quiet: bool) -> int:
     if not models:
         raise HybridFTError(f"{run_dir} has neither teacher/ nor student/ to evaluate")
     previous = pipeline.read_summary(run_dir)
-    saved_data = pipeline.saved_data_record(run_dir)
+    saved_data = ctx.saved_data
     changed = pipeline.data_changes(saved_data, pipeline.data_record(ctx.splits)) if saved_data else []
     if changed:  # the kept entries (hybrid, export) were measured on the old data: they go, and the user is told
         print(f"hybridft: evaluate: {', '.join(changed)} changed since the run; summary.json now holds this "

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from hybridft.config import DataConfig
 from hybridft.errors import HybridFTError
-from hybridft.rowfiles import (DELIMITERS, JsonlReader, Lines, first_c1, is_latin1, json_array_items,
+from hybridft.rowfiles import (DELIMITERS, JsonlReader, Lines, bom_free, first_c1, is_latin1, json_array_items,
                                malformed_row_message, open_reader, pandas_layout_problem, quoting_notes,
                                separator_in_header, utf16_hint)
 
@@ -186,7 +186,7 @@ def _read_json(path: Path, cfg: DataConfig, role: str) -> Table:
 
     _check_decodes(path, role, cfg.encoding)
     # a byte-order mark is not part of the first object
-    text = path.read_text(encoding="utf-8-sig" if cfg.encoding.replace("-", "").lower() == "utf8" else cfg.encoding)
+    text = path.read_text(encoding=bom_free(cfg.encoding))
     if text.lstrip().startswith("["):
         try:
             items = json_array_items(text)

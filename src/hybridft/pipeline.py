@@ -65,6 +65,8 @@ class Context:
     committed: bool = False
     precision: Optional[PrecisionChoice] = None
     """How `precision: auto` was settled (None when the config or the Accelerate config named a precision)."""
+    saved_data: Optional[dict[str, Any]] = None
+    """The run's data.json, read once by `prepare` for --resume and `evaluate` (None otherwise, or without one)."""
 
     @property
     def task(self) -> Any:
@@ -149,11 +151,10 @@ def data_record(splits: Splits) -> dict[str, Any]:
     return record
 
 
-def check_resume_data(run_dir: Path, splits: Splits) -> None:
-    """A resume keeps the finished stages, so the data must be the data they were trained on: a class added to
-    the training file would otherwise meet a teacher with a fresh random head, and the summary would compare
-    the student with it."""
-    saved = saved_data_record(run_dir)
+def check_resume_data(saved: Optional[dict[str, Any]], splits: Splits) -> None:
+    """A resume keeps the finished stages, so the data must be the data they were trained on (`saved`, the run's
+    data.json): a class added to the training file would otherwise meet a teacher with a fresh random head, and
+    the summary would compare the student with it."""
     if saved is None:
         return  # a run from before this record existed: nothing to compare with
     now = data_record(splits)
@@ -175,12 +176,12 @@ def saved_data_record(run_dir: Path) -> Optional[dict[str, Any]]:
 DATA_PATH_KEYS = ("dataset", "train", "validation", "test", "unlabeled")
 
 
-def data_paths_from_run_folder(cfg: RunConfig, run_dir: Path) -> RunConfig:
+def data_paths_from_run_folder(cfg: RunConfig, saved: Optional[dict[str, Any]]) -> RunConfig:
     """`cfg` (a run's saved config) with each relative data path that is missing from the current folder read
-    from the folder the run started in (data.json's `cwd`), where it is there: `hybridft evaluate --run DIR` and
-    `hybridft run output_dir=DIR --resume` from another folder then find the run's files. The rows are still
-    checked against data.json."""
-    started = (saved_data_record(run_dir) or {}).get("cwd")
+    from the folder the run started in (`saved`, the run's data.json: its `cwd`), where it is there: `hybridft
+    evaluate --run DIR` and `hybridft run output_dir=DIR --resume` from another folder then find the run's files.
+    The rows are still checked against data.json."""
+    started = (saved or {}).get("cwd")
     if not started:
         return cfg
     moved = {}
@@ -357,13 +358,13 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
     seed_everything(cfg.seed)
     task = TASKS[cfg.task]
     # a run resumed or evaluated from another folder reads its relative data paths from where it started
-    splits = task.load_splits(data_paths_from_run_folder(cfg, run_dir) if resume or stage == "evaluate" else cfg,
-                              cfg.seed)
+    saved_data = saved_data_record(run_dir) if resume or stage == "evaluate" else None
+    splits = task.load_splits(data_paths_from_run_folder(cfg, saved_data), cfg.seed)
     if dist.is_main():  # what reading the data changed is said even with --quiet
         for note in splits.notes:
             print(f"hybridft: {note}", file=sys.stderr, flush=True)
     if resume:
-        check_resume_data(run_dir, splits)
+        check_resume_data(saved_data, splits)
         if forced and dist.is_main():
             record_forced_resume(cfg, run_dir, forced)
     if fresh and stage != "evaluate":  # the student's settings fail now, not after the teacher stage wrote files
@@ -379,7 +380,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False, stage: str = "run", fresh: 
         print(f"[hybridft] precision: {precision.precision} ({precision.reason})", flush=True)
     return Context(cfg=cfg, run_dir=run_dir, device=device, splits=splits, precision=precision,
                    writer=MetricsWriter(run_dir / "metrics.jsonl" if dist.is_main() else None), stage=stage,
-                   fresh=fresh, resume=resume, overwrite=overwrite and fresh)
+                   fresh=fresh, resume=resume, overwrite=overwrite and fresh, saved_data=saved_data)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -574,7 +575,8 @@ def distill(ctx: Context, store: Any, teacher: Optional[nn.Module], teacher_toke
             inter_losses.detach(student)  # the CE phase trains the student alone
         labeled = [it for it in train_items if it["labels"] != IGNORE_INDEX]
         result = fit(student, labeled, val_items, tc=replace(tc, epochs=loss.sequential_ce_epochs),
-                     weights=task_weights(cfg, 0.0, max(loss.beta, 1e-12)), stage="student-ce", checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
+                     weights=task_weights(cfg, 0.0, max(loss.beta, 1e-12)), stage="student-ce",
+                     checkpoint_dir=checkpoints / "student-ce", **{**common, "teacher": None})
     student = result.model  # a fresh unwrapped copy under FSDP
     if inter is not None:
         inter_losses.detach(student)  # the learned width projection served training only

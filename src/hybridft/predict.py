@@ -32,8 +32,8 @@ from typing import IO, Any, Callable, Optional, Sequence, Union
 
 from hybridft.data import text_problem
 from hybridft.errors import HybridFTError
-from hybridft.rowfiles import (DELIMITERS, JSONL_SUFFIXES, RECORD_FILE_SUFFIXES, Item, JsonlReader, Lines,
-                               ParquetReader, Quoting, TableReader, open_reader, quoting_notes, utf16_hint)
+from hybridft.rowfiles import (DELIMITERS, JSONL_SUFFIXES, RECORD_FILE_SUFFIXES, Item, Lines, ParquetReader, Quoting,
+                               TableReader, line_unit, open_reader, quoting_notes, utf16_hint)
 
 PREDICTION_COLUMNS = ("label", "probability", "answered_by")
 OUTPUT_FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
@@ -106,8 +106,8 @@ class PredictReport:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_by_reason.items()))
             more = ", ..." if self.skipped > len(self.skipped_lines) else ""
             lines = ", ".join(map(str, self.skipped_lines)) + more
-            where = "rows" if Path(self.input).suffix.lower() == ".parquet" else "lines"
-            line += f"; skipped {self.skipped} bad row{'s' if self.skipped != 1 else ''} ({reasons}) at {where} {lines}"
+            line += (f"; skipped {self.skipped} bad row{'s' if self.skipped != 1 else ''} ({reasons}) at "
+                     f"{line_unit(self.input)}s {lines}")
         for note in self.notes:
             line += f"; {note.split(': ', 1)[-1]}"
         return line
@@ -435,17 +435,13 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
         with _OutputWriter(dst, out_delimiter, report) as writer, _progress_bar(src, progress, desc) as bar:
             if isinstance(reader, (TableReader, ParquetReader)):
                 writer.set_columns(reader.columns)
-            # how far into the file, for the progress bar: the lines' bytes, or the reader's own count where the
-            # file is not read by lines (Parquet, a JSON array)
-            bytes_read = (lambda: lines.bytes_read) if isinstance(reader, (TableReader, JsonlReader)) else \
-                (lambda: reader.bytes_read)
             batch: list[tuple[dict[str, Any], str, Optional[str]]] = []
 
             def flush() -> None:
                 if batch:
                     _run_batch(predict_batch, batch, text_pair_column is not None, writer, report)
                     batch.clear()
-                bar.update(bytes_read() - bar.n)
+                bar.update(reader.bytes_read - bar.n)
                 bar.set_postfix(rows=report.rows_written, skipped=report.skipped, refresh=False)
 
             for item in reader:
@@ -471,8 +467,7 @@ def predict_file(predict_batch: PredictBatch, input_path: PathLike, output_path:
                 raise _empty_jsonl(src)
             if report.skipped and not report.rows_written:  # skipping rows must not turn a wrong file into no output
                 reasons = ", ".join(f"{k} {v}" for k, v in report.skipped_by_reason.items())
-                unit = "row" if src.suffix.lower() == ".parquet" else "line"
-                raise HybridFTError(f"every row of {src} is bad ({reasons}; the first at {unit} "
+                raise HybridFTError(f"every row of {src} is bad ({reasons}; the first at {line_unit(src)} "
                                     f"{report.skipped_lines[0]}); nothing was written: is --{text_option.replace('_', '-')} "
                                     f"the column of texts?")
             if report.dropped_columns:

@@ -46,7 +46,18 @@ class Item:
     reason: Optional[str] = None
     problem: str = ""
     unit: str = "line"
-    """What `line` counts: file lines, or "row" in a Parquet file, which has none."""
+    """What `line` counts: file lines, or "row" in a Parquet file, which has none (`line_unit`)."""
+
+
+def line_unit(path: Union[str, Path]) -> str:
+    """What a record's number counts in the file at `path`: "row" in a Parquet file, which has no lines, else
+    "line"."""
+    return "row" if str(path).lower().endswith(".parquet") else "line"
+
+
+def bom_free(encoding: str) -> str:
+    """The codec that reads `encoding` without a leading byte-order mark (Excel writes one into UTF-8 files)."""
+    return "utf-8-sig" if encoding.replace("-", "").lower() == "utf8" else encoding
 
 
 class Lines:
@@ -214,6 +225,11 @@ class JsonlReader:
                 checked = True
             yield Item(line, row=row)
 
+    @property
+    def bytes_read(self) -> int:
+        """How far into the file reading is, for a progress bar."""
+        return self.lines.bytes_read
+
     def _nothing_after_this_line(self) -> bool:
         """Whether the file holds only blank space after the line just read."""
         with open(self.path, "rb") as f:
@@ -255,7 +271,7 @@ class ParquetReader:
             for batch in self._file.iter_batches(batch_size=self.BATCH_ROWS, row_groups=[group]):
                 for row in batch.to_pylist():
                     row_no += 1
-                    yield Item(row_no, row=row, unit="row")
+                    yield Item(row_no, row=row, unit=line_unit(self.path))
             self.bytes_read += meta.row_group(group).total_byte_size
 
 
@@ -381,6 +397,11 @@ class TableReader:
             self.columns = self._read_header()
         if text_column is not None:  # None: the caller checks the columns with its own message
             _require_columns(path, self.columns, text_column, pair_column, delimiter, text_option)
+
+    @property
+    def bytes_read(self) -> int:
+        """How far into the file reading is, for a progress bar."""
+        return self.lines.bytes_read
 
     def _read_header(self) -> list[str]:
         try:
@@ -509,7 +530,8 @@ def open_reader(src: Path, lines: Lines, text_column: Optional[str], pair_column
     if suffix == ".parquet":
         return ParquetReader(src, text_column, pair_column, text_option)
     if suffix == ".json":
-        head = src.open("rb").read(1 << 12).decode(lines.encoding, errors="replace").lstrip("\ufeff \t\r\n")
+        with open(src, "rb") as f:
+            head = f.read(1 << 12).decode(lines.encoding, errors="replace").lstrip("\ufeff \t\r\n")
         if head.startswith("["):
             return JsonArrayReader(src, _decode_whole(src, lines.encoding), text_column, pair_column, text_option)
     if suffix in JSONL_SUFFIXES or suffix == ".json":
@@ -524,7 +546,7 @@ def open_reader(src: Path, lines: Lines, text_column: Optional[str], pair_column
 def _decode_whole(src: Path, encoding: str) -> str:
     raw = src.read_bytes()
     try:  # a byte-order mark is not part of the array
-        return raw.decode("utf-8-sig" if encoding.replace("-", "").lower() == "utf8" else encoding)
+        return raw.decode(bom_free(encoding))
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise HybridFTError(f"{src} is not valid {encoding} (byte 0x{raw[e.start]:02x} on line {line}); re-save it "
